@@ -1,0 +1,119 @@
+"""The ``lolcats`` command line: the Typer app, its global options, and the one error boundary.
+
+Each command lives in its own module ``lolcats_cli/cli/<name>.py`` that defines ``command`` (a typed
+function: its signature and docstring are the CLI). Adding a command is one line in :data:`COMMANDS`.
+A command module that fails to import still shows in ``lolcats --help`` (marked unavailable) and reports
+its import error when run, so one broken command never breaks the others.
+
+No module here imports torch at import time: ``lolcats --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from .. import __version__
+from ..errors import LolcatsError
+
+# One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
+COMMANDS: list[tuple[str, str]] = [
+    ("plugins", "plugins"),
+]
+
+app = typer.Typer(
+    name="lolcats",
+    help="Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stderr = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lolcats {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA."""
+
+
+def _unavailable(name: str, module: str, exc: BaseException) -> None:
+    """Register ``name`` as a command that explains why its module could not be imported."""
+    reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+    @app.command(
+        name=name,
+        help=f"[unavailable: {reason}]",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+    def _broken(ctx: typer.Context) -> None:
+        raise LolcatsError(
+            f"command {name!r} is unavailable: lolcats_cli.cli.{module} failed to import ({reason})",
+            hint="reinstall lolcats (pip install -e .), or run with --debug and report the traceback",
+        ) from exc
+
+
+def _register_commands() -> None:
+    for name, module in COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__package__}.{module}")
+            app.command(name=name, epilog=getattr(mod, "EPILOG", None))(mod.command)
+        except Exception as exc:  # keep --help and every other command working
+            _unavailable(name, module, exc)
+
+
+_register_commands()
+
+
+def _report(err: BaseException, debug: bool) -> int:
+    """Print ``err`` as one panel on stderr (after the traceback with --debug); return the exit code."""
+    if debug:
+        stderr.print_exception(show_locals=False)
+    if isinstance(err, LolcatsError):
+        body = Text(err.message)
+        if err.hint:
+            body.append("\n\n" + err.hint, style="dim")
+        title, code = type(err).__name__, err.exit_code
+    else:
+        body = Text(f"{type(err).__name__}: {err}")
+        if not debug:
+            body.append("\n\nunexpected error: run with --debug for the traceback", style="dim")
+        title, code = "unexpected error", 1
+    stderr.print(Panel(body, title=f"[bold red]{title}", title_align="left", border_style="red", expand=False))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lolcats`` script; the one place errors become panels and exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=args, prog_name="lolcats", standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as err:  # the error boundary
+        sys.exit(_report(err, debug="--debug" in args))
+
+
+if __name__ == "__main__":
+    main()

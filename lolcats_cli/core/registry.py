@@ -1,0 +1,320 @@
+"""The plugin registry: feature maps and windows, found by name through entry points.
+
+Entry points are the only source of names: built-ins are registered by the ``lolcats`` distribution in
+the same groups (``lolcats.feature_maps``, ``lolcats.windows``) as any third-party plugin. Listing reads
+distribution metadata only; a plugin's module is imported the first time its class is asked for.
+
+``LOLCATS_PLUGINS`` (comma-separated distribution names) limits which distributions load; the built-in
+``lolcats`` distribution always does, and an empty value means built-ins only.
+
+This module never imports torch at import time, so ``lolcats plugins`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import ConfigError, PluginError, did_you_mean
+
+if TYPE_CHECKING:
+    from ..api import FeatureMap, PluginParams, Window
+
+Kind = Literal["feature_map", "window"]
+# The same strings as lolcats_cli.api.FEATURE_MAP_GROUP / WINDOW_GROUP (api imports torch; this must not).
+GROUPS: dict[str, str] = {"feature_map": "lolcats.feature_maps", "window": "lolcats.windows"}
+BUILTIN_DISTRIBUTION = "lolcats"
+ENV_VAR = "LOLCATS_PLUGINS"
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin, as its distribution's metadata declares it (nothing imported)."""
+
+    kind: Kind
+    name: str
+    distribution: str
+    version: str
+    target: str  # "module:attribute"
+
+
+def _normalize(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def _allowed_distributions() -> frozenset[str] | None:
+    """Normalised names LOLCATS_PLUGINS allows (the built-ins always), or None when it is unset."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    names = {_normalize(n.strip()) for n in raw.split(",") if n.strip()}
+    return frozenset(names | {BUILTIN_DISTRIBUTION})
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(kind: Kind, allowed: frozenset[str] | None) -> tuple[dict[str, EntryPoint], dict[str, str]]:
+    """``(loadable, excluded)``: name -> entry point for allowed distributions, and name -> distribution
+    for the ones LOLCATS_PLUGINS leaves out. Two distributions claiming one name is an error."""
+    found: dict[str, EntryPoint] = {}
+    excluded: dict[str, str] = {}
+    for ep in entry_points(group=GROUPS[kind]):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if allowed is not None and _normalize(dist) not in allowed:
+            excluded[ep.name] = dist
+            continue
+        if ep.name in found and _dist_name(found[ep.name]) != dist:
+            other = _dist_name(found[ep.name])
+            raise PluginError(
+                f"{kind.replace('_', ' ')} {ep.name!r} is registered by two distributions: {other!r} "
+                f"({found[ep.name].value}) and {dist!r} ({ep.value})",
+                hint=f"uninstall one of them (pip uninstall {dist}), or load only one with "
+                f"{ENV_VAR}=<distribution,...>",
+            )
+        found[ep.name] = ep
+    return found, excluded
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "?"
+
+
+def refresh() -> None:
+    """Forget what was scanned and loaded (after installing a plugin in a running process, in tests)."""
+    _scan.cache_clear()
+    _load.cache_clear()
+
+
+def list_plugins(kind: Kind | None = None) -> list[PluginInfo]:
+    """Every registered plugin of ``kind`` (both kinds when None), sorted; imports no plugin code."""
+    kinds: list[Kind] = [kind] if kind is not None else ["feature_map", "window"]
+    out = []
+    for k in kinds:
+        if k not in GROUPS:
+            raise PluginError(f"unknown plugin kind {k!r}", hint=f"use one of: {', '.join(GROUPS)}")
+        found, _ = _scan(k, _allowed_distributions())
+        for name, ep in sorted(found.items()):
+            version = ep.dist.version if ep.dist is not None else "?"
+            out.append(PluginInfo(k, name, _dist_name(ep), version, ep.value))
+    return out
+
+
+def _base(kind: Kind) -> type:
+    from ..api import FeatureMap, Window  # torch: imported only when a plugin is actually loaded
+
+    return FeatureMap if kind == "feature_map" else Window
+
+
+@functools.lru_cache(maxsize=None)
+def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
+    from ..api import PLUGIN_API_VERSION
+
+    label = kind.replace("_", " ")
+    found, excluded = _scan(kind, allowed)
+    if name not in found:
+        if name in excluded:
+            raise PluginError(
+                f"{label} {name!r} comes from distribution {excluded[name]!r}, which {ENV_VAR}="
+                f"{os.environ.get(ENV_VAR, '')!r} leaves out",
+                hint=f"add {excluded[name]} to {ENV_VAR}, or unset it to load every installed plugin",
+            )
+        raise PluginError(
+            f"unknown {label} {name!r}; {did_you_mean(name, found)}available: {', '.join(sorted(found))}",
+            hint="`lolcats plugins` lists what is installed; a third-party one needs `pip install <its distribution>`",
+        )
+    ep = found[name]
+    where = f"{label} {name!r} (entry point {ep.name} = {ep.value} in distribution {_dist_name(ep)!r})"
+    try:
+        obj = ep.load()
+    except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
+        raise PluginError(
+            f"{where} failed to import: {type(exc).__name__}: {exc}".replace("\n", " "),
+            hint=f"reinstall or upgrade {_dist_name(ep)}, or skip it with {ENV_VAR}=<other distributions>",
+        ) from exc
+    base = _base(kind)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise PluginError(
+            f"{where} is {obj!r}, not a subclass of lolcats_cli.api.{base.__name__}",
+            hint=f"point the entry point at a class deriving from lolcats_cli.api.{base.__name__}",
+        )
+    declared = getattr(obj, "plugin_api_version", PLUGIN_API_VERSION)
+    if declared != PLUGIN_API_VERSION:
+        raise PluginError(
+            f"{where} was written for plugin API v{declared}; this lolcats speaks v{PLUGIN_API_VERSION}",
+            hint=f"upgrade {_dist_name(ep)} (or install a lolcats version that speaks v{declared})",
+        )
+    return obj
+
+
+def get_feature_map(name: str) -> type[FeatureMap]:
+    """The feature-map class registered as ``name`` (imported on first use, then cached)."""
+    return _load("feature_map", name, _allowed_distributions())
+
+
+def get_window(name: str) -> type[Window]:
+    """The window class registered as ``name`` (imported on first use, then cached)."""
+    return _load("window", name, _allowed_distributions())
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """``(ok, value)``: ``value`` as type ``tp``, converting only when nothing is lost."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, out = _coerce(value, arm)
+            if ok:
+                return True, out
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return True, value.lower() == "true"
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return True, int(value)
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value  # a type this checker does not know: the plugin's errors() has the last word
+
+
+def _prefixed(where: str, message: str, fields: list[str]) -> str:
+    """``where.field: rest`` when the message starts with a field name, else ``where: message``."""
+    head, _, rest = message.partition(" ")
+    return f"{where}.{head}: {rest}" if head in fields and rest else f"{where}: {message}"
+
+
+def build_params(cls: type, values: Mapping[str, Any] | PluginParams | None, where: str) -> PluginParams:
+    """``cls.Params`` from a mapping, with every problem collected into one :class:`ConfigError`.
+
+    Checks unknown keys (with a suggestion), types (lossless coercion only: ``"64"`` -> 64, never
+    ``True`` -> 1), then the plugin's own ``Params.errors()`` on the values that passed. Messages are
+    prefixed by ``where`` (``attention.feature_map_params.feature_dim: ...``).
+    """
+    params_cls = cls.Params
+    if isinstance(values, params_cls):
+        good, problems = dataclasses.asdict(values), []
+    elif values is None or isinstance(values, Mapping):
+        good, problems = _check_fields(cls, values or {}, where)
+    else:
+        raise ConfigError(f"{where}: expected a mapping of parameters, got {type(values).__name__} {values!r}",
+                          hint=f"parameters of {cls.__name__}: {describe_params(cls)}")
+    names = [f.name for f in dataclasses.fields(params_cls) if f.init]
+    try:
+        built = params_cls(**{k: v for k, v in good.items() if k in names})
+    except TypeError:  # a required field is missing: already reported
+        built = None
+    if built is not None:
+        problems += [_prefixed(where, m, names) for m in built.errors()]
+    if problems or built is None:
+        raise ConfigError(problems, hint=f"parameters of {cls.__name__}: {describe_params(cls)}")
+    return built
+
+
+def _check_fields(cls: type, values: Mapping[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """``(good values, problems)``: unknown keys, values of the wrong type, missing required fields."""
+    fields = [f for f in dataclasses.fields(cls.Params) if f.init]
+    names = [f.name for f in fields]
+    hints = _hints(cls.Params)
+    good: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        if key not in names:
+            problems.append(f"{where}.{key}: unknown parameter of {cls.__name__}; "
+                            f"{did_you_mean(str(key), names)}valid: {', '.join(names) or '(none)'}")
+            continue
+        ok, coerced = _coerce(value, hints.get(key, Any))
+        if ok:
+            good[key] = coerced
+        else:
+            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in values:
+            problems.append(f"{where}.{f.name}: required parameter of {cls.__name__} is missing")
+    return good, problems
+
+
+def _hints(params_cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(params_cls)
+    except Exception:  # annotations naming something unresolvable: skip type checks, keep errors()
+        return {}
+
+
+def describe_params(cls: type) -> str:
+    """``"feature_dim: int = 64, eps: float = 1e-12"``: the fields of ``cls.Params`` for messages."""
+    hints = _hints(cls.Params)
+    parts = []
+    for f in dataclasses.fields(cls.Params):
+        if f.init:
+            default = "(required)" if f.default is dataclasses.MISSING else repr(f.default)
+            parts.append(f"{f.name}: {_type_name(hints.get(f.name, Any))} = {default}")
+    return ", ".join(parts) or "(none)"
+
+
+def build_feature_map(
+    name: str,
+    num_heads: int,
+    head_dim: int,
+    params: Mapping[str, Any] | PluginParams | None = None,
+    where: str = "attention.feature_map_params",
+) -> FeatureMap:
+    """An instance of the feature map ``name`` for ``num_heads`` query heads of size ``head_dim``."""
+    cls = get_feature_map(name)
+    return cls(num_heads, head_dim, build_params(cls, params, where))
+
+
+def build_window(
+    name: str, params: Mapping[str, Any] | PluginParams | None = None, where: str = "attention.window_params"
+) -> Window:
+    """An instance of the window ``name``."""
+    cls = get_window(name)
+    return cls(build_params(cls, params, where))
+
+
+__all__ = [
+    "PluginInfo",
+    "list_plugins",
+    "get_feature_map",
+    "get_window",
+    "build_params",
+    "describe_params",
+    "build_feature_map",
+    "build_window",
+    "refresh",
+]

@@ -1,0 +1,129 @@
+"""Run directories: creating them safely, recording what produced them, and opening them again.
+
+A run directory is self-describing: ``recipe.resolved.yaml`` (every setting, defaults included),
+``versions.json`` (lolcats, torch, transformers, plugins), ``attention.safetensors`` (the trained feature
+maps and window factors), ``metrics.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, LolcatsError
+from .recipe import Recipe, load_recipe, save_resolved, write_versions
+
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The device asked for, else the GPU when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Make ``path`` ready for a run; never silently reuse or destroy a user's folder."""
+    path = Path(path)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other", "pass only one of them")
+    if resume:
+        if not (path / RESOLVED_RECIPE).exists():
+            raise LolcatsError(
+                f"cannot resume: {path} is not a lolcats run directory (no {RESOLVED_RECIPE})",
+                "check the path, or start a new run without --resume",
+            )
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise LolcatsError(
+                f"output directory {path} already exists and is not empty",
+                "pass --resume to continue that run, --overwrite to replace it, or choose another --output",
+            )
+        if not (path / RESOLVED_RECIPE).exists():
+            raise LolcatsError(
+                f"refusing to overwrite {path}: it is not a lolcats run directory",
+                "choose another --output; lolcats only replaces folders it created",
+            )
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise LolcatsError(f"cannot write to output directory {path}: {e.strerror}", "choose a writable --output") from e
+    return path
+
+
+def plugin_versions(recipe: Recipe) -> list[dict[str, Any]]:
+    """The distributions and versions of the plugins a recipe uses."""
+    from .registry import list_plugins
+
+    wanted = {("feature_map", recipe.attention.feature_map), ("window", recipe.attention.window)}
+    return [
+        {"kind": p.kind, "name": p.name, "distribution": p.distribution, "version": p.version}
+        for p in list_plugins()
+        if (p.kind, p.name) in wanted
+    ]
+
+
+def record_run(run_dir: Path, recipe: Recipe, source: dict[str, Any] | None = None) -> None:
+    """Write the resolved recipe and the versions of everything that produced the run."""
+    save_resolved(recipe, run_dir)
+    write_versions(run_dir, plugin_versions(recipe))
+
+
+def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "student"):
+    """Load the recipe's base model and swap its attentions; returns ``(model, tokenizer, source_info)``."""
+    from .convert import convert_model
+    from .models import check_seq_len, load_model
+
+    model, tokenizer, source = load_model(recipe.model, device=device)
+    check_seq_len(model, recipe.data.seq_len)
+    att = recipe.attention
+    convert_model(
+        model,
+        feature_map=att.feature_map,
+        feature_map_params=att.feature_map_params,
+        window=att.window,
+        window_params=att.window_params,
+        layers=att.layers,
+        mode=mode,
+    )
+    return model, tokenizer, source
+
+
+def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "student"):
+    """Rebuild a finished transfer run: ``(recipe, model, tokenizer)`` with its trained attentions loaded."""
+    from .checkpoint import load_tensors
+    from .convert import load_attention_state_dict
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "attention.safetensors"
+    missing = [n for n in (RESOLVED_RECIPE, weights.name) if not (run_dir / n).exists()]
+    if not run_dir.is_dir() or missing:
+        raise LolcatsError(
+            f"{run_dir} is not a finished lolcats run (missing: {', '.join(missing) or 'the folder itself'})",
+            "pass the --output folder of a completed `lolcats transfer` (resume it first if it was interrupted)",
+        )
+    recipe = load_recipe(run_dir / RESOLVED_RECIPE)
+    device = pick_device(device)
+    model, tokenizer, _ = load_converted_model(recipe, device, mode=mode)
+    load_attention_state_dict(model, load_tensors(weights, device))
+    return recipe, model, tokenizer
+
+
+__all__ = [
+    "RESOLVED_RECIPE",
+    "pick_device",
+    "prepare_run_dir",
+    "record_run",
+    "load_converted_model",
+    "open_run",
+    "plugin_versions",
+]

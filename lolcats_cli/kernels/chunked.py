@@ -1,0 +1,201 @@
+"""Chunked hybrid attention: the semantics of :func:`~lolcats_cli.kernels.naive.hybrid_attention_naive` in
+memory linear in T.
+
+Queries are split into chunks of C. Window keys are never more than ``P = window.span`` behind their query, so
+for the chunk of queries ``[c0, c0 + C)`` the *local* keys ``[c0 - P, c0 + C)`` hold every window key and the
+most recent linear keys; masks from :func:`~lolcats_cli.api.window_masks` on absolute positions split them.
+Every key older than ``c0 - P`` is in the linear branch of each query of the chunk, so it enters through a
+prefix state ``S = sum phi_k(k) v^T`` ``(F, Dv)`` and ``z = sum phi_k(k)`` ``(F,)``, an exclusive cumulative
+sum over chunks. The largest tensors are ``(B, H, T, C + P)``: no T x T matrix is ever built.
+
+The building blocks (:func:`attend_chunks`, :func:`chunk_masks`, :func:`kv_state`) are shared with the
+recurrent form (``recurrent.py``), which runs them on one chunk made of the window buffer and the new tokens.
+Keys and values stay at KV-head count: each KV head serves its group of query heads through grouped einsums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..api import Window, window_masks
+from .naive import DEN_EPS, FeatureFn, expand_kv
+
+# Smallest default chunk: below it the per-chunk matmuls get too small to run efficiently.
+MIN_CHUNK = 64
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, window_logits: Tensor) -> None:
+    """Raise ``ValueError`` unless q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` and
+    window_logits ``(H,)`` fit together, with H a multiple of Hkv."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, T, dim); got shape {tuple(x.shape)}")
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k must have shape (B={B}, Hkv, T={T}, D={D}) to match q; got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape (B, Hkv, T, Dv) = {tuple(k.shape[:3])} + (Dv,); got {tuple(v.shape)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if tuple(window_logits.shape) != (H,):
+        raise ValueError(f"window_logits must have shape (H,) = ({H},); got {tuple(window_logits.shape)}")
+
+
+def default_chunk_size(window: Window) -> int:
+    """C = max(span, 64): local keys per query chunk are then at most 2C."""
+    return max(window.span, MIN_CHUNK)
+
+
+def grouped(x: Tensor, num_kv_heads: int) -> Tensor:
+    """``(B, H, ...) -> (B, Hkv, H // Hkv, ...)``: query heads grouped under their KV head (a view)."""
+    return x.unflatten(1, (num_kv_heads, x.shape[1] // num_kv_heads))
+
+
+def kv_state(fk: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Linear-attention state of a run of keys: ``S = sum_t fk_t v_t^T``, ``z = sum_t fk_t``.
+
+    fk ``(B, H, ..., T, F)`` fp32, v ``(B, Hkv, ..., T, Dv)`` fp32 (same middle dims) ->
+    S ``(B, H, ..., F, Dv)``, z ``(B, H, ..., F)``.
+    """
+    S = torch.einsum("bhg...tf,bh...td->bhg...fd", grouped(fk, v.shape[1]), v).flatten(1, 2)
+    return S, fk.sum(dim=-2)
+
+
+def chunk_masks(window: Window, q_pos: Tensor, k_pos: Tensor, fresh_from: Tensor) -> tuple[Tensor, Tensor]:
+    """Window and local-linear masks ``(N, C, K)`` for N chunks of queries against their local keys.
+
+    q_pos ``(N, C)``, k_pos ``(N, K)`` absolute positions; fresh_from ``(N,)``: keys before it are already
+    in the chunk's prefix state (or do not exist) and are left out of both masks.
+    """
+    in_window, in_linear = window_masks(window, q_pos, k_pos)
+    fresh = (k_pos >= fresh_from.clamp_min(0).unsqueeze(-1)).unsqueeze(-2)  # (N, 1, K)
+    return in_window & fresh, in_linear & fresh
+
+
+def attend_chunks(
+    q: Tensor,
+    fq: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fk: Tensor,
+    S: Tensor,
+    z: Tensor,
+    in_window: Tensor,
+    in_linear: Tensor,
+    window_logits: Tensor,
+    scale: float,
+) -> Tensor:
+    """Hybrid attention of N query chunks over their local keys plus their prefix states, all fp32.
+
+    q ``(B, H, N, C, D)``, fq ``(B, H, N, C, F)``; local k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``,
+    fk ``(B, H, N, K, F)``; prefix S ``(B, H, N, F, Dv)``, z ``(B, H, N, F)``; masks ``(N, C, K)``;
+    window_logits ``(H,)``. Returns ``(B, H, N, C, Dv)``.
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    s = torch.einsum("bhgncd,bhnkd->bhgnck", grouped(q, Hkv), k).flatten(1, 2) * scale
+    s = s.masked_fill(~in_window, float("-inf"))
+    c = s.amax(dim=-1, keepdim=True)  # window max: shifts the window branch only, as in naive
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window key: no shift
+    g = torch.sigmoid(window_logits.float()).view(1, H, 1, 1, 1)
+    a = g * torch.exp(s - c) + torch.einsum("bhncf,bhnkf->bhnck", fq, fk) * in_linear  # (B, H, N, C, K)
+
+    num = torch.einsum("bhgnck,bhnkd->bhgncd", grouped(a, Hkv), v).flatten(1, 2)
+    num = num + torch.einsum("bhncf,bhnfd->bhncd", fq, S)
+    den = a.sum(dim=-1) + torch.einsum("bhncf,bhnf->bhnc", fq, z)
+    return num / den.clamp_min(DEN_EPS).unsqueeze(-1)
+
+
+def _pad_time(x: Tensor, left: int, right: int) -> Tensor:
+    """Zero-pad dim 2 (time) of ``(B, h, T, X)``."""
+    return F.pad(x, (0, 0, left, right))
+
+
+def _local_keys(x: Tensor, span: int, chunk: int) -> Tensor:
+    """``(B, h, span + N * chunk, X) -> (B, h, N, chunk + span, X)``: chunk n's local keys (a strided view)."""
+    return x.unfold(2, chunk + span, chunk).transpose(-1, -2)
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """Sum of every earlier slice along ``dim`` (zeros for the first)."""
+    inclusive = x.cumsum(dim).narrow(dim, 0, x.shape[dim] - 1)
+    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), inclusive], dim=dim)
+
+
+def chunked_from_features(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    window_logits: Tensor,
+    window: Window,
+    scale: float,
+    chunk_size: int,
+) -> Tensor:
+    """The chunked form given the features: fq ``(B, H, T, F)`` = phi_q(q), fk ``(B, H, T, F)`` = phi_k of
+    the keys expanded to the query heads, both fp32. q, k, v as in :func:`hybrid_attention_chunked`, T >= 1.
+    Returns ``(B, H, T, Dv)`` fp32.
+    """
+    B, H, T, D = q.shape
+    P, C = window.span, chunk_size
+    N = -(-T // C)
+    right = N * C - T
+
+    q_c = _pad_time(q.float(), 0, right).unflatten(2, (N, C))  # (B, H, N, C, D)
+    fq_c = _pad_time(fq, 0, right).unflatten(2, (N, C))  # (B, H, N, C, F)
+    fk_p = _pad_time(fk, P, right)  # (B, H, P + N*C, F); padding has zero features
+    v_p = _pad_time(v.float(), P, right)  # (B, Hkv, P + N*C, Dv)
+    k_loc = _local_keys(_pad_time(k.float(), P, right), P, C)  # (B, Hkv, N, C + P, D)
+
+    # Block n of the left-padded keys is [nC - P, (n+1)C - P): the keys chunk n + 1 no longer sees locally.
+    S_blk, z_blk = kv_state(fk_p[:, :, : N * C].unflatten(2, (N, C)), v_p[:, :, : N * C].unflatten(2, (N, C)))
+    S, z = _exclusive_cumsum(S_blk, dim=2), _exclusive_cumsum(z_blk, dim=2)
+
+    c0 = torch.arange(N, device=q.device) * C  # (N,)
+    q_pos = c0.unsqueeze(-1) + torch.arange(C, device=q.device)  # (N, C)
+    k_pos = c0.unsqueeze(-1) + torch.arange(-P, C, device=q.device)  # (N, C + P)
+    in_window, in_linear = chunk_masks(window, q_pos, k_pos, c0 - P)
+
+    y = attend_chunks(
+        q_c, fq_c, k_loc, _local_keys(v_p, P, C), _local_keys(fk_p, P, C), S, z,
+        in_window, in_linear, window_logits, scale,
+    )  # fmt: skip
+    return y.flatten(2, 3)[:, :, :T]
+
+
+def hybrid_attention_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: FeatureFn,
+    phi_k: FeatureFn,
+    window_logits: Tensor,
+    window: Window,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Hybrid attention over one whole sequence that starts at position 0, in O(T) memory.
+
+    q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, all after RoPE; H a multiple of Hkv.
+    phi_q, phi_k: ``(B, H, T, D) -> (B, H, T, F)``. window_logits ``(H,)``. Computes in fp32 and returns
+    ``(B, H, T, Dv)`` in q's dtype. chunk_size defaults to ``max(window.span, 64)``.
+    Same values and gradients as :func:`~lolcats_cli.kernels.naive.hybrid_attention_naive`.
+    """
+    check_inputs(q, k, v, window_logits)
+    B, H, T, D = q.shape
+    if chunk_size is None:
+        chunk_size = default_chunk_size(window)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    if T == 0:
+        return q.new_zeros(B, H, 0, v.shape[-1])
+    fq, fk = phi_q(q).float(), phi_k(expand_kv(k, H)).float()
+    scale = D**-0.5 if scale is None else scale
+    y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, chunk_size)
+    return y.to(q.dtype)
+
+
+__all__ = ["hybrid_attention_chunked"]

@@ -1,0 +1,181 @@
+"""The recurrent (decode) form of hybrid attention: a prefill over the prompt, then steps of t >= 1 tokens.
+
+Per sequence the state has a constant size whatever the length: the raw keys and values (after RoPE) of the
+last ``span`` positions, kept per KV head, and the linear-attention state ``S = sum phi_k(k) v^T``,
+``z = sum phi_k(k)`` over every key that has left the window (at query-head count, fp32).
+
+Invariant at length L: S and z hold exactly the keys before ``f(L) = clamp(window.start(L), 0, L)``; the
+buffer holds positions ``[L - span, L)`` (zeros before position 0), which covers ``[f(L), L)`` since a window
+spans at most ``span`` keys. A step is the chunked form's :func:`~.chunked.attend_chunks` on one chunk made of
+the buffer and the new tokens; then the keys in ``[f(L), f(L + t))`` are folded into S and z.
+No transformers dependency: a Cache wrapper lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..api import Window
+from .chunked import (
+    attend_chunks,
+    check_inputs,
+    chunk_masks,
+    chunked_from_features,
+    default_chunk_size,
+    kv_state,
+)
+from .naive import FeatureFn, expand_kv
+
+
+@dataclasses.dataclass
+class HybridState:
+    """Decode state of one layer for a batch of sequences, all at the same length.
+
+    k_buf ``(B, Hkv, span, D)`` and v_buf ``(B, Hkv, span, Dv)``: keys and values of positions
+    ``[length - span, length)``, oldest first (zeros before position 0). S ``(B, H, F, Dv)`` and z
+    ``(B, H, F)`` fp32: the linear state of every key before ``clamp(window.start(length), 0, length)``.
+    length: tokens consumed so far, the position of the next token.
+    """
+
+    k_buf: Tensor
+    v_buf: Tensor
+    S: Tensor
+    z: Tensor
+    length: int
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_dim: int,
+        feature_dim: int,
+        span: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> HybridState:
+        """The state before any token; buffers in ``dtype`` (the K/V dtype), S and z in fp32."""
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        return cls(
+            k_buf=torch.zeros(batch, num_kv_heads, span, head_dim, device=device, dtype=dtype),
+            v_buf=torch.zeros(batch, num_kv_heads, span, v_dim, device=device, dtype=dtype),
+            S=torch.zeros(batch, num_heads, feature_dim, v_dim, device=device, dtype=torch.float32),
+            z=torch.zeros(batch, num_heads, feature_dim, device=device, dtype=torch.float32),
+            length=0,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors: independent of ``length``."""
+        return sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.S, self.z))
+
+
+def folded_before(window: Window, length: int) -> int:
+    """``f(length) = clamp(window.start(length), 0, length)``: keys before it are in S and z."""
+    start = int(window.start(torch.tensor(length)).item())
+    return min(max(start, 0), length)
+
+
+def _last(x: Tensor, n: int) -> Tensor:
+    """The last ``n`` time steps of ``(B, h, T, X)``, zero-padded in front when ``T < n``."""
+    T = x.shape[2]
+    if T >= n:
+        return x[:, :, T - n :]
+    return torch.cat([x.new_zeros(*x.shape[:2], n - T, x.shape[3]), x], dim=2)
+
+
+def hybrid_prefill(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: FeatureFn,
+    phi_k: FeatureFn,
+    window_logits: Tensor,
+    window: Window,
+    scale: float | None = None,
+) -> tuple[Tensor, HybridState]:
+    """The chunked form over a prompt that starts at position 0, plus the state after it.
+
+    q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` (T may be 0); phi maps
+    ``(B, H, T, D) -> (B, H, T, F)``; window_logits ``(H,)``. Returns ``(B, H, T, Dv)`` in q's dtype and
+    the :class:`HybridState` at length T.
+    """
+    check_inputs(q, k, v, window_logits)
+    B, H, T, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    fk = phi_k(expand_kv(k, H)).float()  # (B, H, T, F)
+    if T == 0:
+        y = q.new_zeros(B, H, 0, v.shape[-1])
+    else:
+        fq = phi_q(q).float()
+        y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, default_chunk_size(window))
+    n_fold = folded_before(window, T)
+    S, z = kv_state(fk[:, :, :n_fold], v[:, :, :n_fold].float())
+    state = HybridState(_last(k, window.span), _last(v, window.span), S, z, T)
+    return y.to(q.dtype), state
+
+
+def _check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Window) -> None:
+    """Raise ``ValueError`` unless ``state`` fits the new tokens and the window."""
+    B, H, t, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    if t == 0:
+        raise ValueError("hybrid_step needs at least one new token (got t=0)")
+    expect_k, expect_v = (B, Hkv, window.span, D), (B, Hkv, window.span, Dv)
+    if tuple(state.k_buf.shape) != expect_k or tuple(state.v_buf.shape) != expect_v:
+        raise ValueError(
+            f"state buffers have shapes {tuple(state.k_buf.shape)} and {tuple(state.v_buf.shape)}; "
+            f"expected {expect_k} and {expect_v} for this input and a window of span {window.span}"
+        )
+    if tuple(state.S.shape[:2]) != (B, H) or state.S.shape[-1] != Dv:
+        raise ValueError(f"state.S has shape {tuple(state.S.shape)}; expected (B={B}, H={H}, F, Dv={Dv})")
+
+
+def hybrid_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: FeatureFn,
+    phi_k: FeatureFn,
+    window_logits: Tensor,
+    window: Window,
+    state: HybridState,
+    scale: float | None = None,
+) -> tuple[Tensor, HybridState]:
+    """Attend t >= 1 new tokens at positions ``state.length .. state.length + t - 1`` and advance the state.
+
+    q ``(B, H, t, D)``, k ``(B, Hkv, t, D)``, v ``(B, Hkv, t, Dv)``, after RoPE. Returns ``(B, H, t, Dv)``
+    in q's dtype and the new state (``state`` itself is not modified).
+    """
+    check_inputs(q, k, v, window_logits)
+    _check_state(q, k, v, state, window)
+    H, t, D = q.shape[1], q.shape[2], q.shape[3]
+    P, L = window.span, state.length
+    scale = D**-0.5 if scale is None else scale
+
+    k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)  # (B, Hkv, P + t, D): positions [L - P, L + t)
+    v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
+    fk = phi_k(expand_kv(k_all, H)).float()  # (B, H, P + t, F)
+    k_pos = torch.arange(L - P, L + t, device=q.device)
+    q_pos = k_pos[P:]
+    lo, hi = folded_before(window, L), folded_before(window, L + t)
+    in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
+
+    y = attend_chunks(
+        q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_all.float().unsqueeze(2),
+        v_all.float().unsqueeze(2), fk.unsqueeze(2), state.S.unsqueeze(2), state.z.unsqueeze(2),
+        in_window, in_linear, window_logits, scale,
+    ).squeeze(2)  # fmt: skip
+
+    leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
+    dS, dz = kv_state(fk[:, :, leaving], v_all[:, :, leaving].float())
+    new_state = HybridState(k_all[:, :, t:], v_all[:, :, t:], state.S + dS, state.z + dz, L + t)
+    return y.to(q.dtype), new_state
+
+
+__all__ = ["HybridState", "hybrid_prefill", "hybrid_step"]
