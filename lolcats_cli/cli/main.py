@@ -1,7 +1,9 @@
 """The ``lolcats`` command line: the Typer app, its global options, and the one error boundary.
 
-Each command lives in its own module ``lolcats_cli/cli/<name>.py`` that defines ``command`` (a typed
-function: its signature and docstring are the CLI). Adding a command is one line in :data:`COMMANDS`.
+Each command lives in its own module ``lolcats_cli/cli/<module>.py`` that defines ``command`` (or a function
+named after the command): a typed function whose signature and docstring are the CLI, plus optionally
+``EPILOG`` (or ``EXAMPLES``), the copy-pasteable examples shown after the help. Adding a command is one
+line in :data:`COMMANDS`.
 A command module that fails to import still shows in ``lolcats --help`` (marked unavailable) and reports
 its import error when run, so one broken command never breaks the others.
 
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
@@ -24,6 +27,8 @@ from ..errors import LolcatsError
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
 COMMANDS: list[tuple[str, str]] = [
+    ("transfer", "transfer"),
+    ("finetune", "finetune"),
     ("plugins", "plugins"),
 ]
 
@@ -55,13 +60,13 @@ def _global_options(
     """Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA."""
 
 
-def _unavailable(name: str, module: str, exc: BaseException) -> None:
+def _unavailable(target: typer.Typer, name: str, module: str, exc: BaseException) -> None:
     """Register ``name`` as a command that explains why its module could not be imported."""
     reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
-    @app.command(
+    @target.command(
         name=name,
-        help=f"[unavailable: {reason}]",
+        help=f"Unavailable: {escape(reason)}",
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     )
     def _broken(ctx: typer.Context) -> None:
@@ -71,16 +76,19 @@ def _unavailable(name: str, module: str, exc: BaseException) -> None:
         ) from exc
 
 
-def _register_commands() -> None:
-    for name, module in COMMANDS:
+def register_commands(target: typer.Typer, commands: list[tuple[str, str]]) -> None:
+    """Add each ``(name, module)`` command to ``target``; a module that fails to import becomes a stub."""
+    for name, module in commands:
         try:
             mod = importlib.import_module(f"{__package__}.{module}")
-            app.command(name=name, epilog=getattr(mod, "EPILOG", None))(mod.command)
+            function = getattr(mod, "command", None) or getattr(mod, name.replace("-", "_"))
+            epilog = getattr(mod, "EPILOG", None) or getattr(mod, "EXAMPLES", None)
+            target.command(name=name, epilog=epilog)(function)
         except Exception as exc:  # keep --help and every other command working
-            _unavailable(name, module, exc)
+            _unavailable(target, name, module, exc)
 
 
-_register_commands()
+register_commands(app, COMMANDS)
 
 
 def _report(err: BaseException, debug: bool) -> int:

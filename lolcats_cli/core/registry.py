@@ -65,7 +65,7 @@ def _scan(kind: Kind, allowed: frozenset[str] | None) -> tuple[dict[str, EntryPo
     found: dict[str, EntryPoint] = {}
     excluded: dict[str, str] = {}
     for ep in entry_points(group=GROUPS[kind]):
-        dist = ep.dist.name if ep.dist is not None else "?"
+        dist = _dist_name(ep)
         if allowed is not None and _normalize(dist) not in allowed:
             excluded[ep.name] = dist
             continue
@@ -105,29 +105,14 @@ def list_plugins(kind: Kind | None = None) -> list[PluginInfo]:
     return out
 
 
-def _base(kind: Kind) -> type:
-    from ..api import FeatureMap, Window  # torch: imported only when a plugin is actually loaded
-
-    return FeatureMap if kind == "feature_map" else Window
-
-
 @functools.lru_cache(maxsize=None)
 def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
-    from ..api import PLUGIN_API_VERSION
+    from ..api import PLUGIN_API_VERSION, FeatureMap, Window  # torch: only once a plugin is loaded
 
     label = kind.replace("_", " ")
     found, excluded = _scan(kind, allowed)
     if name not in found:
-        if name in excluded:
-            raise PluginError(
-                f"{label} {name!r} comes from distribution {excluded[name]!r}, which {ENV_VAR}="
-                f"{os.environ.get(ENV_VAR, '')!r} leaves out",
-                hint=f"add {excluded[name]} to {ENV_VAR}, or unset it to load every installed plugin",
-            )
-        raise PluginError(
-            f"unknown {label} {name!r}; {did_you_mean(name, found)}available: {', '.join(sorted(found))}",
-            hint="`lolcats plugins` lists what is installed; a third-party one needs `pip install <its distribution>`",
-        )
+        raise _unknown(label, name, list(found), excluded)
     ep = found[name]
     where = f"{label} {name!r} (entry point {ep.name} = {ep.value} in distribution {_dist_name(ep)!r})"
     try:
@@ -137,7 +122,7 @@ def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
             f"{where} failed to import: {type(exc).__name__}: {exc}".replace("\n", " "),
             hint=f"reinstall or upgrade {_dist_name(ep)}, or skip it with {ENV_VAR}=<other distributions>",
         ) from exc
-    base = _base(kind)
+    base = FeatureMap if kind == "feature_map" else Window
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginError(
             f"{where} is {obj!r}, not a subclass of lolcats_cli.api.{base.__name__}",
@@ -150,6 +135,38 @@ def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
             hint=f"upgrade {_dist_name(ep)} (or install a lolcats version that speaks v{declared})",
         )
     return obj
+
+
+def _unknown(label: str, name: str, names: list[str], excluded: dict[str, str]) -> PluginError:
+    """The error for a name nobody registered (or that LOLCATS_PLUGINS leaves out)."""
+    if name in excluded:
+        return PluginError(
+            f"{label} {name!r} comes from distribution {excluded[name]!r}, which {ENV_VAR}="
+            f"{os.environ.get(ENV_VAR, '')!r} leaves out",
+            hint=f"add {excluded[name]} to {ENV_VAR}, or unset it to load every installed plugin",
+        )
+    return PluginError(
+        f"unknown {label} {name!r}; {did_you_mean(name, names)}available: {', '.join(sorted(names)) or '(none)'}",
+        hint="`lolcats plugins` lists what is installed; a third-party one needs `pip install <its distribution>`",
+    )
+
+
+def find_plugin(name: str, kind: Kind | None = None) -> PluginInfo:
+    """The listing entry of ``name`` (searching both kinds when ``kind`` is None); imports nothing."""
+    infos = list_plugins(kind)
+    for info in infos:
+        if info.name == name:
+            return info
+    excluded: dict[str, str] = {}
+    for k in [kind] if kind else list(GROUPS):
+        excluded.update(_scan(k, _allowed_distributions())[1])  # type: ignore[arg-type]
+    label = kind.replace("_", " ") if kind else "plugin"
+    raise _unknown(label, name, [i.name for i in infos], excluded)
+
+
+def load(kind: Kind, name: str) -> type:
+    """The class registered as ``name`` in ``kind``'s group (imported on first use, then cached)."""
+    return _load(kind, name, _allowed_distributions())
 
 
 def get_feature_map(name: str) -> type[FeatureMap]:
@@ -170,45 +187,31 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: ``value`` as type ``tp``, converting only when nothing is lost."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            ok, out = _coerce(value, arm)
-            if ok:
-                return True, out
-        return False, value
-    if origin is Literal:
+    """``(ok, value)``: ``value`` as type ``tp``, converting only when nothing is lost (bool is not int)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tries = [_coerce(value, arm) for arm in typing.get_args(tp)]
+        return next((t for t in tries if t[0]), (False, value))
+    if typing.get_origin(tp) is Literal:
         return value in typing.get_args(tp), value
-    if tp is type(None):
-        return value is None, value
+    if tp is type(None) or tp is str:
+        return isinstance(value, tp), value
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return True, value.lower() == "true"
         return isinstance(value, bool), value
-    if tp is int:
+    if tp in (int, float):
         if isinstance(value, bool):
             return False, value
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
+        text = value.strip() if isinstance(value, str) else None
+        if tp is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             return True, int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return True, int(value)
-        return False, value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
+        if tp is int and text is not None and re.fullmatch(r"[+-]?\d+", text):
+            return True, int(text)
+        if tp is float and isinstance(value, (int, float)):
             return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
+        if tp is float and text is not None and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+            return True, float(text)
         return False, value
-    if tp is str:
-        return isinstance(value, str), value
     return True, value  # a type this checker does not know: the plugin's errors() has the last word
 
 
@@ -227,7 +230,7 @@ def build_params(cls: type, values: Mapping[str, Any] | PluginParams | None, whe
     """
     params_cls = cls.Params
     if isinstance(values, params_cls):
-        good, problems = dataclasses.asdict(values), []
+        good, problems = {f.name: getattr(values, f.name) for f in dataclasses.fields(values) if f.init}, []
     elif values is None or isinstance(values, Mapping):
         good, problems = _check_fields(cls, values or {}, where)
     else:
@@ -276,14 +279,17 @@ def _hints(params_cls: type) -> dict[str, Any]:
         return {}
 
 
+def param_fields(cls: type) -> list[tuple[str, str, Any]]:
+    """``[(name, type name, default)]`` of ``cls.Params``; the default is ``dataclasses.MISSING`` when required."""
+    hints = _hints(cls.Params)
+    return [(f.name, _type_name(hints.get(f.name, Any)), f.default)
+            for f in dataclasses.fields(cls.Params) if f.init]
+
+
 def describe_params(cls: type) -> str:
     """``"feature_dim: int = 64, eps: float = 1e-12"``: the fields of ``cls.Params`` for messages."""
-    hints = _hints(cls.Params)
-    parts = []
-    for f in dataclasses.fields(cls.Params):
-        if f.init:
-            default = "(required)" if f.default is dataclasses.MISSING else repr(f.default)
-            parts.append(f"{f.name}: {_type_name(hints.get(f.name, Any))} = {default}")
+    parts = [f"{name}: {tp} = {'(required)' if d is dataclasses.MISSING else repr(d)}"
+             for name, tp, d in param_fields(cls)]
     return ", ".join(parts) or "(none)"
 
 
@@ -307,14 +313,5 @@ def build_window(
     return cls(build_params(cls, params, where))
 
 
-__all__ = [
-    "PluginInfo",
-    "list_plugins",
-    "get_feature_map",
-    "get_window",
-    "build_params",
-    "describe_params",
-    "build_feature_map",
-    "build_window",
-    "refresh",
-]
+__all__ = ["PluginInfo", "list_plugins", "find_plugin", "load", "get_feature_map", "get_window", "refresh",
+           "build_params", "param_fields", "describe_params", "build_feature_map", "build_window"]

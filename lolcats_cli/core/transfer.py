@@ -55,6 +55,63 @@ def _window_factors(model: torch.nn.Module) -> dict[int, float]:
     return {i: torch.sigmoid(m.window_logits.detach().float()).mean().item() for i, m in linearized_layers(model)}
 
 
+class TransferObjective:
+    """The stage-1 loss and held-out evaluation of a model whose converted layers are in transfer mode.
+
+    ``loss(ids)``: ``mse_weight`` x the mean over layers of MSE(student, teacher) head outputs (+ the optional
+    attention cross-entropy); a non-finite layer loss raises TrainingError naming the layer.
+    ``evaluate()``: the same MSE per layer on held-out sequences, with the first evaluation kept as "before".
+    """
+
+    def __init__(self, model, eval_ids: torch.Tensor, device: torch.device, mse_weight: float,
+                 ce_weight: float = 0.0, run_dir: Path | None = None) -> None:
+        self.model, self.eval_ids, self.device = model, eval_ids, device
+        self.mse_weight, self.ce_weight = mse_weight, ce_weight
+        self.decoder = getattr(model, model.base_model_prefix)  # the transformer without its LM head
+        self.where = run_dir / "checkpoints" if run_dir is not None else "the run directory"
+        self.before: dict[int, float] = {}
+
+    def _forward(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        with autocast_for(self.device):
+            self.decoder(input_ids=ids, use_cache=False)
+        return _layer_losses(self.model)
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        per_layer = self._forward(ids)
+        for i, mse, ce in per_layer:
+            if not torch.isfinite(mse) or (ce is not None and not torch.isfinite(ce)):
+                raise TrainingError(
+                    f"layer {i}: the attention-transfer loss became non-finite ({mse.item()})",
+                    f"the last good checkpoint is kept in {self.where}; lower transfer.lr and run again with --resume",
+                )
+        loss = self.mse_weight * torch.stack([mse for _, mse, _ in per_layer]).mean()
+        if self.ce_weight > 0:
+            loss = loss + self.ce_weight * torch.stack([ce for _, _, ce in per_layer]).mean()
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, dict[str, Any]]:
+        sums: dict[int, float] = {}
+        for row in range(self.eval_ids.shape[0]):
+            for i, mse, _ in self._forward(self.eval_ids[row : row + 1].to(self.device)):
+                sums[i] = sums.get(i, 0.0) + mse.item()
+        mse = {i: s / self.eval_ids.shape[0] for i, s in sums.items()}
+        if not self.before:
+            self.before.update(mse)
+        factors = _window_factors(self.model)
+        layers = [
+            {
+                "layer": i,
+                "mse_before": self.before[i],
+                "mse": mse[i],
+                "reduction_pct": 100.0 * (1 - mse[i] / self.before[i]) if self.before[i] > 0 else 0.0,
+                "window_factor": factors[i],
+            }
+            for i in sorted(mse)
+        ]
+        return self.mse_weight * sum(mse.values()) / len(mse), {"layers": layers}
+
+
 def run_transfer(
     recipe: Recipe | None,
     run_dir: Path,
@@ -69,7 +126,7 @@ def run_transfer(
     With ``resume``, the recipe saved in ``run_dir`` is used (``recipe`` may be None) and the run continues
     from its last checkpoint to exactly where an uninterrupted run would have ended.
     """
-    from .convert import attention_state_dict, freeze_for_transfer, linearized_layers
+    from .convert import attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
     from .data import build_datasets
 
     run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
@@ -86,7 +143,8 @@ def run_transfer(
         )
 
     model, tokenizer, source = load_converted_model(recipe, device, mode="transfer")
-    record_run(run_dir, recipe, source)
+    if not resume:
+        record_run(run_dir, recipe, source)
     train, heldout = build_datasets(recipe.data, tokenizer)
     eval_ids = heldout.input_ids[: recipe.data.num_eval_sequences]
     if eval_ids.shape[0] == 0:
@@ -94,70 +152,26 @@ def run_transfer(
 
     for _, layer in linearized_layers(model):
         layer.attn_ce_queries = tcfg.attn_ce_queries if tcfg.attn_ce_weight > 0 else 0
-    params = freeze_for_transfer(model)
-    decoder = getattr(model, model.base_model_prefix)  # the transformer without its LM head
-
-    def forward_losses(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        with autocast_for(device):
-            decoder(input_ids=ids, use_cache=False)
-        return _layer_losses(model)
-
-    def loss_fn(ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        per_layer = forward_losses(ids)
-        for i, mse, ce in per_layer:
-            if not torch.isfinite(mse) or (ce is not None and not torch.isfinite(ce)):
-                raise TrainingError(
-                    f"layer {i}: the attention-transfer loss became non-finite ({mse.item()})",
-                    f"the last good checkpoint is kept in {run_dir / 'checkpoints'}; "
-                    "lower transfer.lr and run again with --resume",
-                )
-        loss = tcfg.mse_weight * torch.stack([mse for _, mse, _ in per_layer]).mean()
-        if tcfg.attn_ce_weight > 0:
-            loss = loss + tcfg.attn_ce_weight * torch.stack([ce for _, _, ce in per_layer]).mean()
-        return loss
-
-    before: dict[int, float] = {}
-
-    @torch.no_grad()
-    def eval_fn() -> tuple[float, dict[str, Any]]:
-        sums: dict[int, float] = {}
-        for row in range(eval_ids.shape[0]):
-            for i, mse, _ in forward_losses(eval_ids[row : row + 1].to(device)):
-                sums[i] = sums.get(i, 0.0) + mse.item()
-        mse = {i: s / eval_ids.shape[0] for i, s in sums.items()}
-        if not before:
-            before.update(mse)
-        factors = _window_factors(model)
-        layers = [
-            {
-                "layer": i,
-                "mse_before": before[i],
-                "mse": mse[i],
-                "reduction_pct": 100.0 * (1 - mse[i] / before[i]) if before[i] > 0 else 0.0,
-                "window_factor": factors[i],
-            }
-            for i in sorted(mse)
-        ]
-        return tcfg.mse_weight * sum(mse.values()) / len(mse), {"layers": layers}
+    freeze_for_transfer(model)
+    params = attention_parameters(model)
+    objective = TransferObjective(model, eval_ids, device, tcfg.mse_weight, tcfg.attn_ce_weight, run_dir)
 
     trainer = Trainer(
         params,
         TrainSettings.from_section(tcfg),
         train.input_ids,
-        loss_fn,
-        eval_fn,
+        objective.loss,
+        objective.evaluate,
         run_dir / "checkpoints",
         reporter=reporter,
         title="attention transfer",
         device=device,
     )
     if resume:  # the "before" numbers come from the run's first evaluation
-        fit_history_first = _first_eval(run_dir)
-        if fit_history_first:
-            before.update(fit_history_first)
+        objective.before.update(_first_eval(run_dir))
     fit = trainer.fit(resume=resume)
     trainer.restore_best()
-    _, final = eval_fn()
+    _, final = objective.evaluate()
     layers = [
         {k: v for k, v in dict(row, mse_after=row["mse"]).items() if k != "mse"} for row in final["layers"]
     ]
@@ -191,4 +205,4 @@ def _first_eval(run_dir: Path) -> dict[int, float]:
     return {row["layer"]: row["mse"] for row in state["history"][0].get("layers", [])}
 
 
-__all__ = ["run_transfer", "TransferResult", "ATTENTION_WEIGHTS", "METRICS", "autocast_for"]
+__all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS", "autocast_for"]

@@ -98,8 +98,9 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
     return model, tokenizer, source
 
 
-def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "student"):
-    """Rebuild a finished transfer run: ``(recipe, model, tokenizer)`` with its trained attentions loaded."""
+def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "student", merge_lora: bool = True):
+    """Rebuild a finished run: ``(recipe, model, tokenizer)`` with its trained attentions loaded and, for a
+    finetune run, its LoRA adapter applied (merged into the weights unless ``merge_lora`` is False)."""
     from .checkpoint import load_tensors
     from .convert import load_attention_state_dict
 
@@ -115,6 +116,14 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
     device = pick_device(device)
     model, tokenizer, _ = load_converted_model(recipe, device, mode=mode)
     load_attention_state_dict(model, load_tensors(weights, device))
+    adapter = run_dir / "adapter"
+    if (adapter / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_lora:
+            model = model.merge_and_unload()
+    model.eval()
     return recipe, model, tokenizer
 
 

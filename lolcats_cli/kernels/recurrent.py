@@ -85,7 +85,7 @@ def _last(x: Tensor, n: int) -> Tensor:
     """The last ``n`` time steps of ``(B, h, T, X)``, zero-padded in front when ``T < n``."""
     T = x.shape[2]
     if T >= n:
-        return x[:, :, T - n :]
+        return x[:, :, T - n :].clone()  # a copy: a view would keep the whole prompt alive
     return torch.cat([x.new_zeros(*x.shape[:2], n - T, x.shape[3]), x], dim=2)
 
 
@@ -174,7 +174,7 @@ def hybrid_step(
 
     leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
     dS, dz = kv_state(fk[:, :, leaving], v_all[:, :, leaving].float())
-    new_state = HybridState(k_all[:, :, t:], v_all[:, :, t:], state.S + dS, state.z + dz, L + t)
+    new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t)
     return y.to(q.dtype), new_state
 
 

@@ -1,0 +1,94 @@
+"""`lolcats transfer`: stage 1, train the linear attentions to mimic the softmax ones."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .reporting import RichReporter, layer_table, stderr, stdout
+
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  [dim]# the embedded default: SmolLM2-135M-Instruct on offline text, about 10 minutes on a laptop CPU[/dim]
+  lolcats transfer
+
+  [dim]# the paper's recipe for Llama 3.1 8B on one GPU[/dim]
+  lolcats transfer --model meta-llama/Llama-3.1-8B --output runs/llama31-8b
+
+  [dim]# any recipe, with overrides as dotted keys[/dim]
+  lolcats transfer --recipe recipes/smollm2-135m.yaml transfer.max_steps=20 attention.window=sliding
+
+  [dim]# continue a run that was interrupted[/dim]
+  lolcats transfer --output runs/smollm2-135m --resume
+"""
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", Path(name).name.lower().removesuffix(".gguf")).strip("-") or "run"
+
+
+def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optional[str], overrides: list[str]):
+    """The recipe to run: --recipe if given; else the shipped recipe named after --model, if any; else the
+    embedded default (no --model) or the paper's defaults for --model."""
+    from ..core.recipe import Recipe, apply_overrides, load_recipe, shipped_recipes
+
+    extra = list(overrides)
+    if model is not None:
+        extra.append(f"model.name={json.dumps(model)}")
+    if revision is not None:
+        extra.append(f"model.revision={json.dumps(revision)}")
+    if recipe is not None:
+        return load_recipe(recipe, extra)
+    if model is None:
+        return load_recipe("smollm2-135m", extra)
+    named = _slug(model)
+    if named in shipped_recipes():
+        return load_recipe(named, extra)
+    return Recipe.from_dict(apply_overrides(Recipe().to_dict(), extra))
+
+
+def transfer(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Recipe overrides as dotted.key=value.", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="A YAML recipe path or the name of a shipped recipe."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: runs/<model>)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Stage 1: swap every softmax attention for a hybrid linear one and train it to mimic the original."""
+    from ..core.transfer import run_transfer
+
+    if resume:
+        if output is None:
+            raise typer.BadParameter("--resume needs the --output folder of the run to continue", param_hint="--output")
+        rec = None
+    else:
+        rec = choose_recipe(model, recipe, revision, overrides or [])
+        if output is None:
+            output = Path(rec.output.dir) if rec.output.dir else Path("runs") / _slug(rec.model.name)
+    stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
+    result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+    if as_json:
+        stdout.print_json(data={
+            "run_dir": str(result.run_dir), "layers": result.layers, "steps": result.steps,
+            "tokens_seen": result.tokens_seen, "wall_time_s": result.wall_time_s, "best_step": result.best_step,
+        })
+        return
+    stdout.print(layer_table(result.layers, f"attention transfer: held-out MSE per layer (best step {result.best_step})", "mse_after"))
+    improved = sum(r["mse_after"] < r["mse_before"] for r in result.layers)
+    stdout.print(
+        f"{improved}/{len(result.layers)} layers improved · {result.steps} steps · {result.tokens_seen:,} tokens · "
+        f"{result.wall_time_s / 60:.1f} min\nrun directory: {result.run_dir}\n"
+        f"next: lolcats finetune {result.run_dir}   or   lolcats eval {result.run_dir}"
+    )
+
+
+transfer.__doc__ = (transfer.__doc__ or "") + "\n" + EXAMPLES

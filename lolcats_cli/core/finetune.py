@@ -1,0 +1,146 @@
+"""Stage 2, low-rank adaptation (METHOD.md section 4).
+
+Starts from a finished transfer run: the linearized model with its trained attentions, in student mode.
+LoRA (peft) goes on the recipe's targets (q, k, v, o projections by default); feature maps and window
+factors stay frozen unless ``finetune.train_attention``. The loss is next-token cross-entropy, with prompt
+tokens masked for instruction data. The finetune run directory is self-contained: the resolved recipe, a
+copy of ``attention.safetensors``, the peft adapter in ``adapter/`` (adapter_config.json +
+adapter_model.safetensors), ``metrics.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .checkpoint import load_json, save_json
+from .progress import Reporter
+from .recipe import Recipe, apply_overrides, load_recipe
+from .trainer import Trainer, TrainSettings
+from .transfer import ATTENTION_WEIGHTS, METRICS, autocast_for
+from .workspace import RESOLVED_RECIPE, open_run, pick_device, prepare_run_dir, record_run
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    run_dir: Path
+    steps: int
+    tokens_seen: int
+    wall_time_s: float
+    ppl_before: float
+    ppl_after: float
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    lora = recipe.finetune.lora
+    return LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, device) -> float:
+    """Mean next-token cross-entropy (nats per predicted token) over held-out sequences, one at a time."""
+    total, count = 0.0, 0
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row : row + 1].to(device)
+        lab = ids if labels is None else labels[row : row + 1].to(device)
+        with autocast_for(device):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+        target = lab[:, 1:]
+        mask = target != -100
+        if mask.any():
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], target[mask], reduction="sum")
+            total, count = total + nll.item(), count + int(mask.sum())
+    return total / max(count, 1)
+
+
+def run_finetune(
+    source_run: Path,
+    run_dir: Path | None = None,
+    overrides: list[str] = (),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    device: str | torch.device | None = None,
+) -> FinetuneResult:
+    """LoRA-finetune the linearized model of ``source_run`` (a transfer run directory)."""
+    from peft import get_peft_model
+
+    from .data import build_datasets
+
+    source_run = Path(source_run)
+    run_dir = Path(run_dir) if run_dir is not None else source_run.with_name(source_run.name + "-finetune")
+    device = pick_device(device)
+    run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        recipe = load_recipe(run_dir / RESOLVED_RECIPE)
+        source_run = Path(load_json(run_dir / "source.json")["transfer_run"])
+    _, model, tokenizer = open_run(source_run, device, mode="student")
+    if not resume:
+        base = load_recipe(source_run / RESOLVED_RECIPE)
+        recipe = Recipe.from_dict(apply_overrides(base.to_dict(), list(overrides)))
+        record_run(run_dir, recipe)
+        save_json(run_dir / "source.json", {"transfer_run": str(source_run.resolve())})
+        shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)
+    fcfg = recipe.finetune
+    if fcfg.lora.rank <= 0:
+        raise ConfigError(f"finetune.lora.rank: must be positive (got {fcfg.lora.rank})", "the paper uses 8")
+
+    train, heldout = build_datasets(recipe.data, tokenizer)
+    labels = train.labels if fcfg.mask_prompt else None
+    eval_ids = heldout.input_ids[: recipe.data.num_eval_sequences]
+    eval_labels = heldout.labels[: recipe.data.num_eval_sequences] if fcfg.mask_prompt else None
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, lora_config(recipe))
+    if fcfg.train_attention:
+        from .convert import attention_parameters
+
+        for p in attention_parameters(model).values():
+            p.requires_grad_(True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():  # fp32 master weights
+        p.data = p.data.float()
+
+    def loss_fn(ids: torch.Tensor, lab: torch.Tensor | None) -> torch.Tensor:
+        with autocast_for(device):
+            return model(input_ids=ids, labels=ids if lab is None else lab, use_cache=False).loss.float()
+
+    def eval_fn() -> tuple[float, dict[str, Any]]:
+        loss = heldout_loss(model, eval_ids, eval_labels, device)
+        return loss, {"perplexity": math.exp(min(loss, 50.0))}
+
+    trainer = Trainer(
+        params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / "checkpoints",
+        labels=labels, reporter=reporter, title="LoRA finetune", device=device,
+    )
+    fit = trainer.fit(resume=resume)
+    trainer.restore_best()
+    final_loss, _ = eval_fn()
+    model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
+    first = fit.history[0]["loss"] if fit.history else final_loss
+    result = FinetuneResult(run_dir, fit.steps, fit.tokens, fit.wall_time_s, math.exp(min(first, 50.0)), math.exp(min(final_loss, 50.0)))
+    save_json(run_dir / METRICS, {
+        "stage": "finetune", "transfer_run": str(source_run), "steps": fit.steps, "tokens_seen": fit.tokens,
+        "wall_time_s": fit.wall_time_s, "best_step": fit.best_step, "heldout_ppl_before": result.ppl_before,
+        "heldout_ppl_after": result.ppl_after, "eval_history": fit.history,
+        "trainable_parameters": sum(p.numel() for p in params.values()), "device": str(device),
+    })
+    return result
+
+
+__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss"]

@@ -1,0 +1,310 @@
+"""The attention module that replaces a decoder layer's ``self_attn``: softmax teacher, hybrid student, or both.
+
+:class:`LinearizedAttention` keeps the original projections (and Qwen3's q/k norms) under their original
+attribute names, so the base model's state-dict keys are unchanged and peft can target ``q_proj`` ...
+``o_proj``. It adds ``feature_map_q``, ``feature_map_k`` and ``window_logits`` (METHOD.md section 1) and runs in
+one of three modes:
+
+* ``teacher``: the original softmax attention through torch SDPA; reproduces the original model.
+* ``student``: the hybrid attention through the chunked kernel (O(T) memory).
+* ``transfer``: both on frozen q/k/v; stores the per-layer ``transfer_loss`` (MSE of the pre-``o_proj`` head
+  outputs) and passes the teacher's output on, so every layer sees exact teacher inputs (METHOD.md section 3).
+
+Masks: the teacher honours whatever mask the model built for its ``_attn_implementation`` (None, a 4-D bool
+or additive mask, or a 2-D padding mask from flash-attention models). The student ignores padding: right
+padding is exact on the real tokens (attention is causal); with left padding, real tokens also attend to
+the pad tokens before them. Train on packed sequences (no padding); exact left padding is a later issue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..api import FeatureMap, Window, window_masks
+from ..errors import ConfigError, ModelError, did_you_mean
+from ..kernels.chunked import hybrid_attention_chunked
+from ..kernels.naive import DEN_EPS, expand_kv
+
+MODES: tuple[str, ...] = ("teacher", "student", "transfer")
+WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) = -2.1972
+HybridFn = Callable[..., Tensor]  # the signature of hybrid_attention_chunked / hybrid_attention_naive
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` itself when it is one of :data:`MODES`; ConfigError otherwise."""
+    if mode not in MODES:
+        raise ConfigError(
+            f"mode {mode!r} is not an attention mode; {did_you_mean(str(mode), MODES)}valid: {', '.join(MODES)}",
+            hint="teacher = original softmax, student = hybrid linear attention, transfer = both (stage 1)",
+        )
+    return mode
+
+
+# ----------------------------------------------------------------------------------------- softmax masks
+
+
+def causal_window_mask(q_pos: Tensor, kv_len: int, sliding_window: int | None) -> Tensor:
+    """Bool ``(..., Tq, kv_len)``, True = attend: key j <= q_pos and, with a window, j > q_pos - window.
+
+    ``q_pos`` ``(..., Tq)`` holds absolute query positions (keys are positions ``0 .. kv_len - 1``).
+    """
+    k_pos = torch.arange(kv_len, device=q_pos.device)
+    q = q_pos.unsqueeze(-1)
+    allowed = k_pos <= q
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q - sliding_window)
+    return allowed
+
+
+def sdpa_mask(
+    mask: Any, q_len: int, kv_len: int, sliding_window: int | None, device: torch.device
+) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for ``F.scaled_dot_product_attention`` from the mask a HF model passes.
+
+    ``mask``: None (plain causal, SDPA's ``is_causal`` fast path), a 4-D ``(B, 1, Tq, Tkv)`` bool (True =
+    attend) or additive float mask (used as is), or a 2-D ``(B, Tkv)`` padding mask (flash-attention models;
+    combined with the causal, possibly sliding, pattern). Queries are the last ``q_len`` of ``kv_len`` keys.
+    A mask is only materialised when padding, a cache offset or an exceeded sliding window needs one.
+    """
+    needs_window = sliding_window is not None and kv_len > sliding_window
+    if mask is None and not needs_window and q_len in (kv_len, 1):
+        return None, q_len == kv_len and q_len > 1
+    if mask is not None and not isinstance(mask, Tensor):
+        raise ModelError(
+            f"attention mask of type {type(mask).__name__} is not supported by linearized attention",
+            hint="load the model with attn_implementation='sdpa' (or 'eager')",
+        )
+    if mask is not None and mask.dim() == 4:
+        return mask[..., :kv_len], False
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    allowed = causal_window_mask(q_pos, kv_len, sliding_window)[None, None]  # (1, 1, Tq, Tkv)
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ModelError(f"attention mask of shape {tuple(mask.shape)} is neither 2-D nor 4-D")
+        allowed = allowed & mask[:, -kv_len:].bool()[:, None, None, :]
+    return allowed, False
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Any, scale: float, sliding_window: int | None, dropout: float = 0.0
+) -> Tensor:
+    """Softmax attention through SDPA: q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tkv, D)`` -> ``(B, H, Tq, Dv)``.
+
+    Never builds a score matrix; a ``(B, 1, Tq, Tkv)`` mask only when :func:`sdpa_mask` needs one.
+    """
+    attn_mask, is_causal = sdpa_mask(mask, q.shape[2], k.shape[2], sliding_window, q.device)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scale, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
+
+
+def row_bias(mask: Any, rows: Tensor, q_offset: int, kv_len: int, sliding_window: int | None) -> Tensor:
+    """Additive fp32 bias ``(B, 1, n, kv_len)`` (0 or -inf, or the model's own float mask) for the query
+    rows ``rows`` ``(B, n)`` (indices into this call's queries, which start at position ``q_offset``)."""
+    B, n = rows.shape
+    if isinstance(mask, Tensor) and mask.dim() == 4:
+        full = mask[..., :kv_len].expand(B, 1, -1, kv_len)
+        picked = full.gather(2, rows[:, None, :, None].expand(B, 1, n, kv_len))
+        if picked.dtype != torch.bool:
+            return picked.float()
+        allowed = picked
+    else:
+        allowed = causal_window_mask(rows + q_offset, kv_len, sliding_window)[:, None]  # (B, 1, n, Tkv)
+        if isinstance(mask, Tensor):  # 2-D padding mask
+            allowed = allowed & mask[:, -kv_len:].bool()[:, None, None, :]
+    return torch.zeros(allowed.shape, device=rows.device).masked_fill(~allowed, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------- the module
+
+
+class LinearizedAttention(nn.Module):
+    """Drop-in replacement for a HF ``*Attention`` of the Llama family (transformers 5 call contract).
+
+    ``forward(hidden_states (B, T, hidden), position_embeddings=(cos, sin), attention_mask, past_key_values)
+    -> (output (B, T, hidden), None)``. Shapes inside: q ``(B, H, T, D)``, k/v ``(B, Hkv, T, D)``.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        *,
+        feature_map_q: FeatureMap,
+        feature_map_k: FeatureMap,
+        window: Window,
+        rotary: Callable[..., tuple[Tensor, Tensor]],
+        qk_norm: bool = False,
+        sliding_window: int | None = None,
+        mode: str = "student",
+        plugins: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        config = original.config
+        self.config = config
+        self.layer_idx: int = original.layer_idx
+        self.layer_type = getattr(original, "layer_type", None)
+        self.head_dim: int = original.head_dim
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # the name HF helpers read
+        self.scaling: float = original.scaling
+        self.attention_dropout: float = float(getattr(original, "attention_dropout", 0.0))
+        self.is_causal = True
+        self.sliding_window = sliding_window  # the teacher's softmax window (Mistral / Qwen), None = full
+
+        # The original submodules under their original names: state-dict keys and peft targets unchanged.
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            original.q_proj, original.k_proj, original.v_proj, original.o_proj
+        )  # fmt: skip
+        if qk_norm:
+            self.q_norm, self.k_norm = original.q_norm, original.k_norm
+        self.qk_norm = qk_norm
+        self.rotary = rotary
+
+        device = original.q_proj.weight.device
+        self.feature_map_q = feature_map_q.to(device=device, dtype=torch.float32)
+        self.feature_map_k = feature_map_k.to(device=device, dtype=torch.float32)
+        init = math.log(WINDOW_FACTOR_INIT / (1 - WINDOW_FACTOR_INIT))
+        self.window_logits = nn.Parameter(torch.full((self.num_heads,), init, dtype=torch.float32, device=device))
+        self.window = window
+        self.plugins = dict(plugins or {})  # names and resolved params, for describe()
+
+        self.mode = check_mode(mode)
+        self.hybrid_fn: HybridFn = hybrid_attention_chunked  # swappable: tests compare with the naive form
+        self.attn_ce_queries: int = 0  # > 0: also store transfer_ce on that many sampled query rows
+        self.transfer_loss: Tensor | None = None
+        self.transfer_ce: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}"
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Any = None,
+        past_key_values: Any = None,
+        cache_position: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        if position_embeddings is None:
+            raise ModelError(f"layer {self.layer_idx}: no position_embeddings (cos, sin) were passed to attention")
+        input_shape = hidden_states.shape[:-1]  # (B, T)
+        self.transfer_loss = self.transfer_ce = None
+        frozen = torch.no_grad() if self.mode == "transfer" else contextlib.nullcontext()
+        with frozen:
+            q, k, v = self._qkv(hidden_states, position_embeddings)
+            if past_key_values is not None:
+                seen = past_key_values.get_seq_length(self.layer_idx) if self.mode != "teacher" else 0
+                k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, T_past + T, D)
+                if self.mode != "teacher" and k.shape[2] != seen + q.shape[2]:
+                    raise self._cache_error(past_key_values, k.shape[2], seen + q.shape[2])
+
+        if self.mode == "teacher":
+            dropout = self.attention_dropout if self.training else 0.0
+            y = softmax_attention(q, k, v, attention_mask, self.scaling, self.sliding_window, dropout)
+        elif self.mode == "student":
+            y = self._hybrid(q, k, v)
+        else:
+            y = self._transfer(q, k, v, attention_mask)
+
+        out = y.transpose(1, 2).reshape(*input_shape, -1).contiguous()  # (B, T, H * D)
+        return self.o_proj(out), None
+
+    def _cache_error(self, cache: Any, got: int, want: int) -> ModelError:
+        return ModelError(
+            f"layer {self.layer_idx}: {self.mode} mode needs every past key, but the KV cache "
+            f"({type(cache).__name__}) returned {got} of {want} positions (it drops old keys: a sliding-window "
+            "or static cache)",
+            hint="pass past_key_values=transformers.DynamicCache() (built without a config) or use_cache=False",
+        )
+
+    def _qkv(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections, q/k norms (Qwen3, before RoPE) and RoPE: ``(B, T, hidden)`` -> q, k, v."""
+        shape = (*x.shape[:-1], -1, self.head_dim)  # (B, T, heads, D)
+        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, v
+
+    def _hybrid(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Hybrid attention of the last ``Tq`` of ``Tkv`` positions: q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tkv, D)``.
+
+        With a KV cache (Tq < Tkv) the kernel reruns over the whole cached sequence and the earlier rows are
+        dropped: correct but O(Tkv) per step. The constant-memory decode path
+        (``kernels.recurrent.hybrid_prefill`` / ``hybrid_step`` behind a Cache) replaces this branch later.
+        """
+        offset = k.shape[2] - q.shape[2]
+        if offset > 0:
+            q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
+        y = self.hybrid_fn(
+            q, k, v, self.feature_map_q, self.feature_map_k, self.window_logits, self.window, scale=self.scaling
+        )
+        return y[:, :, offset:]
+
+    def _transfer(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        """Store ``transfer_loss`` (and ``transfer_ce``); return the teacher's ``(B, H, Tq, Dv)`` output."""
+        with torch.no_grad():
+            teacher = softmax_attention(q, k, v, mask, self.scaling, self.sliding_window)
+        student = self._hybrid(q, k, v)
+        self.transfer_loss = F.mse_loss(student.float(), teacher.float())
+        if self.attn_ce_queries > 0:
+            self.transfer_ce = self._attention_ce(q, k, mask)
+        return teacher
+
+    # -------------------------------------------------------------------------- optional attention CE
+
+    def _attention_ce(self, q: Tensor, k: Tensor, mask: Any) -> Tensor:
+        """Cross-entropy between the teacher's softmax weights and the student's normalised hybrid weights
+        on ``attn_ce_queries`` random query rows per sequence: ``(B, H, n, Tkv)`` tensors, never Tq x Tkv."""
+        B, H, Tq, _ = q.shape
+        Tkv = k.shape[2]
+        offset = Tkv - Tq
+        n = min(self.attn_ce_queries, Tq)
+        rows = torch.rand(B, Tq, device=q.device).argsort(dim=-1)[:, :n]  # (B, n) distinct rows per sequence
+        q_rows = q.gather(2, rows[:, None, :, None].expand(B, H, n, q.shape[3]))  # (B, H, n, D)
+        k = expand_kv(k, H)  # (B, H, Tkv, D)
+        s = torch.einsum("bhnd,bhmd->bhnm", q_rows.float(), k.float()) * self.scaling  # (B, H, n, Tkv)
+
+        with torch.no_grad():
+            bias = row_bias(mask, rows, offset, Tkv, self.sliding_window)
+            p_teacher = torch.softmax(s + bias, dim=-1).nan_to_num(0.0)  # fully masked (pad) rows -> 0
+
+        pos = (rows + offset)[:, None, :]  # (B, 1, n) absolute query positions
+        in_window, in_linear = window_masks(self.window, pos, torch.arange(Tkv, device=q.device))
+        s_w = s.masked_fill(~in_window, float("-inf"))
+        c = s_w.amax(dim=-1, keepdim=True)
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window keys: no shift
+        g = torch.sigmoid(self.window_logits.float()).view(1, H, 1, 1)
+        a_window = g * torch.exp(s_w - c)
+        fq, fk = self.feature_map_q(q_rows).float(), self.feature_map_k(k).float()
+        a_linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk) * in_linear
+        a = a_window + a_linear
+        p_student = a / a.sum(dim=-1, keepdim=True).clamp_min(DEN_EPS)
+        return -(p_teacher * p_student.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+    # -------------------------------------------------------------------------------------- parameters
+
+    def attention_parameters(self) -> dict[str, nn.Parameter]:
+        """The new trainable parameters by their names inside this module (feature maps + window logits)."""
+        out = {f"feature_map_q.{n}": p for n, p in self.feature_map_q.named_parameters()}
+        out.update({f"feature_map_k.{n}": p for n, p in self.feature_map_k.named_parameters()})
+        out["window_logits"] = self.window_logits
+        return out
+
+
+__all__ = ["LinearizedAttention", "MODES", "check_mode", "softmax_attention", "sdpa_mask", "causal_window_mask"]

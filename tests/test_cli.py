@@ -1,0 +1,118 @@
+"""The ``lolcats`` command line: the pinned command list, ``lolcats plugins``, and the one error boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from lolcats_cli import __version__
+from lolcats_cli.cli.main import app, main, register_commands
+from lolcats_cli.core import registry
+
+# Pinned: a command added or renamed is a deliberate change to this list.
+COMMANDS = ["transfer", "finetune", "plugins"]
+
+runner = CliRunner()
+
+
+def _commands(target: typer.Typer) -> dict[str, click.Command]:
+    group = typer.main.get_command(target)
+    return group.commands  # type: ignore[attr-defined]
+
+
+def test_command_list_is_pinned() -> None:
+    commands = _commands(app)
+    assert sorted(commands) == sorted(COMMANDS)
+    broken = [n for n, c in commands.items() if (c.help or "").startswith("Unavailable:")]
+    assert broken == []
+    out = runner.invoke(app, ["--help"]).output
+    for name in COMMANDS + ["--debug", "--version"]:
+        assert name in out
+
+
+def test_help_imports_no_torch() -> None:
+    code = ("import sys\nfrom lolcats_cli.cli.main import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "plugins" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_version_and_python_dash_m() -> None:
+    done = subprocess.run([sys.executable, "-m", "lolcats_cli", "--version"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, f"lolcats {__version__}")
+
+
+def test_plugins_table() -> None:
+    result = runner.invoke(app, ["plugins"])
+    assert result.exit_code == 0, result.output
+    for word in ("kind", "name", "distribution", "version", "feature_map", "hedgehog", "window", "terrace"):
+        assert word in result.output
+
+
+def test_plugins_json() -> None:
+    result = runner.invoke(app, ["plugins", "--json"])
+    rows = json.loads(result.stdout)
+    assert all(set(r) == {"kind", "name", "distribution", "version"} for r in rows)
+    assert {r["kind"] for r in rows} == {"feature_map", "window"}
+    assert {"kind": "feature_map", "name": "hedgehog", "distribution": "lolcats", "version": __version__} in rows
+    windows = json.loads(runner.invoke(app, ["plugins", "--json", "--kind", "window"]).stdout)
+    assert {r["name"] for r in windows} >= {"sliding", "terrace", "none"} and {r["kind"] for r in windows} == {"window"}
+
+
+def test_plugins_describes_one() -> None:
+    result = runner.invoke(app, ["plugins", "hedgehog", "--json"])
+    out = json.loads(result.stdout)
+    assert out["target"] == "lolcats_cli.builtins.feature_maps:Hedgehog"
+    assert out["params"] == [{"name": "feature_dim", "type": "int", "default": 64},
+                             {"name": "eps", "type": "float", "default": 1e-12}]
+
+
+def test_unknown_plugin_is_one_panel_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "hedgehg"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and out == ""
+    assert err.count("╭") == 1 and "PluginError" in err and "Traceback" not in err
+    assert "did you mean 'hedgehog'?" in err and "lolcats plugins" in err
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--debug", "plugins", "nope"])
+    assert exit_.value.code == 1 and "Traceback" in capsys.readouterr().err
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "--kind", "model"])
+    assert exit_.value.code == 2 and "feature_map, window" in capsys.readouterr().err
+
+
+def test_unexpected_error_is_short_without_debug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(kind=None):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(registry, "list_plugins", boom)
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "ZeroDivisionError" in err and "--debug" in err and "Traceback" not in err
+
+
+def test_a_broken_command_module_does_not_break_help() -> None:
+    target = typer.Typer(no_args_is_help=True)
+    register_commands(target, [("plugins", "plugins"), ("ghost", "no_such_module")])
+    assert runner.invoke(target, ["--help"]).exit_code == 0
+    assert "Unavailable: ModuleNotFoundError" in (_commands(target)["ghost"].help or "")
+    result = runner.invoke(target, ["ghost", "--any", "args"])
+    assert "command 'ghost' is unavailable" in str(result.exception)
+    assert runner.invoke(target, ["plugins", "--json"]).exit_code == 0
