@@ -50,7 +50,8 @@ def test_yes_writes_the_embedded_default(tmp_path, capsys, monkeypatch) -> None:
     assert code == 0, err
     recipe = load_recipe(tmp_path / "recipe.yaml")
     default = resolve_answers(InitAnswers())
-    assert (recipe.model.name, recipe.attention.feature_map, recipe.attention.window) == ("smollm2-135m", "hedgehog", "terrace")
+    attention = recipe.attention
+    assert (recipe.model.name, attention.feature_map, attention.window) == ("smollm2-135m", "hedgehog", "terrace")
     assert (recipe.attention.window_params["size"], recipe.data.dataset) == (64, "pydoc")
     assert recipe.transfer.max_tokens == recipe.finetune.max_tokens == default.tokens
     assert recipe.output.dir == "runs/smollm2-135m"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
@@ -26,6 +27,7 @@ from ..core.init_recipe import (
 from ..errors import ConfigError, LolcatsError
 
 DEFAULT_PATH = Path("recipe.yaml")
+Validator = Callable[[str], "bool | str"]  # questionary: True, or the message shown under the question
 FLAGS = {"model": "--model", "feature_map": "--feature-map", "window": "--window", "window_size": "--window-size",
          "dataset": "--dataset", "tokens": "--tokens", "lora_rank": "--lora-rank", "output": "--output",
          "seq_len": "--seq-len"}
@@ -62,11 +64,11 @@ def command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Ask nothing: flags, then defaults, fill every answer."),
     force: bool = typer.Option(False, "--force", help="Replace the recipe file if it exists."),
 ) -> None:
-    """Write a recipe: every setting of a run in one commented YAML file, opening with the commands that run it.
+    """Write a recipe: every setting of a run in one commented YAML file that opens with the commands to run.
 
     In a terminal, init asks one question per setting; a flag given on the command line skips its question.
 
-    With [bold]--yes[/bold], or when stdin is not a terminal (a script, CI), init asks nothing: the flags, then the defaults, fill every answer.
+    With [bold]--yes[/bold], or without a terminal (scripts, CI), init asks nothing: flags, then defaults.
 
     Ctrl-C during the questions writes nothing (exit code 130).
     """
@@ -106,8 +108,8 @@ def _flag_tokens(tokens: Optional[str]) -> Optional[int]:
 
 def _report(path: Path, a: InitAnswers) -> None:
     """The path written and the commands to run next, on stdout (plain text: copy-pasteable)."""
-    typer.echo(f"wrote {path}: {a.model}, {a.feature_map} + {a.window} window of {a.window_size}, "
-               f"{a.dataset}, {format_tokens(int(a.tokens or 0))} tokens per stage, LoRA rank {a.lora_rank}")
+    typer.echo(f"wrote {path}: {a.model}, feature map {a.feature_map}, window {a.window} (size {a.window_size}), "
+               f"data {a.dataset}, {format_tokens(int(a.tokens or 0))} tokens per stage, LoRA rank {a.lora_rank}")
     typer.echo("next:")
     for line in next_commands(path, a.output or ""):
         typer.echo(f"  {line}")
@@ -131,15 +133,17 @@ def _wizard(given: dict[str, Any], path: Optional[Path], force: bool) -> tuple[I
         ask["window_size"] = int(_text("Window size (keys)", str(d.window_size),
                                        lambda v: check_positive_int(v, "window size") or True))
     if "dataset" not in ask:
-        ask["dataset"] = _text("Training data: pydoc (offline), a hub dataset id, or a .json/.jsonl/.parquet/.txt file",
-                               str(d.dataset), _field_check("dataset"))
+        ask["dataset"] = _text("Training data: pydoc (offline), a hub dataset id, or a local "
+                               ".json/.jsonl/.parquet/.txt file", str(d.dataset), _field_check("dataset"))
     if "tokens" not in ask:
         ask["tokens"] = parse_tokens(_text("Token budget per stage (e.g. 500k, 2M, 20M)",
                                            format_tokens(int(d.tokens or 0)), _tokens_check))
     if "lora_rank" not in ask:
-        ask["lora_rank"] = int(_text("LoRA rank", str(d.lora_rank), lambda v: check_positive_int(v, "LoRA rank") or True))
+        ask["lora_rank"] = int(_text("LoRA rank", str(d.lora_rank),
+                                     lambda v: check_positive_int(v, "LoRA rank") or True))
     if "output" not in ask:
-        ask["output"] = _text("Run directory", str(d.output), lambda v: bool(v.strip()) or "give a folder, e.g. runs/my-run")
+        ask["output"] = _text("Run directory", str(d.output),
+                              lambda v: bool(v.strip()) or "give a folder, e.g. runs/my-run")
     if path is None:
         path = Path(_text("Save the recipe as", str(DEFAULT_PATH),
                           lambda v: (bool(v.strip()) and not Path(v).is_dir()) or "give a file name, e.g. recipe.yaml"))
@@ -147,7 +151,8 @@ def _wizard(given: dict[str, Any], path: Optional[Path], force: bool) -> tuple[I
     return InitAnswers(**ask), path, overwrite
 
 
-def _text(message: str, default: str, validate: Any) -> str:
+def _text(message: str, default: str, validate: Validator) -> str:
+    """A free-text question; Enter keeps ``default``."""
     import questionary
 
     return questionary.text(message, default=default, validate=validate).unsafe_ask().strip()
@@ -167,12 +172,13 @@ def _select(message: str, kind: str, default: str) -> str:
     return questionary.select(message, choices=choices, default=start).unsafe_ask()
 
 
-def _field_check(field: str) -> Any:
+def _field_check(field: str) -> Validator:
     """A questionary validator: True, or the problem :func:`check_answers` finds with ``field``."""
     return lambda value: check_answers(InitAnswers(**{field: value})).get(field, True)
 
 
-def _tokens_check(value: str) -> Any:
+def _tokens_check(value: str) -> bool | str:
+    """A questionary validator for the token budget."""
     try:
         parse_tokens(value)
     except LolcatsError as err:
@@ -187,7 +193,8 @@ def _may_replace(path: Path, force: bool) -> bool:
     if force or not path.exists():
         return force
     if path.is_dir():
-        raise LolcatsError(f"{path} is a directory, not a recipe file", hint=f"give a file name, such as {path / 'recipe.yaml'}")
+        raise LolcatsError(f"{path} is a directory, not a recipe file",
+                           hint=f"give a file name, such as {path / 'recipe.yaml'}")
     if not questionary.confirm(f"{path} exists. Replace it?", default=False).unsafe_ask():
         typer.echo(f"kept {path}: nothing written (pass --force to replace it without asking)", err=True)
         raise typer.Exit(1)

@@ -27,6 +27,7 @@ from ..errors import LolcatsError
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
 COMMANDS: list[tuple[str, str]] = [
+    ("init", "init"),
     ("transfer", "transfer"),
     ("finetune", "finetune"),
     ("plugins", "plugins"),

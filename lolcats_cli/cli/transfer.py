@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -28,14 +27,11 @@ EXAMPLES = """
 """
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", Path(name).name.lower().removesuffix(".gguf")).strip("-") or "run"
-
-
 def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optional[str], overrides: list[str]):
-    """The recipe to run: --recipe if given; else the shipped recipe named after --model, if any; else the
-    embedded default (no --model) or the paper's defaults for --model."""
-    from ..core.recipe import Recipe, apply_overrides, load_recipe, shipped_recipes
+    """The recipe to run: --recipe if given; else the shipped recipe named after --model, if any, or the
+    paper's defaults; with neither, the embedded default. Overrides apply last."""
+    from ..core.init_recipe import base_recipe
+    from ..core.recipe import Recipe, apply_overrides, load_recipe
 
     extra = list(overrides)
     if model is not None:
@@ -44,12 +40,8 @@ def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optiona
         extra.append(f"model.revision={json.dumps(revision)}")
     if recipe is not None:
         return load_recipe(recipe, extra)
-    if model is None:
-        return load_recipe("smollm2-135m", extra)
-    named = _slug(model)
-    if named in shipped_recipes():
-        return load_recipe(named, extra)
-    return Recipe.from_dict(apply_overrides(Recipe().to_dict(), extra))
+    base = load_recipe("smollm2-135m") if model is None else base_recipe(model)
+    return Recipe.from_dict(apply_overrides(base.to_dict(), extra))
 
 
 def transfer(
@@ -73,7 +65,9 @@ def transfer(
     else:
         rec = choose_recipe(model, recipe, revision, overrides or [])
         if output is None:
-            output = Path(rec.output.dir) if rec.output.dir else Path("runs") / _slug(rec.model.name)
+            from ..core.init_recipe import run_name
+
+            output = Path(rec.output.dir) if rec.output.dir else Path("runs") / run_name(rec.model.name)
     stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
     result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
     if as_json:

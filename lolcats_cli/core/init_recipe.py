@@ -206,8 +206,9 @@ def render_recipe(answers: InitAnswers, recipe_path: str | Path = "recipe.yaml")
 
     d = build_recipe_dict(answers)
     att = d["attention"]
-    title = (f"{d['model']['name']} linearized with {att['feature_map']} feature maps and a {att['window']} "
-             f"window, {format_tokens(d['transfer']['max_tokens'])} tokens per stage")
+    budget = format_tokens(d["transfer"]["max_tokens"])
+    title = (f"{d['model']['name']}, feature map {att['feature_map']}, window {att['window']} "
+             f"(size {att['window_params'].get('size')}), {budget} tokens per stage")
     head = _header(title, __version__, next_commands(recipe_path, d["output"]["dir"]), recipe_path)
     return "\n".join(head) + "\n\n" + "\n\n".join(_sections(d)) + "\n"
 
@@ -242,7 +243,8 @@ SECTION_NOTES: dict[str, str] = {
     "output": "Where the run goes: `lolcats finetune`, `eval` and `chat` take this folder.",
 }
 KEY_NOTES: dict[str, str] = {
-    "model.name": '"smollm2-135m" (the embedded SmolLM2-135M-Instruct, offline), a hub id, a local folder or a .gguf file',
+    "model.name": '"smollm2-135m" (the embedded SmolLM2-135M-Instruct, offline), a hub id, a local folder\n'
+                  "or a .gguf file",
     "model.revision": "hub branch, tag or commit (hub ids only); null = the default branch",
     "model.gguf_file": "the .gguf file inside `name` (a folder or a hub repo); null = not a GGUF",
     "model.dtype": "auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16",
@@ -292,7 +294,7 @@ def _schema(path: str) -> Any:
     """The recipe dataclass at dotted ``path`` ("" = Recipe, "finetune.lora" = LoraConfig)."""
     import typing
 
-    from .recipe import Recipe
+    from .recipe import Recipe  # noqa: F811
 
     cls: Any = Recipe
     for part in filter(None, path.split(".")):
@@ -307,7 +309,7 @@ def _doc_note(cls: Any, name: str) -> str | None:
 
 
 def _note(path: str, cls: Any, key: str, section: dict[str, Any]) -> str:
-    """The comment for ``key`` of the section at ``path`` (plugin params get the plugin's field list)."""
+    """The comment for ``key`` of the section at ``path``: this module's note, else the schema docstring's."""
     if path == "attention" and key in ("feature_map_params", "window_params"):
         name = section["feature_map" if key == "feature_map_params" else "window"]
         return f"parameters of {name}, the others at their defaults; `lolcats plugins {name}` lists them all"

@@ -6,14 +6,17 @@ attribute names, so the base model's state-dict keys are unchanged and peft can 
 one of three modes:
 
 * ``teacher``: the original softmax attention through torch SDPA; reproduces the original model.
-* ``student``: the hybrid attention through the chunked kernel (O(T) memory).
+* ``student``: the hybrid attention: the chunked kernel (O(T) memory) over a prompt, then, with a KV cache,
+  the recurrent form step by step in constant memory (the cache layer is a
+  :class:`~.generation.HybridLayer`; see :mod:`.generation`).
 * ``transfer``: both on frozen q/k/v; stores the per-layer ``transfer_loss`` (MSE of the pre-``o_proj`` head
   outputs) and passes the teacher's output on, so every layer sees exact teacher inputs (METHOD.md section 3).
 
 Masks: the teacher honours whatever mask the model built for its ``_attn_implementation`` (None, a 4-D bool
-or additive mask, or a 2-D padding mask from flash-attention models). The student ignores padding: right
-padding is exact on the real tokens (attention is causal); with left padding, real tokens also attend to
-the pad tokens before them. Train on packed sequences (no padding); exact left padding is a later issue.
+or additive mask, or a 2-D padding mask from flash-attention models). The student is exact under left
+padding: pad keys contribute nothing and each row's window positions count from its first real token, so
+a left-padded row gives the output of its prompt alone (:mod:`.generation`). Right padding is exact on the
+real tokens (attention is causal). Transfer mode ignores padding: train on packed sequences.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..api import FeatureMap, Window, window_masks
 from ..errors import ConfigError, ModelError, did_you_mean
 from ..kernels.chunked import hybrid_attention_chunked
 from ..kernels.naive import DEN_EPS, expand_kv
+from .generation import hybrid_cache_layer, leading_pads, padded_attention, real_tokens
 
 MODES: tuple[str, ...] = ("teacher", "student", "transfer")
 WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) = -2.1972
@@ -205,17 +209,17 @@ class LinearizedAttention(nn.Module):
         frozen = torch.no_grad() if self.mode == "transfer" else contextlib.nullcontext()
         with frozen:
             q, k, v = self._qkv(hidden_states, position_embeddings)
-            if past_key_values is not None:
-                seen = past_key_values.get_seq_length(self.layer_idx) if self.mode != "teacher" else 0
+            if past_key_values is not None and self.mode != "student":
+                seen = past_key_values.get_seq_length(self.layer_idx) if self.mode == "transfer" else 0
                 k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, T_past + T, D)
-                if self.mode != "teacher" and k.shape[2] != seen + q.shape[2]:
+                if self.mode == "transfer" and k.shape[2] != seen + q.shape[2]:
                     raise self._cache_error(past_key_values, k.shape[2], seen + q.shape[2])
 
         if self.mode == "teacher":
             dropout = self.attention_dropout if self.training else 0.0
             y = softmax_attention(q, k, v, attention_mask, self.scaling, self.sliding_window, dropout)
         elif self.mode == "student":
-            y = self._hybrid(q, k, v)
+            y = self._student(q, k, v, attention_mask, past_key_values)
         else:
             y = self._transfer(q, k, v, attention_mask)
 
@@ -241,12 +245,28 @@ class LinearizedAttention(nn.Module):
         q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v
 
+    def _student(self, q: Tensor, k: Tensor, v: Tensor, mask: Any, cache: Any) -> Tensor:
+        """Student attention of this call's tokens: q ``(B, H, T, D)``, k/v ``(B, Hkv, T, D)`` -> ``(B, H, T, Dv)``.
+
+        With a cache: prefill, then constant-memory steps through this layer's
+        :class:`~.generation.HybridLayer` (adopted into any transformers cache). Without one: the whole
+        sequence through ``hybrid_fn``, each left-padded row as if unpadded.
+        """
+        if cache is not None:
+            return hybrid_cache_layer(cache, self.layer_idx).attend(q, k, v, self, mask)
+        real = real_tokens(mask, q.shape[2])
+        if real is not None:
+            pads = leading_pads(real)
+            if bool(pads.any()):
+                return padded_attention(q, k, v, pads, self)
+        return self._hybrid(q, k, v)
+
     def _hybrid(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Hybrid attention of the last ``Tq`` of ``Tkv`` positions: q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tkv, D)``.
 
-        With a KV cache (Tq < Tkv) the kernel reruns over the whole cached sequence and the earlier rows are
-        dropped: correct but O(Tkv) per step. The constant-memory decode path
-        (``kernels.recurrent.hybrid_prefill`` / ``hybrid_step`` behind a Cache) replaces this branch later.
+        Used by the student without a cache (Tq = Tkv) and by transfer mode. With a KV cache in transfer mode
+        (Tq < Tkv) the kernel reruns over the whole cached sequence and the earlier rows are dropped: correct
+        but O(Tkv) per step; transfer is for training, where no cache is kept.
         """
         offset = k.shape[2] - q.shape[2]
         if offset > 0:

