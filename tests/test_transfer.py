@@ -18,11 +18,20 @@ from lolcats_cli.core.transfer import TransferObjective, run_transfer
 from lolcats_cli.errors import LolcatsError, TrainingError
 
 
+@pytest.fixture(scope="module")
+def peaky_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random Llama whose attention is far from uniform (larger init), so there is something to learn."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("peaky"), tiny_tokenizer, initializer_range=0.25)
+
+
 def tiny_recipe(model_dir: Path, *extra: str) -> Recipe:
     overrides = [
         f"model.name={model_dir}",
         "data.dataset=pydoc",
         "data.seq_len=96",
+        "attention.window_params.size=16",
         "data.holdout=4",
         "data.num_eval_sequences=2",
         "data.max_samples=40",
@@ -36,9 +45,9 @@ def tiny_recipe(model_dir: Path, *extra: str) -> Recipe:
     return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
 
 
-def test_transfer_trains_every_layer_and_writes_a_self_describing_run(tiny_model_dir, tmp_path):
+def test_transfer_trains_every_layer_and_writes_a_self_describing_run(peaky_model_dir, tmp_path):
     run = tmp_path / "run"
-    result = run_transfer(tiny_recipe(tiny_model_dir), run, device="cpu")
+    result = run_transfer(tiny_recipe(peaky_model_dir), run, device="cpu")
 
     for name in ("recipe.resolved.yaml", "versions.json", "attention.safetensors", "metrics.json"):
         assert (run / name).exists(), name
@@ -85,14 +94,14 @@ def _cli(*args: str, cwd: Path) -> list[str]:
     return [sys.executable, "-m", "lolcats_cli", *args]
 
 
-def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_result(peaky_model_dir, tmp_path):
     """Kill a real `lolcats transfer` process mid-run, resume it, and compare with an uninterrupted run."""
     from safetensors.torch import load_file
 
     common = [
-        "transfer", "--model", str(tiny_model_dir), "--device", "cpu",
-        "data.seq_len=96", "data.holdout=4", "data.num_eval_sequences=2", "data.max_samples=40",
-        "transfer.grad_accum=2", "transfer.max_steps=14", "transfer.eval_every=4", "transfer.save_every=1",
+        "transfer", "--model", str(peaky_model_dir), "--device", "cpu",
+        "data.seq_len=96", "attention.window_params.size=16", "data.holdout=4", "data.num_eval_sequences=2",
+        "data.max_samples=40", "transfer.grad_accum=2", "transfer.max_steps=14", "transfer.eval_every=4", "transfer.save_every=1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full = tmp_path / "full"

@@ -19,7 +19,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,30 +34,36 @@ Write = Callable[[str], None]  # writes exactly the text given (newlines include
 def softmax_kv_bytes(config: Any, tokens: int, bytes_per_element: int) -> int:
     """Bytes a softmax KV cache holds for one sequence of ``tokens`` positions:
     ``2 (K and V) x layers x kv_heads x head_dim x tokens x bytes_per_element``."""
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * layers * kv_heads * head_dim * tokens * bytes_per_element
 
 
-def cache_nbytes(cache: Any) -> int | None:
-    """Bytes of generation state in ``cache``: ``generation.state_nbytes`` when that module is present, else
-    the sum of the tensors a transformers cache holds per layer (keys, values); None without a cache."""
-    if cache is None:
-        return None
-    try:
-        from .generation import state_nbytes
-    except ImportError:
-        state_nbytes = None
-    if state_nbytes is not None:
-        return int(state_nbytes(cache))
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for value in vars(layer).values():
-            if hasattr(value, "element_size") and hasattr(value, "numel"):
-                total += value.numel() * value.element_size()
-    return total
+def _is_hybrid_layer(layer: Any) -> bool:
+    """A lolcats constant-size cache layer: ours, or the bundled copy an ``hf`` export runs (another class)."""
+    return type(layer).__name__ == "HybridLayer" and callable(getattr(layer, "nbytes", None))
+
+
+def state_bytes(cache: Any) -> int:
+    """Bytes of generation state in ``cache`` (:func:`.generation.state_nbytes`), counting too the hybrid
+    layers of an ``hf`` export's bundled runtime, which that function does not recognise."""
+    from .generation import HybridLayer, state_nbytes
+
+    layers = getattr(cache, "layers", [])
+    return state_nbytes(cache) + sum(
+        layer.nbytes() for layer in layers if _is_hybrid_layer(layer) and not isinstance(layer, HybridLayer)
+    )
+
+
+def describe_cache(cache: Any) -> str:
+    """What a generation cache holds, e.g. "constant-size state in 30/30 layers" or "softmax KV cache"."""
+    layers = list(getattr(cache, "layers", []))
+    hybrid = sum(map(_is_hybrid_layer, layers))
+    if not hybrid:
+        return f"softmax KV cache, {type(cache).__name__}"
+    return f"constant-size state in {hybrid}/{len(layers)} layers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +73,10 @@ class ReplyStats:
     prompt_tokens: int
     new_tokens: int
     seconds: float  # prefill + decode, wall clock
-    first_token_seconds: float | None  # until the first text piece arrived (prefill and one step)
-    state_bytes: int | None  # what the generation cache held at the end
+    first_token_seconds: float | None  # until the first new token (prefill + one step); None if none came
+    state_bytes: int  # what the generation cache held at the end (generation.state_nbytes)
     softmax_kv_bytes: int  # what a softmax KV cache would hold at the same length
-    cache_type: str
+    cache: str  # describe_cache() of the generation cache
 
     @property
     def tokens(self) -> int:
@@ -81,8 +87,8 @@ class ReplyStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def state_mib(self) -> float | None:
-        return None if self.state_bytes is None else self.state_bytes / 2**20
+    def state_mib(self) -> float:
+        return self.state_bytes / 2**20
 
     @property
     def softmax_kv_mib(self) -> float:
@@ -90,12 +96,11 @@ class ReplyStats:
 
     def summary(self, label: str = "last reply") -> str:
         """Two lines for ``/stats``."""
-        first = f", first text after {self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else ""
-        state = "n/a" if self.state_mib is None else f"{self.state_mib:.2f} MiB"
+        first = f", first token after {self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else ""
         return (
             f"{label}: {self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_s:.1f} tok/s{first}); "
             f"prompt {self.prompt_tokens} tokens\n"
-            f"  state memory {state} ({self.cache_type}); a softmax KV cache at {self.tokens} tokens: "
+            f"  state memory {self.state_mib:.2f} MiB ({self.cache}); a softmax KV cache at {self.tokens} tokens: "
             f"{self.softmax_kv_mib:.2f} MiB"
         )
 
@@ -131,17 +136,20 @@ class ChatSession:
         top_p: float = 0.9,
     ) -> None:
         if max_new_tokens < 1:
-            raise LolcatsError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "pass --max-new-tokens 256")
+            raise LolcatsError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}",
+                               "use e.g. 256")  # fmt: skip
         if temperature < 0:
-            raise LolcatsError(f"temperature must be >= 0, got {temperature}", "use 0 for greedy decoding, 0.7 to sample")
+            raise LolcatsError(f"temperature (--temperature) must be >= 0, got {temperature}",
+                               "use 0 for greedy decoding, 0.7 to sample")  # fmt: skip
         if not 0 < top_p <= 1:
-            raise LolcatsError(f"top_p must be in (0, 1], got {top_p}", "use 0.9, or 1 to disable nucleus sampling")
+            raise LolcatsError(f"top_p (--top-p) must be in (0, 1], got {top_p}", "use 0.9, or 1 to turn nucleus sampling off")
         self.model, self.tokenizer = model, tokenizer
         self.system = system or None
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.history: list[dict[str, str]] = []  # user / assistant turns, oldest first
         self.last_stats: ReplyStats | None = None
         self.last_original_stats: ReplyStats | None = None
+        self._last_prompt: str | None = None
 
     @property
     def has_template(self) -> bool:
@@ -164,7 +172,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget every turn (the system prompt stays)."""
         self.history.clear()
-        self.last_stats = self.last_original_stats = None
+        self.last_stats = self.last_original_stats = self._last_prompt = None
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt (None or "" removes it); the history stays."""
@@ -172,16 +180,20 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the model's answer to ``text``; the turn is recorded when the stream ends."""
+        self._last_prompt = prompt = self.prompt(text)
         pieces: list[str] = []
-        for piece in self._generate(self.prompt(text), original=False):
+        for piece in self._generate(prompt, original=False):
             pieces.append(piece)
             yield piece
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
 
-    def original_reply(self, text: str) -> Iterator[str]:
-        """Stream the original (softmax, no LoRA) model's answer to ``text`` given the same history; not
-        recorded. Needs a converted model (it switches the layers to ``teacher`` mode for the reply)."""
-        yield from self._generate(self.prompt(text), original=True)
+    def original_reply(self) -> Iterator[str]:
+        """Stream the original model's answer (softmax attention, LoRA off) to the prompt the last
+        :meth:`reply` got, for a side-by-side comparison; not recorded. Needs a converted model."""
+        if self._last_prompt is None:
+            raise LolcatsError("nothing to compare yet: original_reply() answers the last reply's prompt",
+                               "call reply(text) first")  # fmt: skip
+        yield from self._generate(self._last_prompt, original=True)
 
     def stats_text(self) -> str:
         """``/stats``: the last reply's speed and memory (and the original model's, after a comparison)."""
@@ -196,17 +208,15 @@ class ChatSession:
 
     def _generate(self, prompt: str, original: bool) -> Iterator[str]:
         """Run ``model.generate`` in a thread and yield decoded text; stats land in ``last_*stats``."""
-        from transformers import TextIteratorStreamer
-
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        device = _model_device(self.model)
+        device = next(self.model.parameters()).device
         input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _timed_streamer(self.tokenizer)
         stop = threading.Event()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=self.max_new_tokens,
-            stopping_criteria=_stop_when(stop), return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+            stopping_criteria=_stop_when(stop), return_dict_in_generate=True, pad_token_id=pad,
         )  # fmt: skip
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -218,35 +228,38 @@ class ChatSession:
             import torch
 
             try:
-                with torch.inference_mode(), _original_model(self.model, kwargs) if original else _nothing():
+                with torch.inference_mode(), _original_model(self.model, kwargs) if original else nullcontext():
                     result["out"] = self.model.generate(**kwargs)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
 
-        start, first = time.perf_counter(), None
+        start = time.perf_counter()
         thread = threading.Thread(target=work, name="lolcats-generate", daemon=True)
         thread.start()
         try:
             for piece in streamer:
                 if piece:
-                    first = first if first is not None else time.perf_counter() - start
                     yield piece
-        finally:  # on Ctrl-C or an abandoned stream too: stop generating before the next token
+        finally:  # on Ctrl-C or an abandoned stream too: generation stops after the current step
             stop.set()
-            thread.join()
+            while thread.is_alive():  # never leave a generate() running on the model (a 2nd Ctrl-C waits too)
+                try:
+                    thread.join()
+                except KeyboardInterrupt:
+                    continue
         if "error" in result:
             raise result["error"]
-        out = result["out"]
-        prompt_len = input_ids.shape[1]
+        out, prompt_len = result["out"], input_ids.shape[1]
+        total = int(out.sequences.shape[1])
         stats = ReplyStats(
             prompt_tokens=prompt_len,
-            new_tokens=int(out.sequences.shape[1] - prompt_len),
+            new_tokens=total - prompt_len,
             seconds=time.perf_counter() - start,
-            first_token_seconds=first,
-            state_bytes=cache_nbytes(out.past_key_values),
-            softmax_kv_bytes=softmax_kv_bytes(_config(self.model), int(out.sequences.shape[1]), _dtype_bytes(self.model)),
-            cache_type=type(out.past_key_values).__name__,
+            first_token_seconds=None if streamer.first_token_at is None else streamer.first_token_at - start,
+            state_bytes=state_bytes(out.past_key_values),
+            softmax_kv_bytes=softmax_kv_bytes(self.model.config, total, _dtype_bytes(self.model)),
+            cache=describe_cache(out.past_key_values),
         )
         if original:
             self.last_original_stats = stats
@@ -254,19 +267,25 @@ class ChatSession:
             self.last_stats, self.last_original_stats = stats, None
 
 
-def _model_device(model: Any) -> Any:
-    return next(model.parameters()).device
+def _timed_streamer(tokenizer: Any) -> Any:
+    """A ``TextIteratorStreamer`` (reply text only) that also notes when the first new token arrived."""
+    from transformers import TextIteratorStreamer
+
+    class _Timed(TextIteratorStreamer):
+        first_token_at: float | None = None
+
+        def put(self, value: Any) -> None:
+            if self.first_token_at is None and not self.next_tokens_are_prompt:
+                self.first_token_at = time.perf_counter()
+            super().put(value)
+
+    return _Timed(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def _dtype_bytes(model: Any) -> int:
     """Bytes per element of the model's activations (its floating-point parameter dtype)."""
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     return dtype.itemsize
-
-
-def _config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _stop_when(event: threading.Event) -> Any:
@@ -281,9 +300,28 @@ def _stop_when(event: threading.Event) -> Any:
     return StoppingCriteriaList([_Stop()])
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def require_original(model: Any) -> list[tuple[int, Any]]:
+    """The converted layers of ``model`` (to switch to softmax for a comparison); ModelError when none."""
+    from .convert import linearized_layers
+
+    layers = linearized_layers(model) or [  # an hf export runs a bundled copy of LinearizedAttention
+        (m.layer_idx, m) for m in model.modules() if type(m).__name__ == "LinearizedAttention" and hasattr(m, "mode")
+    ]
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has no lolcats layers to switch back to the original softmax attention",
+            "compare with the run directory the export came from: lolcats chat RUN_DIR --compare",
+        )
+    return layers
+
+
+def original_caveat(model: Any) -> str | None:
+    """Why the "original" reply of ``model`` is not exactly the base model's, or None when it is."""
+    info = getattr(model.config, "lolcats", None)  # what an hf export records
+    if isinstance(info, dict) and info.get("lora_merged"):
+        return ("this export has its LoRA merged into the weights: the original reply uses softmax attention on "
+                "those weights, not the base model's; compare with the finetune run directory for the exact original")
+    return None
 
 
 @contextmanager
@@ -292,21 +330,14 @@ def _original_model(model: Any, generate_kwargs: dict[str, Any]) -> Iterator[Non
     original attention needs every past key, so generation gets a plain DynamicCache."""
     from transformers import DynamicCache
 
-    from .convert import linearized_layers
-
-    layers = linearized_layers(model)
-    if not layers:
-        raise ModelError(
-            f"{type(model).__name__} has no lolcats layers to switch back to the original softmax attention",
-            "compare with the run directory the export came from: lolcats chat RUN_DIR --compare",
-        )
+    layers = require_original(model)
     modes = [m.mode for _, m in layers]
     disable = getattr(model, "disable_adapter", None)  # peft: the original weights, without the LoRA delta
     generate_kwargs["past_key_values"] = DynamicCache()
     try:
         for _, m in layers:
             m.mode = "teacher"
-        with disable() if disable is not None else _nothing():
+        with disable() if disable is not None else nullcontext():
             yield
     finally:
         for (_, m), mode in zip(layers, modes):
@@ -324,8 +355,8 @@ def load_chat_model(path: str | Path, device: Any = None, keep_adapter: bool = F
 
     folder = Path(path)
     if not folder.is_dir():
-        what = "a file" if folder.exists() else "no such folder"
-        raise LolcatsError(f"{folder}: {what}; expected a lolcats run directory or an exported model folder", _WHERE_HINT)
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise LolcatsError(f"{folder} {what}; expected a lolcats run directory or an exported model folder", _WHERE_HINT)
     if (folder / RESOLVED_RECIPE).exists():
         recipe, model, tokenizer = open_run(folder, pick_device(device), merge_lora=not keep_adapter)
         kind = "finetune run" if (folder / "adapter" / "adapter_config.json").exists() else "transfer run"
@@ -451,7 +482,7 @@ def _stream(write: Write, pieces: Iterable[str]) -> None:
 
 def _command(line: str, session: Conversation, write: Write) -> bool:
     """Run one slash command; False means leave the loop."""
-    name, _, arg = line.partition(" ")
+    name, arg = (line.split(None, 1) + [""])[:2]
     arg = arg.strip()
     if name in ("/quit", "/exit"):
         return False
@@ -471,13 +502,6 @@ def _command(line: str, session: Conversation, write: Write) -> bool:
 
 
 __all__ = [
-    "ChatSession",
-    "Conversation",
-    "ReplyStats",
-    "HELP",
-    "cache_nbytes",
-    "load_chat_model",
-    "read_message",
-    "run_repl",
-    "softmax_kv_bytes",
+    "ChatSession", "Conversation", "ReplyStats", "HELP", "describe_cache", "load_chat_model", "original_caveat",
+    "read_message", "require_original", "run_repl", "softmax_kv_bytes", "state_bytes",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import load_json, save_json
+from .checkpoint import load_json, save_json, save_tensors
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
@@ -79,6 +79,7 @@ def run_finetune(
     """LoRA-finetune the linearized model of ``source_run`` (a transfer run directory)."""
     from peft import get_peft_model
 
+    from .convert import attention_state_dict
     from .data import build_datasets
 
     source_run = Path(source_run)
@@ -132,6 +133,7 @@ def run_finetune(
     trainer.restore_best()
     final_loss, _ = eval_fn()
     model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
+    save_tensors(run_dir / ATTENTION_WEIGHTS, attention_state_dict(model), metadata={"format": "lolcats-attention"})
     first = fit.history[0]["loss"] if fit.history else final_loss
     result = FinetuneResult(run_dir, fit.steps, fit.tokens, fit.wall_time_s, math.exp(min(first, 50.0)), math.exp(min(final_loss, 50.0)))
     save_json(run_dir / METRICS, {

@@ -111,7 +111,7 @@ def _hub(repo_id: str, revision: str | None, gguf_file: str | None) -> ModelSour
         if cached:
             return ModelSource(repo_id, "hub", repo_id, gguf_file, revision, local_files_only=True)
         raise ModelError(
-            f"model {where} is not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE)",
+            f"model {where} is neither a local folder nor in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE)",
             f"{did_you_mean(repo_id, EMBEDDED)}download it where the hub is reachable (`hf download {repo_id}`), "
             "unset HF_HUB_OFFLINE, or pass a local folder / .gguf file as model.name",
         )
@@ -133,7 +133,7 @@ def _hub(repo_id: str, revision: str | None, gguf_file: str | None) -> ModelSour
     if answer.status == "bad_revision":
         raise ModelError(f"model {repo_id!r} has no revision {revision!r}", "set model.revision to a branch, tag or commit that exists")
     raise ModelError(
-        f"no model {repo_id!r} on the Hugging Face Hub ({answer.detail})",
+        f"model {repo_id!r} is neither a local folder nor a model on the Hugging Face Hub ({answer.detail})",
         f"check the id (owner/name); {did_you_mean(repo_id, EMBEDDED)}a private repo needs HF_TOKEN",
     )
 

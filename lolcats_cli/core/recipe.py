@@ -89,7 +89,8 @@ class DataConfig:
         holdout: examples held out for evaluation, taken from the start (the reference holds out the first
             200). For "pydoc" and .txt sources, which hold a few long documents, it counts packed
             *sequences* of seq_len tokens instead, taken from the start of the token stream.
-        max_samples: at most this many training examples (after the held-out ones); None = all.
+        max_samples: at most this many training examples (after the held-out ones; for pydoc and .txt,
+            training sequences); None = all.
         num_eval_sequences: at most this many held-out sequences are evaluated; None = all.
     """
 
@@ -286,8 +287,9 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str,
     for name, params in _PAIRED.items():  # a new plugin name drops the old plugin's params
         path = f"attention.{name}"
         if path in touched and not any(k.startswith(f"attention.{params}") for k in touched):
-            before = (d.get("attention") or {}).get(name) if isinstance(d.get("attention"), Mapping) else None
-            if before is not None and before != touched[path] and isinstance(out.get("attention"), dict):
+            section = d.get("attention") if isinstance(d.get("attention"), Mapping) else {}
+            before = section.get(name, getattr(AttentionConfig(), name))
+            if before != touched[path] and isinstance(out.get("attention"), dict):
                 out["attention"][params] = {}
     if errors:
         raise ConfigError(errors, "overrides look like section.key=value; see recipe.resolved.yaml of any run")

@@ -31,9 +31,17 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads ``1e-3`` as a float (PyYAML's YAML 1.1 needs ``1.0e-3``)."""
+    """yaml.SafeLoader with YAML 1.2 scalars: ``1e-3`` is a float (PyYAML's YAML 1.1 needs ``1.0e-3``) and
+    only true/false are booleans (not yes/no/on/off, which stay strings)."""
 
 
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -42,7 +50,7 @@ RecipeLoader.add_implicit_resolver(
         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        re.X,
+        re.VERBOSE,
     ),
     list("-+0123456789."),
 )

@@ -179,10 +179,10 @@ def check_limits(limits: Mapping[str, Any], value: Any, path: str, errors: list[
     if "items" in limits and isinstance(value, list):
         for i, item in enumerate(value):
             check_limits(limits["items"], item, key(path, i), errors)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     for name, (symbol, ok) in _LIMITS.items():
-        if name in limits and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not ok(value, limits[name]):
-                errors.append(f"{path}: must be {symbol} {limits[name]}, got {show(value)}")
+        if numeric and name in limits and not ok(value, limits[name]):
+            errors.append(f"{path}: must be {symbol} {limits[name]}, got {show(value)}")
 
 
 def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:

@@ -20,11 +20,11 @@ from torch import Tensor
 
 from ..api import Window
 from .chunked import (
+    DEFAULT_CHUNK,
     attend_chunks,
     check_inputs,
     chunk_masks,
     chunked_from_features,
-    default_chunk_size,
     kv_state,
 )
 from .naive import FeatureFn, expand_kv
@@ -113,7 +113,7 @@ def hybrid_prefill(
         y = q.new_zeros(B, H, 0, v.shape[-1])
     else:
         fq = phi_q(q).float()
-        y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, default_chunk_size(window))
+        y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, DEFAULT_CHUNK)
     n_fold = folded_before(window, T)
     S, z = kv_state(fk[:, :, :n_fold], v[:, :, :n_fold].float())
     state = HybridState(_last(k, window.span), _last(v, window.span), S, z, T)

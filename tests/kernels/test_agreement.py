@@ -4,6 +4,9 @@ a constant state size, and no T x T intermediate in the chunked form (forward an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -12,13 +15,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lolcats_cli.api import Window, WindowParams
 from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
 from lolcats_cli.kernels import hybrid_attention
-from lolcats_cli.kernels.chunked import hybrid_attention_chunked
+from lolcats_cli.kernels.chunked import DEFAULT_CHUNK, hybrid_attention_chunked
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.naive import hybrid_attention_naive
 from lolcats_cli.kernels.recurrent import HybridState, hybrid_prefill, hybrid_step
 
 B, H, HKV, D, DV, F_HALF = 2, 4, 2, 16, 8, 8
 FP32_TOL, BF16_TOL = 1e-5, 1e-2
+# Gradients that are zero in theory (the window factor while no key is linear yet; q and k at T = 1 without
+# a window) come out as rounding noise of about 1e-6, and the window-factor gradient is a long sum with
+# cancellations: a gradient also passes when no element is off by GRAD_ATOL (gradients here are ~0.1 to 1).
+GRAD_ATOL = 1e-5
 
 WINDOWS: dict[str, Window] = {
     "sliding64": Sliding(WindowParams(size=64)),
@@ -43,6 +50,15 @@ class TwoSoftmaxMap(nn.Module):
         return torch.cat([h.softmax(dim=-1), (-h).softmax(dim=-1)], dim=-1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Small ops on a shared 2-core machine: a second thread only adds contention (20x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(T: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
     """Random q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, window logits and maps."""
     gen = torch.Generator().manual_seed(seed)
@@ -65,7 +81,7 @@ def decode(x: dict, window: Window, cuts: list[int]) -> Tensor:
     """Prefill ``[0, cuts[0])`` then one ``hybrid_step`` per ``[cuts[i], cuts[i+1])``; the outputs joined."""
     y, state = hybrid_prefill(**sliced(x, 0, cuts[0]), window=window)
     outs = [y]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         y, state = hybrid_step(**sliced(x, a, b), window=window, state=state)
         outs.append(y)
     return torch.cat(outs, dim=2)
@@ -98,18 +114,22 @@ def test_chunked_gradients_match_naive(window_name: str, T: int) -> None:
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)))
         grads.append({name: t.grad for name, t in leaves.items()})
     ref, got = grads
-    errors = {name: rel_rms(got[name], ref[name]) for name in ref}
-    assert all(e < FP32_TOL for e in errors.values()), errors
+    bad = {
+        name: rel_rms(got[name], ref[name])
+        for name in ref
+        if rel_rms(got[name], ref[name]) >= FP32_TOL and (got[name] - ref[name]).abs().max() >= GRAD_ATOL
+    }
+    assert not bad, f"relative RMS errors of gradients: {bad}"
 
 
 @cases
 def test_token_by_token_decode_matches_naive(window_name: str, T: int) -> None:
-    x, window = make_inputs(T), WINDOWS[window_name]
+    """A prompt of 0 to 3 tokens (T % 4), then one step per token."""
+    x, window, prefill = make_inputs(T), WINDOWS[window_name], T % 4
     with torch.no_grad():
         ref = hybrid_attention_naive(**x, window=window)
-        for prefill in sorted({0, min(3, T)}):
-            out = decode(x, window, list(range(prefill, T + 1)))
-            assert rel_rms(out, ref) < FP32_TOL, f"prefill={prefill}"
+        out = decode(x, window, list(range(prefill, T + 1)))
+    assert rel_rms(out, ref) < FP32_TOL, f"prefill={prefill}"
 
 
 @cases
@@ -191,14 +211,17 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("fn", [hybrid_attention_naive, hybrid_attention_chunked], ids=["naive", "chunked"])
 def test_only_naive_builds_a_T_by_T_tensor(fn) -> None:  # noqa: ANN001
-    """Forward and backward at T = 2048: the chunked form's largest tensor is (B, H, T, C + span)."""
-    T, window = 2048, WINDOWS["terrace64"]
+    """Forward and backward at T = 1024: no tensor of the chunked form outgrows (B, H, T, chunk + span)."""
+    T, window = 1024, WINDOWS["terrace64"]
+    linear_bound = B * H * T * (DEFAULT_CHUNK + window.span)
     x = make_inputs(T)
     x["q"].requires_grad_()
     with LargestTensor() as spy:
         fn(**x, window=window).sum().backward()
-    quadratic = spy.numel >= T * T
-    assert quadratic == (fn is hybrid_attention_naive), f"largest tensor has {spy.numel} elements; T*T = {T * T}"
+    if fn is hybrid_attention_naive:  # the spy does see T x T matrices
+        assert spy.numel >= B * H * T * T
+    else:
+        assert spy.numel <= linear_bound, f"largest tensor: {spy.numel} elements, bound {linear_bound}"
 
 
 def test_dispatcher_uses_the_chunked_form() -> None:

@@ -1,0 +1,141 @@
+"""Decode speed and cache memory against context length: a converted (hybrid) model vs the same model in softmax.
+
+A benchmark, not a test: it prints a table. For each context length it prefills that many random tokens (in
+chunks, through the cache), then times greedy decode steps of one token per sequence. The hybrid model keeps
+a constant-size state per layer (``core/generation.py``); the softmax baseline is the same weights in teacher
+mode with an ordinary growing KV cache. Examples:
+
+    python benchmarks/generation.py                                   # SmolLM2-135M shapes, random weights
+    python benchmarks/generation.py --model smollm2-135m              # the real embedded model
+    python benchmarks/generation.py --device cuda --contexts 1024 8192 32768 --batch-size 8
+    python benchmarks/generation.py --window sliding --window-size 64 --layers 4 --contexts 256 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+# SmolLM2-135M's architecture, so no hub access is needed for the default random-weight run.
+SMOLLM2_135M = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    vocab_size=49152, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    """The real model (``--model``) or SmolLM2-135M-shaped random weights, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.model:
+        from lolcats_cli.core.models import load_model
+        from lolcats_cli.core.recipe import Recipe, apply_overrides
+
+        recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={args.model}"]))
+        model, _, _ = load_model(recipe.model, device=device)
+        return model.to(dtype).eval()
+    cfg = dict(SMOLLM2_135M)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Prefill ``context`` random tokens into ``cache``, then time ``args.steps`` greedy one-token steps."""
+    from lolcats_cli.core.generation import state_nbytes
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch_size, context), device=device)
+    t = time.perf_counter()
+    for a in range(0, context, args.prefill_chunk):
+        logits = model(ids[:, a : a + args.prefill_chunk], past_key_values=cache, use_cache=True).logits
+    sync(device)
+    prefill_s = time.perf_counter() - t
+    nxt = logits[:, -1:].argmax(dim=-1)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            sync(device)
+            t = time.perf_counter()
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+    sync(device)
+    dt = time.perf_counter() - t
+    return {
+        "tok_s": args.batch_size * args.steps / dt,
+        "ms_step": 1000 * dt / args.steps,
+        "mib": state_nbytes(cache) / 2**20,
+        "prefill_s": prefill_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a real model: smollm2-135m, a local folder or a .gguf (default: random weights)")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (random weights only)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default: by device)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per context")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill call")
+    ap.add_argument("--feature-map", default="hedgehog")
+    ap.add_argument("--window", default="terrace")
+    ap.add_argument("--window-size", type=int, default=64)
+    ap.add_argument("--no-softmax", action="store_true", help="skip the softmax baseline")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import DynamicCache
+
+    from lolcats_cli.core.convert import convert_model, set_mode
+    from lolcats_cli.core.generation import make_cache
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    contexts = args.contexts or ([1024, 4096, 16384, 65536] if device.type == "cuda" else [256, 1024, 4096])
+    model = build_model(args, device, dtype)
+    convert_model(model, feature_map=args.feature_map, window=args.window,
+                  window_params={"size": args.window_size}, mode="student")  # fmt: skip
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"model: {args.model or 'SmolLM2-135M shapes, random weights'}, {model.config.num_hidden_layers} layers, "
+          f"{args.feature_map} + {args.window}({args.window_size}); {where}, {str(dtype).removeprefix('torch.')}, "
+          f"batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
+    head = f"{'context':>8} | {'hybrid tok/s':>12} {'ms/step':>8} {'state MiB':>10}"
+    if not args.no_softmax:
+        head += f" | {'softmax tok/s':>13} {'ms/step':>8} {'KV MiB':>9} | {'KV / state':>10}"
+    print(head)
+    print("-" * len(head))
+    for context in contexts:
+        set_mode(model, "student")
+        h = measure(model, make_cache(model), context, args, device)
+        row = f"{context:>8} | {h['tok_s']:>12.1f} {h['ms_step']:>8.2f} {h['mib']:>10.2f}"
+        if not args.no_softmax:
+            set_mode(model, "teacher")
+            try:
+                s = measure(model, DynamicCache(), context, args, device)
+                row += f" | {s['tok_s']:>13.1f} {s['ms_step']:>8.2f} {s['mib']:>9.1f} | {s['mib'] / h['mib']:>9.1f}x"
+            except torch.OutOfMemoryError:
+                row += f" | {'out of memory':>13}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

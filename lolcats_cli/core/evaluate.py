@@ -1,0 +1,462 @@
+"""Evaluate a linearized run (or any model) side by side with its softmax teacher and two baselines.
+
+Rows (METHOD.md section 5 lists the weaknesses they expose):
+
+* ``teacher``: the original softmax model (the converted model in teacher mode, LoRA adapters off);
+* ``sink_window``: training-free softmax over the last 64 keys plus the first 4 "sink" tokens (teacher mode
+  with a 4-D mask built per length; a strong short-context baseline);
+* ``linearized``: the hybrid model (student mode, LoRA on for a finetune run);
+* ``linear_zeroed``: student mode with phi_q forced to zero, so only the softmax window carries (how much
+  the hybrid leans on its window).
+
+Metrics per row: perplexity at each context length over non-overlapping windows, and on the positions past
+1024 alone (where only long-range context helps); per-layer attention MSE against the teacher (linearized
+rows, from transfer mode); passkey retrieval accuracy (``core/passkey.py``); lm-eval-harness tasks
+(``core/lm_eval_bridge.py``). An unconverted model (``model_id``) gets the teacher and sink rows only.
+
+    report = evaluate_run("runs/smollm2-135m", contexts=(512, 2048), tasks=["piqa"], limit=100)
+    report.rows["linearized"].perplexity[2048]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DataError, LolcatsError, did_you_mean
+from .progress import NullReporter, Reporter
+
+ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed")
+SOFTMAX_ROWS: tuple[str, ...] = ("teacher", "sink_window")
+SINK_WINDOW, SINK_TOKENS = 64, 4
+LONG_RANGE_FROM = 1024  # "past 1024": targets at positions >= 1024
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class RowResult:
+    """One row of the comparison. Dict keys are context lengths, passkey lengths, layers, task names."""
+
+    name: str
+    perplexity: dict[int, float] = dataclasses.field(default_factory=dict)
+    perplexity_past_1024: dict[int, float] = dataclasses.field(default_factory=dict)  # contexts > 1024 only
+    attention_mse: dict[int, float] | None = None  # per layer; linearized rows only
+    passkey: dict[int, float] = dataclasses.field(default_factory=dict)  # accuracy in [0, 1]
+    lm_eval: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Everything ``lolcats eval`` shows; :meth:`to_dict` is its ``--json`` form (keys as strings)."""
+
+    source: str  # the run directory or the model id
+    kind: str  # "run" or "model"
+    text: str  # where the perplexity text came from
+    text_tokens: int
+    contexts: list[int]
+    passkey_lengths: list[int]
+    passkey_n: int
+    seed: int
+    tasks: list[str]
+    mse_context: int | None  # the context length the attention MSE was measured at
+    rows: dict[str, RowResult]
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def keys_to_str(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {str(k): keys_to_str(v) for k, v in value.items()}
+            return value
+
+        out = dataclasses.asdict(self)
+        out["rows"] = {name: keys_to_str(dataclasses.asdict(row)) for name, row in self.rows.items()}
+        return out
+
+
+# ---------------------------------------------------------------------------------- attention variants
+
+
+def sink_mask(q_start: int, q_len: int, kv_len: int, window: int, sinks: int, device: torch.device) -> Tensor:
+    """Bool ``(1, 1, Tq, Tkv)``, True = attend: key j <= query i and (j > i - window or j < sinks).
+
+    Queries are positions ``q_start .. q_start + q_len - 1``; keys ``0 .. kv_len - 1``.
+    """
+    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    return ((k <= q) & ((k > q - window) | (k < sinks)))[None, None]
+
+
+def _combine(mask: Tensor, given: Any) -> Tensor:
+    """``mask`` AND the mask the model passed (None, 4-D bool / additive, or 2-D padding)."""
+    kv_len = mask.shape[-1]
+    if not isinstance(given, Tensor):
+        return mask
+    if given.dim() == 4:
+        g = given[..., :kv_len]
+        return mask & (g if g.dtype == torch.bool else g > torch.finfo(g.dtype).min / 2)
+    return mask & given[:, -kv_len:].bool()[:, None, None, :]
+
+
+@contextlib.contextmanager
+def sink_attention(model: nn.Module, window: int = SINK_WINDOW, sinks: int = SINK_TOKENS) -> Iterator[None]:
+    """Within the block, every converted layer's softmax sees only the last ``window`` keys and the first
+    ``sinks`` tokens (teacher mode). Implemented as forward pre-hooks that replace the attention mask."""
+    from .convert import linearized_layers
+
+    built: dict[tuple[int, int, torch.device], Tensor] = {}  # one mask per forward, shared by the layers
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = list(args)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
+        past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
+        key = (past, hidden.shape[-2], hidden.device)
+        if key not in built:
+            built.clear()
+            built[key] = sink_mask(past, hidden.shape[-2], past + hidden.shape[-2], window, sinks, hidden.device)
+        if len(args) > 2:
+            args[2] = _combine(built[key], args[2])
+        else:
+            kwargs["attention_mask"] = _combine(built[key], kwargs.get("attention_mask"))
+        return tuple(args), kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in linearized_layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Zeroed(nn.Module):
+    """A feature map whose output is all zeros (same shape and dtype as the wrapped map's)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, T, D) -> (B, H, T, F) of zeros
+        return torch.zeros_like(self.inner(x))
+
+
+@contextlib.contextmanager
+def zero_linear_branch(model: nn.Module) -> Iterator[None]:
+    """Within the block phi_q is zero in every converted layer: the linear branch adds nothing to the
+    numerator or the shared normaliser, so only the softmax window carries (student mode)."""
+    from .convert import linearized_layers
+
+    layers = [m for _, m in linearized_layers(model)]
+    originals = [m.feature_map_q for m in layers]
+    try:
+        for m, fm in zip(layers, originals):
+            m.feature_map_q = _Zeroed(fm)
+        yield
+    finally:
+        for m, fm in zip(layers, originals):
+            m.feature_map_q = fm
+
+
+@contextlib.contextmanager
+def as_row(model: nn.Module, row: str, *, peft_model: Any = None, sink_window: int = SINK_WINDOW,
+           sinks: int = SINK_TOKENS) -> Iterator[None]:
+    """Put the converted ``model`` in the attention setting of ``row`` (one of :data:`ROWS`) for the block.
+
+    ``peft_model``: the PeftModel around ``model`` of a finetune run; its adapters are off for the softmax
+    rows (the teacher is the original model). The previous mode is restored afterwards.
+    """
+    from .convert import linearized_layers, set_mode
+
+    before = linearized_layers(model)[0][1].mode
+    with contextlib.ExitStack() as stack:
+        if row in SOFTMAX_ROWS:
+            set_mode(model, "teacher")
+            if peft_model is not None:
+                stack.enter_context(peft_model.disable_adapter())
+            if row == "sink_window":
+                stack.enter_context(sink_attention(model, sink_window, sinks))
+        else:
+            set_mode(model, "student")
+            if row == "linear_zeroed":
+                stack.enter_context(zero_linear_branch(model))
+        try:
+            yield
+        finally:
+            set_mode(model, before)
+
+
+# ------------------------------------------------------------------------------------ text and losses
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None,
+              device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token next-token NLL in nats: ``(nll, mask)``, both ``(B, T - 1)`` on the CPU.
+
+    ``nll[b, t] = -log p(target[b, t + 1] | tokens <= t)`` with ``target = labels`` (or ``input_ids``);
+    ``mask`` is False (and ``nll`` 0) where the target is -100.
+    """
+    from .transfer import autocast_for
+
+    device = device or input_ids.device
+    ids = input_ids.to(device)
+    with autocast_for(device):
+        logits = model(input_ids=ids, use_cache=False).logits
+    target = (ids if labels is None else labels.to(device))[:, 1:]
+    mask = target != -100
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none"
+    )  # (B, T - 1)
+    return (nll * mask).cpu(), mask.cpu()
+
+
+def mean_token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor | None, device: torch.device) -> float:
+    """Mean next-token NLL per predicted token over ``input_ids`` ``(N, T)``, one sequence at a time
+    (the same number as ``core.finetune.heldout_loss``, which can become this function)."""
+    total, count = 0.0, 0
+    for row in range(input_ids.shape[0]):
+        lab = None if labels is None else labels[row : row + 1]
+        nll, mask = token_nll(model, input_ids[row : row + 1], lab, device)
+        total, count = total + nll.sum().item(), count + int(mask.sum())
+    return total / max(count, 1)
+
+
+def windows(stream: Tensor, context: int, max_tokens: int | None, what: str) -> Tensor:
+    """Non-overlapping windows ``(n, context)`` of the 1-D token ``stream`` (at most ``max_tokens`` tokens
+    in all, at least one window); DataError when the stream is shorter than ``context``."""
+    n = stream.numel() // context
+    if n == 0:
+        raise DataError(
+            f"the evaluation text ({what}) has {stream.numel()} tokens, fewer than the context length {context}",
+            f"pass a longer --text FILE, or lower --contexts to at most {stream.numel()}",
+        )
+    if max_tokens is not None:
+        n = max(1, min(n, max_tokens // context))
+    return stream[: n * context].view(n, context)
+
+
+def perplexities(model: nn.Module, batches: dict[int, Tensor], device: torch.device) -> tuple[dict[int, float], dict[int, float]]:
+    """``(ppl per context, ppl past 1024 per context > 1024)`` over the windows ``batches[context]``."""
+    ppl, past = {}, {}
+    for context, ids in batches.items():
+        total = long_total = 0.0
+        for row in range(ids.shape[0]):
+            nll, _ = token_nll(model, ids[row : row + 1], device=device)
+            total += nll.sum().item()
+            long_total += nll[:, LONG_RANGE_FROM - 1 :].sum().item()
+        ppl[context] = math.exp(total / (ids.shape[0] * (context - 1)))
+        if context > LONG_RANGE_FROM:
+            past[context] = math.exp(long_total / (ids.shape[0] * (context - LONG_RANGE_FROM)))
+    return ppl, past
+
+
+def attention_mse(model: nn.Module, ids: Tensor, device: torch.device) -> dict[int, float]:
+    """Per-layer MSE of the (current variant of the) student's head outputs against the teacher's, on
+    ``ids`` ``(N, T)`` with exact teacher inputs at every layer (transfer mode, METHOD.md section 3)."""
+    from .convert import linearized_layers, set_mode
+    from .transfer import TransferObjective
+
+    before = linearized_layers(model)[0][1].mode
+    set_mode(model, "transfer")
+    try:
+        _, details = TransferObjective(model, ids, device, mse_weight=1.0).evaluate()
+    finally:
+        set_mode(model, before)
+    return {row["layer"]: row["mse"] for row in details["layers"]}
+
+
+def load_tokens(tokenizer: Any, *, text_file: str | Path | None, dataset: str | None, data_cfg: Any,
+                whole: bool) -> tuple[Tensor, str]:
+    """The evaluation token stream ``(N,)`` and a description of where it came from.
+
+    ``text_file``: that file, tokenized as one document. Otherwise ``data_cfg`` (a DataConfig; ``dataset``
+    replaces its dataset): the held-out split of ``data.build_datasets``, or with ``whole`` (a model lolcats
+    did not train, so none of the text was seen in training) every example, tokenized as ``data`` does.
+    """
+    if text_file is not None:
+        path = Path(text_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--text: cannot read {path}: {e}", "pass a UTF-8 text file") from e
+        if not text.strip():
+            raise DataError(f"--text: {path} is empty", "pass a file with the text to measure perplexity on")
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long), str(path)
+    from .data import build_datasets, load_texts, tokenize
+
+    if dataset is not None:
+        data_cfg = dataclasses.replace(data_cfg, dataset=dataset)
+    if whole:
+        ids, _ = tokenize(load_texts(data_cfg, tokenizer), tokenizer)
+        return torch.from_numpy(ids).long(), f"{data_cfg.dataset}, all of it"
+    _, heldout = build_datasets(data_cfg, tokenizer)
+    what = f"{data_cfg.dataset}, the run's held-out split (data.holdout={data_cfg.holdout})"
+    return heldout.input_ids.reshape(-1).long(), what
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def _lengths(values: Sequence[int], flag: str, limit: int | None) -> list[int]:
+    out = [int(v) for v in values]
+    bad = [v for v in out if v < 2]
+    if bad:
+        raise ConfigError(f"{flag}: lengths must be at least 2 tokens; got {bad}", f"e.g. {flag} 512,2048")
+    if limit is not None and any(v > limit for v in out):
+        raise ConfigError(
+            f"{flag}: {[v for v in out if v > limit]} exceed the model's {limit} positions (max_position_embeddings)",
+            f"use {flag} values up to {limit}",
+        )
+    return list(dict.fromkeys(out))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """LolcatsError naming what is missing when ``run_dir`` is not a finished transfer or finetune run."""
+    from .workspace import RESOLVED_RECIPE
+
+    needed = [RESOLVED_RECIPE, "attention.safetensors", "metrics.json"]
+    if (run_dir / "source.json").exists():  # a finetune run: its adapter too
+        needed.append("adapter/adapter_config.json")
+    missing = [n for n in needed if not (run_dir / n).exists()] if run_dir.is_dir() else ["the folder itself"]
+    if missing:
+        raise LolcatsError(
+            f"{run_dir} is not a finished lolcats run (missing: {', '.join(missing)})",
+            "pass the --output folder of a completed `lolcats transfer` or `lolcats finetune` (resume it with "
+            "--resume if it was interrupted), or evaluate a plain model with --model ID|PATH",
+        )
+
+
+def _pick_rows(rows: Sequence[str] | None, converted: bool) -> list[str]:
+    available = ROWS if converted else SOFTMAX_ROWS
+    if rows is None:
+        return list(available)
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ConfigError([f"rows: unknown row {r!r}; {did_you_mean(r, ROWS)}valid: {', '.join(ROWS)}" for r in bad])
+    if not converted and (lin := [r for r in rows if r not in SOFTMAX_ROWS]):
+        raise ConfigError(f"rows: {lin} need a linearized run; a plain --model has only {', '.join(SOFTMAX_ROWS)}",
+                          "pass a run directory instead of --model")
+    return list(dict.fromkeys(rows))
+
+
+def _load(run_dir: str | Path | None, model_id: str | None, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """``(hf_model, peft_model or None, tokenizer, data_cfg)``, converted, in eval mode on ``device``."""
+    from .recipe import DataConfig, ModelConfig
+
+    if (run_dir is None) == (model_id is None):
+        raise ConfigError("pass either a run directory or --model ID|PATH (exactly one of them)",
+                          "e.g. `lolcats eval runs/smollm2-135m` or `lolcats eval --model smollm2-135m`")
+    if run_dir is not None:
+        from .workspace import open_run
+
+        check_run_dir(Path(run_dir))
+        recipe, model, tokenizer = open_run(Path(run_dir), device, mode="teacher", merge_lora=False)
+        peft_model = model if hasattr(model, "disable_adapter") else None
+        hf_model = model.get_base_model() if peft_model is not None else model
+        return hf_model, peft_model, tokenizer, recipe.data
+    from .convert import convert_model
+    from .models import load_model
+
+    model, tokenizer, _ = load_model(ModelConfig(name=model_id), device=device)
+    convert_model(model, mode="teacher")  # teacher mode reproduces the model; it gives the sink row its mask
+    return model, None, tokenizer, DataConfig(dataset="pydoc")
+
+
+def evaluate_run(
+    run_dir: str | Path | None = None,
+    model_id: str | None = None,
+    *,
+    text_file: str | Path | None = None,
+    dataset: str | None = None,
+    contexts: Sequence[int] = (512, 2048),
+    passkey_lengths: Sequence[int] = (512, 1024, 2048),
+    passkey_n: int = 20,
+    seed: int = 0,
+    tasks: Sequence[str] | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    include_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    rows: Sequence[str] | None = None,
+    max_tokens: int | None = None,
+    sink_window: int = SINK_WINDOW,
+    sink_tokens: int = SINK_TOKENS,
+    reporter: Reporter | None = None,
+) -> EvalReport:
+    """Compare the rows of :data:`ROWS` on perplexity, attention MSE, passkey retrieval and lm-eval tasks.
+
+    ``run_dir`` (a finished transfer or finetune run) or ``model_id`` (a plain model: teacher and sink rows
+    only). ``max_tokens`` caps the tokens evaluated per context length. Every argument is checked before
+    the first forward pass: a bad value fails in seconds, not after an hour of evaluation.
+    """
+    from .models import max_positions
+    from .passkey import build_prompts, passkey_accuracy
+    from .workspace import pick_device
+
+    start = time.perf_counter()
+    reporter = reporter or NullReporter()
+    if passkey_n < 1 and passkey_lengths:
+        raise ConfigError(f"--passkey-n: must be at least 1 (got {passkey_n})", "e.g. --passkey-n 20")
+    taskset = None
+    if tasks:
+        from .lm_eval_bridge import resolve_tasks
+
+        taskset = resolve_tasks(list(tasks), include_path)
+    device = pick_device(device)
+    hf_model, peft_model, tokenizer, data_cfg = _load(run_dir, model_id, device)
+    converted_run = run_dir is not None
+    chosen = _pick_rows(rows, converted_run)
+    limit_pos = max_positions(hf_model)
+    contexts = _lengths(contexts, "--contexts", limit_pos)
+    passkey_lengths = _lengths(passkey_lengths, "--passkey", limit_pos)
+
+    stream, what = (torch.zeros(0, dtype=torch.long), "none")
+    batches: dict[int, Tensor] = {}
+    if contexts:
+        stream, what = load_tokens(tokenizer, text_file=text_file, dataset=dataset, data_cfg=data_cfg,
+                                   whole=not converted_run)
+        batches = {c: windows(stream, c, max_tokens, what) for c in contexts}
+    prompts = {n: build_prompts(tokenizer, n, passkey_n, seed) for n in passkey_lengths}
+    mse_context = max(contexts) if contexts and converted_run else None
+
+    results: dict[str, RowResult] = {}
+    for row in chosen:
+        result = results[row] = RowResult(row)
+        with as_row(hf_model, row, peft_model=peft_model, sink_window=sink_window, sinks=sink_tokens):
+            if batches:
+                reporter.log(f"{row}: perplexity at {', '.join(map(str, batches))} tokens")
+                result.perplexity, result.perplexity_past_1024 = perplexities(hf_model, batches, device)
+            if mse_context is not None and row not in SOFTMAX_ROWS:
+                reporter.log(f"{row}: attention MSE per layer at {mse_context} tokens")
+                result.attention_mse = attention_mse(hf_model, batches[mse_context], device)
+            if prompts:
+                reporter.log(f"{row}: passkey retrieval, {passkey_n} prompts at {', '.join(map(str, prompts))} tokens")
+                result.passkey = passkey_accuracy(hf_model, prompts, device)
+            if taskset is not None:
+                from .lm_eval_bridge import run_tasks
+
+                reporter.log(f"{row}: lm-eval {', '.join(taskset.names)}")
+                result.lm_eval = run_tasks(hf_model, tokenizer, taskset, num_fewshot=num_fewshot, limit=limit, seed=seed)
+
+    return EvalReport(
+        source=str(run_dir if run_dir is not None else model_id), kind="run" if converted_run else "model",
+        text=what, text_tokens=int(stream.numel()), contexts=contexts, passkey_lengths=passkey_lengths,
+        passkey_n=passkey_n, seed=seed, tasks=list(taskset.names) if taskset else [], mse_context=mse_context,
+        rows=results, wall_time_s=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+__all__ = [
+    "ROWS", "SOFTMAX_ROWS", "SINK_WINDOW", "SINK_TOKENS", "RowResult", "EvalReport", "evaluate_run", "as_row",
+    "sink_attention", "sink_mask", "zero_linear_branch", "token_nll", "mean_token_nll", "perplexities",
+    "attention_mse", "load_tokens", "windows", "check_run_dir",
+]

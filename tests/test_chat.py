@@ -1,0 +1,380 @@
+"""`lolcats chat`: the REPL loop driven by scripted callbacks (no model), a real ChatSession on a tiny
+converted run, `-p` through the real CLI, and (slow) an interactive session with SmolLM2 in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lolcats_cli.core.chat import HELP, ChatSession, read_message, run_repl, softmax_kv_bytes
+from lolcats_cli.errors import LolcatsError
+
+# ------------------------------------------------------------------------------- the loop, without a model
+
+
+class FakeSession:
+    """A Conversation that echoes, and records what the loop asked of it."""
+
+    def __init__(self, interrupt_on: str | None = None) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.history: list[str] = []
+        self.system: str | None = None
+        self.interrupt_on = interrupt_on
+
+    def reply(self, text: str) -> Iterator[str]:
+        self.calls.append(("reply", text))
+        yield "echo: "
+        if text == self.interrupt_on:
+            raise KeyboardInterrupt
+        yield text
+        self.history.append(text)
+
+    def reset(self) -> None:
+        self.calls.append(("reset", None))
+        self.history.clear()
+
+    def set_system(self, text: str | None) -> None:
+        self.calls.append(("system", text))
+        self.system = text
+
+    def stats_text(self) -> str:
+        return "STATS: 3 turns"
+
+
+def drive(lines: list[object], session: FakeSession | None = None) -> tuple[str, list[str], FakeSession, list[object]]:
+    """Run the loop on scripted ``lines`` (an exception instance is raised instead of read); returns the
+    output, the prompts shown, the session and the lines left unread."""
+    session = session or FakeSession()
+    todo, out, prompts = list(lines), [], []
+
+    def read_line(prompt: str) -> str:
+        prompts.append(prompt)
+        if not todo:
+            raise EOFError
+        item = todo.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return str(item)
+
+    run_repl(read_line, out.append, session)
+    return "".join(out), prompts, session, todo
+
+
+def test_messages_stream_through_write_and_blank_lines_are_skipped():
+    out, prompts, session, _ = drive(["hello", "", "   ", "second"])
+    assert "echo: hello\n" in out and "echo: second\n" in out
+    assert [c for c in session.calls if c[0] == "reply"] == [("reply", "hello"), ("reply", "second")]
+    assert prompts == ["> "] * 5  # four lines, then EOF
+
+
+def test_help_lists_every_command():
+    out, *_ = drive(["/help"])
+    assert HELP in out
+    for command in ("/help", "/reset", "/system", "/stats", "/quit"):
+        assert command in HELP
+
+
+def test_reset_clears_the_history():
+    out, _, session, _ = drive(["one", "two", "/reset", "three"])
+    assert "conversation cleared" in out
+    assert ("reset", None) in session.calls
+    assert session.history == ["three"]
+
+
+def test_system_sets_and_removes_the_system_prompt():
+    out, _, session, _ = drive(["/system You are a pirate.  "])
+    assert session.system == "You are a pirate."
+    assert "system prompt set: You are a pirate." in out
+    out, _, session, _ = drive(["/system"], FakeSession())
+    assert session.calls == [("system", None)] and "system prompt removed" in out
+
+
+def test_stats_prints_the_session_stats():
+    out, *_ = drive(["/stats"])
+    assert "STATS: 3 turns\n" in out
+
+
+@pytest.mark.parametrize("command", ["/quit", "/exit", "  /quit  "])
+def test_quit_stops_reading(command):
+    out, _, session, left = drive(["hi", command, "never read"])
+    assert left == ["never read"]
+    assert session.calls == [("reply", "hi")]
+
+
+@pytest.mark.parametrize("ending", [EOFError(), KeyboardInterrupt()])
+def test_eof_and_ctrl_c_at_the_prompt_exit_cleanly(ending):
+    out, _, session, left = drive(["hi", ending, "never read"])
+    assert left == ["never read"]
+    assert out.endswith("\n")
+
+
+def test_ctrl_c_during_a_reply_stops_only_that_reply():
+    out, _, session, _ = drive(["stop me", "next"], FakeSession(interrupt_on="stop me"))
+    assert "[reply stopped]" in out
+    assert session.history == ["next"]
+
+
+def test_unknown_command_gets_a_one_line_hint():
+    out, _, session, _ = drive(["/rest", "/frobnicate now"])
+    lines = out.splitlines()
+    assert "unknown command /rest; did you mean '/reset'? type /help for the list" in lines
+    assert "unknown command /frobnicate; type /help for the list" in lines
+    assert not [c for c in session.calls if c[0] == "reply"]
+
+
+def test_double_slash_sends_a_message_starting_with_a_slash():
+    _, _, session, _ = drive(["//etc/hosts is a file"])
+    assert session.calls == [("reply", "/etc/hosts is a file")]
+
+
+def test_backslash_continues_a_line():
+    _, prompts, session, _ = drive(["first \\", "second\\", "third", "/quit"])
+    assert session.calls == [("reply", "first \nsecond\nthird")]
+    assert prompts == ["> ", "... ", "... ", "> "]
+
+
+def test_triple_quote_blocks():
+    _, prompts, session, _ = drive(['"""', "line one", "", "  indented", '"""', '"""one liner"""', '"""start', 'end"""'])
+    assert session.calls == [
+        ("reply", "line one\n\n  indented"),
+        ("reply", "one liner"),
+        ("reply", "start\nend"),
+    ]
+    assert prompts[:5] == ["> ", "... ", "... ", "... ", "... "]
+
+
+def test_end_of_input_inside_a_block_sends_what_was_read():
+    _, _, session, _ = drive(['"""', "unfinished"])
+    assert session.calls == [("reply", "unfinished")]
+
+
+def test_read_message_passes_eof_through_when_nothing_was_typed():
+    def read_line(prompt: str) -> str:
+        raise EOFError
+
+    with pytest.raises(EOFError):
+        read_message(read_line)
+
+
+def test_on_message_replaces_the_default_rendering():
+    seen: list[str] = []
+    run_repl(_lines(["a", "b"]), lambda s: None, FakeSession(), on_message=seen.append)
+    assert seen == ["a", "b"]
+
+
+def _lines(lines: list[str]):
+    todo = list(lines)
+
+    def read_line(prompt: str) -> str:
+        if not todo:
+            raise EOFError
+        return todo.pop(0)
+
+    return read_line
+
+
+# ------------------------------------------------------------------------ a real session on a tiny run
+
+
+def _tiny_recipe(model_dir: Path):
+    from lolcats_cli.core.recipe import Recipe, apply_overrides
+
+    overrides = [
+        f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=64", "data.holdout=1",
+        "data.num_eval_sequences=1", "data.max_samples=8", "transfer.batch_size=1", "transfer.grad_accum=1",
+        "transfer.max_steps=1", "transfer.eval_every=1",
+    ]  # fmt: skip
+    return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished (one-step) transfer run of the tiny Llama."""
+    from lolcats_cli.core.transfer import run_transfer
+
+    run = tmp_path_factory.mktemp("chat") / "run"
+    run_transfer(_tiny_recipe(tiny_model_dir), run, device="cpu")
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_run):
+    from lolcats_cli.core.chat import load_chat_model
+
+    model, tokenizer, description = load_chat_model(tiny_run, "cpu")
+    assert description.startswith("transfer run of ")
+    return model, tokenizer
+
+
+def test_session_applies_the_chat_template_and_grows_the_history(tiny_chat):
+    model, tokenizer = tiny_chat
+    session = ChatSession(model, tokenizer, system="Be brief.", max_new_tokens=4, temperature=0)
+    assert session.has_template
+    prompt = session.prompt("hello")
+    assert prompt == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>") and prompt.endswith("<|im_start|>assistant\n")
+
+    first = "".join(session.reply("hello"))
+    assert session.history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.strip()}]
+    "".join(session.reply("and then?"))
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert f"hello<|im_end|>\n<|im_start|>assistant\n{first.strip()}<|im_end|>" in session.prompt("x")
+
+    session.set_system(None)
+    assert "<|im_start|>system" not in session.prompt("x")
+    session.reset()
+    assert session.history == [] and session.last_stats is None
+    assert session.stats_text() == "no reply yet: send a message first"
+
+
+def test_stats_are_positive_and_the_state_does_not_grow_with_the_prompt(tiny_chat):
+    model, tokenizer = tiny_chat
+    session = ChatSession(model, tokenizer, max_new_tokens=4, temperature=0)
+    "".join(session.reply("hi"))
+    short = session.last_stats
+    assert short is not None and 1 <= short.new_tokens <= 4
+    assert short.seconds > 0 and short.tokens_per_s > 0 and short.state_bytes > 0
+    assert short.cache == "constant-size state in 2/2 layers"
+    config = model.config  # 2 layers, 2 KV heads of 16 dims, float32
+    assert short.softmax_kv_bytes == softmax_kv_bytes(config, short.tokens, 4) == 2 * 2 * 2 * 16 * short.tokens * 4
+    assert "state memory" in session.stats_text() and "tok/s" in session.stats_text()
+
+    session.reset()
+    "".join(session.reply("a much longer message " * 40))
+    long = session.last_stats
+    assert long.prompt_tokens > 5 * short.prompt_tokens
+    assert long.state_bytes == short.state_bytes  # constant memory per sequence
+    assert long.softmax_kv_bytes > short.softmax_kv_bytes
+
+
+def test_original_reply_uses_softmax_with_a_kv_cache_matching_the_formula(tiny_chat):
+    from lolcats_cli.core.convert import linearized_layers
+
+    model, tokenizer = tiny_chat
+    session = ChatSession(model, tokenizer, max_new_tokens=4, temperature=0)
+    "".join(session.reply("hi"))
+    "".join(session.original_reply())
+    original = session.last_original_stats
+    assert original.prompt_tokens == session.last_stats.prompt_tokens  # the same prompt, not the grown history
+    assert original.cache.startswith("softmax KV cache")
+    # the cache holds every token but the last one generated (never fed back)
+    assert original.state_bytes == softmax_kv_bytes(model.config, original.tokens - 1, 4)
+    assert [m.mode for _, m in linearized_layers(model)] == ["student", "student"]
+    assert "original model:" in session.stats_text()
+
+
+def test_an_abandoned_reply_leaves_no_trace(tiny_chat):
+    model, tokenizer = tiny_chat
+    session = ChatSession(model, tokenizer, max_new_tokens=4, temperature=0)
+    stream = session.reply("hi")
+    next(stream, None)
+    stream.close()  # what Ctrl-C does: the generation thread stops, the turn is not recorded
+    assert session.history == []
+
+
+def test_the_loop_with_a_real_session_resets_its_history(tiny_chat):
+    model, tokenizer = tiny_chat
+    session = ChatSession(model, tokenizer, max_new_tokens=3, temperature=0)
+    out: list[str] = []
+    run_repl(_lines(["hello", "/stats", "/reset", "/stats", "/quit"]), out.append, session)
+    text = "".join(out)
+    assert "last reply: " in text and "no reply yet" in text
+    assert session.history == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p")],
+)
+def test_bad_sampling_settings_are_named(kwargs, message):
+    with pytest.raises(LolcatsError, match=message):
+        ChatSession(object(), object(), **kwargs)
+
+
+def test_a_folder_that_is_neither_a_run_nor_an_export_is_refused(tmp_path):
+    from lolcats_cli.core.chat import load_chat_model
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(LolcatsError, match="neither a lolcats run directory.*notes.txt") as err:
+        load_chat_model(tmp_path)
+    assert "lolcats export --format hf" in err.value.hint
+    with pytest.raises(LolcatsError, match="does not exist"):
+        load_chat_model(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lolcats_cli", *args]
+
+
+def test_cli_module_does_not_import_torch():
+    code = "import sys, lolcats_cli.cli.chat; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prompt_flag_prints_only_the_reply(tiny_run, tiny_chat):
+    model, tokenizer = tiny_chat
+    expected = "".join(ChatSession(model, tokenizer, max_new_tokens=6, temperature=0).reply("hello"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        _cli("chat", str(tiny_run), "-p", "hello", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"),
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+    assert "loading" in proc.stderr
+
+
+# ----------------------------------------------------------------------- SmolLM2 in a pseudo-terminal
+
+
+@pytest.mark.slow
+def test_interactive_chat_with_smollm2_in_a_terminal(smollm2_gguf, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    from lolcats_cli.core.recipe import Recipe, apply_overrides
+    from lolcats_cli.core.transfer import run_transfer
+
+    recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [
+        "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=128", "data.max_samples=10", "data.holdout=2",
+        "data.num_eval_sequences=1", "transfer.max_steps=1", "transfer.grad_accum=1", "transfer.eval_every=1",
+    ]))  # fmt: skip
+    run = tmp_path / "smol"
+    run_transfer(recipe, run, device="cpu")
+
+    transcript = tmp_path / "transcript.txt"
+    with transcript.open("w") as log:
+        child = pexpect.spawn(
+            sys.executable, _cli("chat", str(run), "--temperature", "0", "--max-new-tokens", "24", "--device", "cpu")[1:],
+            env=dict(os.environ, COLUMNS="120", TERM="dumb"), encoding="utf-8", timeout=600, dimensions=(50, 120),
+        )
+        child.logfile_read = log
+        child.expect("/quit or Ctrl-D to leave")
+        child.expect("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("lolcats")
+        child.expect("\n> ")  # the reply streamed, then the next prompt
+        reply = child.before.strip()
+        child.sendline("/stats")
+        child.expect(r"state memory ([\d.]+) MiB \(constant-size state in 30/30 layers\); "
+                     r"a softmax KV cache at (\d+) tokens: ([\d.]+) MiB")  # fmt: skip
+        state_mib, tokens, kv_mib = float(child.match.group(1)), int(child.match.group(2)), float(child.match.group(3))
+        child.expect("> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        child.close()
+    print(transcript.read_text())
+    assert child.exitstatus == 0
+    assert reply, "no reply text"
+    assert state_mib > 0 and tokens > 20
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, float32 on CPU
+    assert kv_mib == pytest.approx(2 * 30 * 3 * 64 * tokens * 4 / 2**20, abs=0.01)

@@ -1,0 +1,72 @@
+"""Stage 2 (LoRA) on a tiny transfer run: real training, peft's adapter format, resume and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lolcats_cli.core.finetune import run_finetune
+from lolcats_cli.core.recipe import Recipe, apply_overrides
+from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.core.workspace import open_run
+from lolcats_cli.errors import LolcatsError
+
+SMALL = [
+    "data.dataset=pydoc", "data.seq_len=96", "attention.window_params.size=16", "data.holdout=4",
+    "data.num_eval_sequences=2", "data.max_samples=40", "transfer.grad_accum=1", "transfer.max_steps=3",
+    "transfer.eval_every=3",
+]
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory, tiny_model_dir) -> Path:
+    recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={tiny_model_dir}", *SMALL]))
+    run = tmp_path_factory.mktemp("ft") / "transfer"
+    run_transfer(recipe, run, device="cpu")
+    return run
+
+
+def test_finetune_lowers_heldout_perplexity_and_saves_a_peft_adapter(transfer_run, tmp_path):
+    out = tmp_path / "lora"
+    result = run_finetune(transfer_run, out, ["finetune.max_steps=6", "finetune.grad_accum=1", "finetune.lr=0.003",
+                                               "finetune.eval_every=3"], device="cpu")
+    assert result.ppl_after < result.ppl_before
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage"] == "finetune" and metrics["heldout_ppl_after"] == pytest.approx(result.ppl_after)
+
+    # The finetune run reopens with the adapter merged and differs from the transfer run alone.
+    _, tuned, _ = open_run(out, "cpu")
+    _, plain, _ = open_run(transfer_run, "cpu")
+    ids = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert not torch.allclose(tuned(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_feature_maps_stay_frozen_unless_asked(transfer_run, tmp_path):
+    from safetensors.torch import load_file
+
+    steps = ["finetune.max_steps=2", "finetune.grad_accum=1", "finetune.lr=0.01", "finetune.eval_every=100"]
+    run_finetune(transfer_run, tmp_path / "frozen", steps, device="cpu")
+    run_finetune(transfer_run, tmp_path / "joint", [*steps, "finetune.train_attention=true"], device="cpu")
+    before = load_file(transfer_run / "attention.safetensors")
+    frozen = load_file(tmp_path / "frozen" / "attention.safetensors")
+    joint = load_file(tmp_path / "joint" / "attention.safetensors")
+    assert before.keys() == frozen.keys() == joint.keys()
+    for key in before:
+        torch.testing.assert_close(frozen[key], before[key], rtol=0, atol=0)
+    assert any(not torch.equal(joint[key], before[key]) for key in before)
+
+
+def test_finetune_needs_a_finished_transfer_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LolcatsError, match="not a finished lolcats run"):
+        run_finetune(tmp_path / "empty", tmp_path / "out", device="cpu")
