@@ -1,7 +1,8 @@
 """Decode speed and cache memory against context length: a converted (hybrid) model vs the same model in softmax.
 
 A benchmark, not a test: it prints a table. For each context length it prefills that many random tokens (in
-chunks, through the cache), then times greedy decode steps of one token per sequence. The hybrid model keeps
+chunks, through the cache), then times greedy decode steps of one token per sequence (wall time, and GPU kernel time through the profiler: a small
+model's wall time is mostly host-side launch overhead). The hybrid model keeps
 a constant-size state per layer (``core/generation.py``); the softmax baseline is the same weights in teacher
 mode with an ordinary growing KV cache. Examples:
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +53,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device) -> float:
+    """Milliseconds of GPU kernel time per call of ``step`` (the profiler's sum over kernels), without the
+    host-side launch overhead that dominates a small model's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    return us / n / 1000
+
+
 @torch.no_grad()
 def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Prefill ``context`` random tokens into ``cache``, then time ``args.steps`` greedy one-token steps."""
@@ -65,16 +80,23 @@ def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, devi
     sync(device)
     prefill_s = time.perf_counter() - t
     nxt = logits[:, -1:].argmax(dim=-1)
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            sync(device)
-            t = time.perf_counter()
+
+    def step() -> None:
+        nonlocal nxt
         nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
     sync(device)
     dt = time.perf_counter() - t
     return {
         "tok_s": args.batch_size * args.steps / dt,
         "ms_step": 1000 * dt / args.steps,
+        "gpu_ms": gpu_busy_ms(step, 4, device) if device.type == "cuda" else float("nan"),
         "mib": state_nbytes(cache) / 2**20,
         "prefill_s": prefill_s,
     }
@@ -116,20 +138,21 @@ def main() -> None:
     print(f"model: {args.model or 'SmolLM2-135M shapes, random weights'}, {model.config.num_hidden_layers} layers, "
           f"{args.feature_map} + {args.window}({args.window_size}); {where}, {str(dtype).removeprefix('torch.')}, "
           f"batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
-    head = f"{'context':>8} | {'hybrid tok/s':>12} {'ms/step':>8} {'state MiB':>10}"
+    head = f"{'context':>8} | {'hybrid tok/s':>12} {'ms/step':>8} {'GPU ms':>7} {'state MiB':>10}"
     if not args.no_softmax:
-        head += f" | {'softmax tok/s':>13} {'ms/step':>8} {'KV MiB':>9} | {'KV / state':>10}"
+        head += f" | {'softmax tok/s':>13} {'ms/step':>8} {'GPU ms':>7} {'KV MiB':>9} | {'KV / state':>10}"
     print(head)
     print("-" * len(head))
     for context in contexts:
         set_mode(model, "student")
         h = measure(model, make_cache(model), context, args, device)
-        row = f"{context:>8} | {h['tok_s']:>12.1f} {h['ms_step']:>8.2f} {h['mib']:>10.2f}"
+        row = f"{context:>8} | {h['tok_s']:>12.1f} {h['ms_step']:>8.2f} {h['gpu_ms']:>7.2f} {h['mib']:>10.2f}"
         if not args.no_softmax:
             set_mode(model, "teacher")
             try:
                 s = measure(model, DynamicCache(), context, args, device)
-                row += f" | {s['tok_s']:>13.1f} {s['ms_step']:>8.2f} {s['mib']:>9.1f} | {s['mib'] / h['mib']:>9.1f}x"
+                row += f" | {s['tok_s']:>13.1f} {s['ms_step']:>8.2f} {s['gpu_ms']:>7.2f} {s['mib']:>9.1f}"
+                row += f" | {s['mib'] / h['mib']:>9.1f}x"
             except torch.OutOfMemoryError:
                 row += f" | {'out of memory':>13}"
             if device.type == "cuda":

@@ -101,14 +101,14 @@ def test_stats_prints_the_session_stats():
 
 @pytest.mark.parametrize("command", ["/quit", "/exit", "  /quit  "])
 def test_quit_stops_reading(command):
-    out, _, session, left = drive(["hi", command, "never read"])
+    _, _, session, left = drive(["hi", command, "never read"])
     assert left == ["never read"]
     assert session.calls == [("reply", "hi")]
 
 
 @pytest.mark.parametrize("ending", [EOFError(), KeyboardInterrupt()])
 def test_eof_and_ctrl_c_at_the_prompt_exit_cleanly(ending):
-    out, _, session, left = drive(["hi", ending, "never read"])
+    out, _, _, left = drive(["hi", ending, "never read"])
     assert left == ["never read"]
     assert out.endswith("\n")
 
@@ -139,7 +139,8 @@ def test_backslash_continues_a_line():
 
 
 def test_triple_quote_blocks():
-    _, prompts, session, _ = drive(['"""', "line one", "", "  indented", '"""', '"""one liner"""', '"""start', 'end"""'])
+    lines = ['"""', "line one", "", "  indented", '"""', '"""one liner"""', '"""start', 'end"""']
+    _, prompts, session, _ = drive(lines)
     assert session.calls == [
         ("reply", "line one\n\n  indented"),
         ("reply", "one liner"),
@@ -328,7 +329,7 @@ def test_prompt_flag_prints_only_the_reply(tiny_run, tiny_chat):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         _cli("chat", str(tiny_run), "-p", "hello", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"),
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True, env=env, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
@@ -353,8 +354,9 @@ def test_interactive_chat_with_smollm2_in_a_terminal(smollm2_gguf, tmp_path):
 
     transcript = tmp_path / "transcript.txt"
     with transcript.open("w") as log:
+        args = _cli("chat", str(run), "--temperature", "0", "--max-new-tokens", "24", "--device", "cpu")
         child = pexpect.spawn(
-            sys.executable, _cli("chat", str(run), "--temperature", "0", "--max-new-tokens", "24", "--device", "cpu")[1:],
+            args[0], args[1:],
             env=dict(os.environ, COLUMNS="120", TERM="dumb"), encoding="utf-8", timeout=600, dimensions=(50, 120),
         )
         child.logfile_read = log

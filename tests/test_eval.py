@@ -204,7 +204,7 @@ def test_text_shorter_than_the_context_says_how_many_tokens(run_dir):
 
 def test_cli_tables_and_json(run_dir, text_file):
     app = typer.Typer()
-    register_commands(app, [("eval", "eval")])
+    register_commands(app, [("eval", "eval"), ("plugins", "plugins")])  # two commands: a group, as in main
     runner = CliRunner()
     args = ["eval", str(run_dir), "--text", str(text_file), "--contexts", "68,1100", "--passkey", "256",
             "--passkey-n", "1", "--max-tokens", "1100", "--device", "cpu"]

@@ -61,6 +61,24 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def plugin_run(tmp_path_factory, tiny_model_dir) -> Path | None:
+    """A transfer run with the third-party example feature map (softplus), a sliding window and only layer 1
+    converted; None when the example plugin is not installed (tests/test_example_plugin.py installs it)."""
+    from lolcats_cli.core import registry
+    from lolcats_cli.core.transfer import run_transfer
+
+    registry.refresh()
+    if "softplus" not in {p.name for p in registry.list_plugins("feature_map")}:
+        return None
+    run = tmp_path_factory.mktemp("export-plugin-run") / "transfer"
+    extra = ["attention.feature_map=softplus", "attention.window=sliding", "attention.layers=[1]",
+             "transfer.max_steps=1"]
+    recipe = Recipe.from_dict(apply_overrides(_recipe(tiny_model_dir).to_dict(), extra))
+    run_transfer(recipe, run, device="cpu")
+    return run
+
+
+@pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     return torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -119,12 +137,12 @@ ISOLATED = r"""
 import json, sys
 cfg = json.loads(sys.argv[1])
 sys.path[:] = [p for p in sys.path if "site-packages" not in p] + cfg["site"]
-try:
-    import lolcats_cli
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit(f"lolcats_cli must not be importable here, found {lolcats_cli.__file__}")
+for name in ("lolcats_cli", "lolcats_example_plugin"):
+    try:
+        found = __import__(name)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{name} must not be importable here, found {found.__file__}")
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,8 +162,16 @@ save_file({k: v.contiguous() for k, v in out.items()}, cfg["out"])
 """
 
 
-def test_hf_export_loads_and_generates_without_lolcats(runs, run_logits, ids, tmp_path) -> None:
+def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_logits, ids, tmp_path) -> None:
+    run_logits = dict(run_logits)
+    if plugin_run is not None:  # a third-party plugin's source is bundled too (and it is not importable there)
+        runs = {**runs, "plugin": plugin_run}
+        _, model, _ = open_run(plugin_run, "cpu")
+        with torch.no_grad():
+            run_logits["plugin"] = model(input_ids=ids, use_cache=False).logits
     exports = {name: export_run(run, tmp_path / f"hf-{name}", "hf") for name, run in runs.items()}
+    if plugin_run is not None:
+        assert (exports["plugin"] / "plugin_lolcats_example_plugin.py").is_file()
     for folder in exports.values():
         _assert_no_pickle(folder)
         config = json.loads((folder / "config.json").read_text())
@@ -154,7 +180,8 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, run_logits, ids, tm
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
         assert (folder / "generation_config.json").is_file()
         for source in folder.glob("*.py"):  # every import of lolcats_cli was rewritten to a bundled copy
-            imports = [n for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            tree = ast.parse(source.read_text())
+            imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
             named = [getattr(n, "module", None) or "" for n in imports] + [a.name for n in imports for a in n.names]
             assert not [m for m in named if m.startswith("lolcats_cli")], source.name
 
@@ -166,8 +193,8 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, run_logits, ids, tm
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     # -I: no PYTHONPATH, no user site, no script or cwd on sys.path; -S: no .pth files (the editable install)
-    done = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(cfg)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=240)
+    done = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(cfg)], check=False,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     got = load_file(cfg["out"])
     for name in exports:
@@ -175,8 +202,8 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, run_logits, ids, tm
         assert got[f"{name}.step_logits"].shape[1] == 24
         torch.testing.assert_close(got[f"{name}.step_logits"], got[f"{name}.full_logits"], atol=1e-4, rtol=1e-4)
 
-    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import lolcats_cli"], capture_output=True, text=True,
-                           cwd=tmp_path)
+    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import lolcats_cli"], check=False,
+                           capture_output=True, text=True, cwd=tmp_path)
     assert probe.returncode != 0 and "No module named 'lolcats_cli'" in probe.stderr
 
 
@@ -192,6 +219,11 @@ def test_export_refuses_to_replace_what_it_did_not_write(runs, tmp_path) -> None
         export_run(runs["transfer"], runs["transfer"].parent, "adapter", overwrite=True)
     with pytest.raises(LolcatsError, match="is not an export format"):
         export_run(runs["transfer"], tmp_path / "x", "gguf")  # type: ignore[arg-type]
+    with pytest.raises(LolcatsError, match="--dtype: 'fp8' is not a weights dtype"):
+        export_run(runs["transfer"], tmp_path / "x", "hf", dtype="fp8")
+    with pytest.raises(LolcatsError, match="applies to --format hf only"):
+        export_run(runs["transfer"], tmp_path / "x", "adapter", dtype="bfloat16")
+    assert not (tmp_path / "x").exists()
     assert (precious / "notes.txt").read_text() == "user data"
     out = export_run(runs["transfer"], tmp_path / "again", "adapter")
     assert export_run(runs["finetune"], out, "adapter", overwrite=True) == out

@@ -137,7 +137,7 @@ def test_cli_refuses_an_existing_output_with_one_clear_error(tiny_model_dir, tmp
     out.mkdir()
     (out / "file").write_text("x")
     proc = subprocess.run(_cli("transfer", "--model", str(tiny_model_dir), "--output", str(out), cwd=tmp_path),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 1
     assert "already exists" in proc.stderr and "--resume" in proc.stderr
     assert "Traceback" not in proc.stderr

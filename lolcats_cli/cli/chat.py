@@ -45,11 +45,15 @@ def chat(
     compare: bool = typer.Option(False, "--compare", help="Also show the original model's reply (softmax attention, LoRA off)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ) -> None:
-    """Chat with a linearized model: streamed replies, /stats for speed and state memory."""
+    """Chat with a linearized model: streamed replies in constant memory per sequence.
+
+    Inside the chat: /help, /reset, /system TEXT, /stats (speed, state memory vs a softmax KV cache), /quit.
+    For several lines, end a line with a backslash, or open and close a block with three double quotes.
+    """
     from ..core.chat import ChatSession, load_chat_model, original_caveat, require_original
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().rstrip("\n")
     if prompt is not None and not prompt.strip():
         raise typer.BadParameter("the prompt is empty; pass the message to answer, e.g. -p 'Hello'", param_hint="--prompt")
     start = time.perf_counter()

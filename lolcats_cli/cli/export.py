@@ -18,8 +18,11 @@ EXAMPLES = """
   [dim]# a self-contained Hugging Face folder (LoRA merged), loadable where lolcats is not installed[/dim]
   lolcats export runs/smollm2-135m-finetune --out exports/smollm2-linear --format hf
 
-  [dim]# load it anywhere with transformers[/dim]
-  python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exports/smollm2-linear', trust_remote_code=True)"
+  [dim]# the same in bfloat16 (half the size of float32)[/dim]
+  lolcats export runs/smollm2-135m-finetune --out exports/smollm2-linear-bf16 --format hf --dtype bfloat16
+
+  [dim]# load it anywhere with transformers (no lolcats needed)[/dim]
+  python -c "import transformers as t; t.AutoModelForCausalLM.from_pretrained('exports/smollm2-linear', trust_remote_code=True)"
 
   [dim]# a few MB on top of the base model (needs lolcats and the plugins to load)[/dim]
   lolcats export runs/smollm2-135m --out exports/smollm2-adapter --format adapter
@@ -50,6 +53,8 @@ def export(
                              show_default=False),
     fmt: str = typer.Option(..., "--format", "-f", help="adapter (a few MB, on top of the base model) or hf "
                             "(a self-contained Hugging Face model folder).", show_default=False),
+    dtype: str = typer.Option("auto", "--dtype", help="hf only: weights dtype (auto = the base model's own, "
+                              "float32, bfloat16, float16); feature maps stay float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the written files as JSON on stdout."),
 ) -> None:
@@ -60,7 +65,7 @@ def export(
     from ..core.export import export_run, list_files
 
     stderr.print(f"[bold]lolcats export[/bold] {run_dir} → {out} ({fmt})")
-    folder = export_run(run_dir, out, fmt, overwrite=overwrite)  # type: ignore[arg-type]
+    folder = export_run(run_dir, out, fmt, overwrite=overwrite, dtype=dtype)  # type: ignore[arg-type]
     files = list_files(folder)
     total = sum(size for _, size in files)
     if as_json:
@@ -77,4 +82,4 @@ def export(
     stdout.print(LOAD_HINTS[fmt].format(out=str(folder)), highlight=False, soft_wrap=True)
 
 
-__all__ = ["export", "EXAMPLES"]
+__all__ = ["EXAMPLES", "export"]

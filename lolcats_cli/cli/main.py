@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("init", "init"),
     ("transfer", "transfer"),
     ("finetune", "finetune"),
+    ("chat", "chat"),
+    ("export", "export"),
     ("plugins", "plugins"),
 ]
 

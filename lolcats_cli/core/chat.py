@@ -142,7 +142,8 @@ class ChatSession:
             raise LolcatsError(f"temperature (--temperature) must be >= 0, got {temperature}",
                                "use 0 for greedy decoding, 0.7 to sample")  # fmt: skip
         if not 0 < top_p <= 1:
-            raise LolcatsError(f"top_p (--top-p) must be in (0, 1], got {top_p}", "use 0.9, or 1 to turn nucleus sampling off")
+            raise LolcatsError(f"top_p (--top-p) must be in (0, 1], got {top_p}",
+                               "use 0.9, or 1 to turn nucleus sampling off")  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.system = system or None
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
@@ -340,7 +341,7 @@ def _original_model(model: Any, generate_kwargs: dict[str, Any]) -> Iterator[Non
         with disable() if disable is not None else nullcontext():
             yield
     finally:
-        for (_, m), mode in zip(layers, modes):
+        for (_, m), mode in zip(layers, modes, strict=True):
             m.mode = mode
 
 
@@ -356,7 +357,7 @@ def load_chat_model(path: str | Path, device: Any = None, keep_adapter: bool = F
     folder = Path(path)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise LolcatsError(f"{folder} {what}; expected a lolcats run directory or an exported model folder", _WHERE_HINT)
+        raise LolcatsError(f"{folder} {what}; expected a run directory or an exported model folder", _WHERE_HINT)
     if (folder / RESOLVED_RECIPE).exists():
         recipe, model, tokenizer = open_run(folder, pick_device(device), merge_lora=not keep_adapter)
         kind = "finetune run" if (folder / "adapter" / "adapter_config.json").exists() else "transfer run"

@@ -18,10 +18,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import __version__
 from ..errors import ConfigError, LolcatsError, ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMATS: tuple[str, ...] = ("adapter", "hf")
 ADAPTER_CONFIG = "lolcats_config.json"
@@ -37,16 +40,27 @@ ARCH_FIELDS: tuple[str, ...] = (
 )
 
 
-def export_run(run_dir: Path | str, out_dir: Path | str, fmt: Literal["adapter", "hf"], overwrite: bool = False) -> Path:
+def export_run(
+    run_dir: Path | str, out_dir: Path | str, fmt: Literal["adapter", "hf"], overwrite: bool = False,
+    *, dtype: str = "auto",
+) -> Path:
     """Export ``run_dir`` to ``out_dir`` in format ``fmt``; returns ``out_dir``.
 
-    The folder is written next to ``out_dir`` under a temporary name and renamed at the end, so a failed
-    export leaves nothing half-written. An existing non-empty ``out_dir`` is replaced only with
-    ``overwrite`` and only when it is a lolcats export.
+    ``dtype`` (hf only): the weights' dtype, ``auto`` = the base checkpoint's own. The folder is written
+    next to ``out_dir`` under a temporary name and renamed at the end, so a failed export leaves nothing
+    half-written. An existing non-empty ``out_dir`` is replaced only with ``overwrite``, and only when it
+    is a lolcats export. Raises ConfigError for a bad format or dtype, LolcatsError for a bad folder.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not an export format; choose one of: {', '.join(FORMATS)}",
                           hint="adapter = a few MB on top of the base model; hf = a self-contained Hugging Face folder")
+    if fmt == "adapter" and dtype != "auto":
+        raise ConfigError(f"--dtype {dtype} applies to --format hf only (an adapter keeps the trained fp32 weights)",
+                          hint="drop --dtype, or export with --format hf")
+    if fmt == "hf":
+        from .export_hf import export_dtype
+
+        export_dtype(dtype, None)  # a bad name fails before any model is loaded
     run_dir, out = Path(run_dir), Path(out_dir)
     _check_run(run_dir)
     _check_out(out, run_dir, overwrite)
@@ -60,7 +74,7 @@ def export_run(run_dir: Path | str, out_dir: Path | str, fmt: Literal["adapter",
         else:
             from .export_hf import write_hf_export
 
-            write_hf_export(run_dir, tmp)
+            write_hf_export(run_dir, tmp, dtype)
         _check_no_pickle(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -134,7 +148,7 @@ def _describe_arch(arch: dict[str, Any]) -> str:
             f"{arch.get('head_dim')}, MLP {arch.get('intermediate_size')}")
 
 
-def _base_config(model_cfg: Any) -> Any:
+def read_base_config(model_cfg: Any) -> Any:
     """The transformers config of ``model_cfg`` (a recipe ModelConfig), without loading weights."""
     from transformers import AutoConfig
 
@@ -142,7 +156,9 @@ def _base_config(model_cfg: Any) -> Any:
 
     src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
     try:
-        return AutoConfig.from_pretrained(src.path, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs())
+        return AutoConfig.from_pretrained(
+            src.path, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs()
+        )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
         raise ModelError(f"cannot read the config of model {src.name!r}: {_short(e)}", _load_hint(src)) from e
 
@@ -158,7 +174,7 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
 
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     att, model = recipe.attention, recipe.model
-    config = _base_config(model)
+    config = read_base_config(model)
     arch = architecture(config)
     fm_params = build_params(get_feature_map(att.feature_map), att.feature_map_params, "attention.feature_map_params")
     win_params = build_params(get_window(att.window), att.window_params, "attention.window_params")
@@ -169,8 +185,10 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
     if has_adapter:
         missing = [n for n in PEFT_FILES if not (run_dir / ADAPTER_DIR / n).is_file()]
         if missing:
-            raise LolcatsError(f"{run_dir / ADAPTER_DIR} has no {', '.join(missing)} (only safetensors adapters are exported)",
-                               "re-run `lolcats finetune`: it saves adapter_model.safetensors")
+            raise LolcatsError(
+                f"{run_dir / ADAPTER_DIR} has no {', '.join(missing)} (only safetensors adapters are exported)",
+                "re-run `lolcats finetune`: it saves adapter_model.safetensors",
+            )
         (out / ADAPTER_DIR).mkdir()
         for name in PEFT_FILES:
             shutil.copyfile(run_dir / ADAPTER_DIR / name, out / ADAPTER_DIR / name)
@@ -190,8 +208,8 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
             "trust_remote_code": model.trust_remote_code, "architecture": arch,
         },
         "lora": has_adapter,
-        "versions": versions(plugin_versions(recipe)),
-        "run_versions": run_versions,
+        "versions": {k: v for k, v in versions().items() if k != "plugins"},  # of this export
+        "run_versions": run_versions,  # of the run it exports (versions.json)
     })
 
 
@@ -230,7 +248,10 @@ def check_architecture(expected: dict[str, Any], config: Any, adapter_label: str
         )
 
 
-def load_adapter_export(export_dir: Path | str, base_model: Any = None, device: Any = None, merge_lora: bool = True):
+def load_adapter_export(
+    export_dir: Path | str, base_model: str | os.PathLike[str] | nn.Module | None = None, device: Any = None,
+    merge_lora: bool = True,
+) -> nn.Module:
     """Rebuild the linearized model of an adapter export on top of its base model; returns the model (eval).
 
     ``base_model``: None (the model the run used, from ``lolcats_config.json``), a hub id / folder / .gguf
@@ -251,10 +272,12 @@ def load_adapter_export(export_dir: Path | str, base_model: Any = None, device: 
         same = base_model is None
         name = base["name"] if same else str(base_model)
         model_cfg = ModelConfig(
-            name=name, revision=base.get("revision") if same else None, gguf_file=base.get("gguf_file") if same else None,
+            name=name,
+            revision=base.get("revision") if same else None,
+            gguf_file=base.get("gguf_file") if same else None,
             dtype=base.get("dtype", "auto"), trust_remote_code=bool(base.get("trust_remote_code", False)),
         )
-        check_architecture(expected, _base_config(model_cfg), str(export_dir), name)
+        check_architecture(expected, read_base_config(model_cfg), str(export_dir), name)
         model, _, _ = load_model(model_cfg, device)
     else:
         model = base_model
@@ -283,6 +306,13 @@ def list_files(folder: Path | str) -> list[tuple[str, int]]:
 
 
 __all__ = [
-    "FORMATS", "ADAPTER_CONFIG", "export_run", "write_adapter_export", "load_adapter_export", "read_adapter_config",
-    "check_architecture", "architecture", "list_files",
+    "ADAPTER_CONFIG",
+    "FORMATS",
+    "architecture",
+    "check_architecture",
+    "export_run",
+    "list_files",
+    "load_adapter_export",
+    "read_adapter_config",
+    "write_adapter_export",
 ]

@@ -26,16 +26,20 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..errors import PluginError
+from ..errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_MODULE = "configuration_lolcats"
 MODELING_MODULE = "modeling_lolcats"
 CONFIG_CLASS = "LolcatsConfig"
 MODEL_CLASS = "LolcatsForCausalLM"
 HF_FORMAT_VERSION = 1
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------------ source bundling
@@ -155,7 +159,8 @@ def bundle_modules(roots: list[str], packages: set[str]) -> Bundle:
                              for a in subs]
                     edits.append((node, "from . import " + ", ".join(parts)))
                 else:
-                    edits.append((node, f"from .{visit(target, f'imported by {module}')} import {_aliases(node.names)}"))
+                    flat_target = visit(target, f"imported by {module}")
+                    edits.append((node, f"from .{flat_target} import {_aliases(node.names)}"))
             elif isinstance(node, ast.Import):
                 stmts = []
                 for a in node.names:
@@ -189,8 +194,11 @@ def _apply(source: str, edits: list[tuple[ast.stmt, str]]) -> str:
     starts = [0]
     for line in data.splitlines(keepends=True):
         starts.append(starts[-1] + len(line))
-    spans = sorted(((starts[n.lineno - 1] + n.col_offset, starts[n.end_lineno - 1] + n.end_col_offset, text)  # type: ignore[operator]
-                    for n, text in edits), reverse=True)
+    spans = sorted(
+        ((starts[n.lineno - 1] + n.col_offset, starts[n.end_lineno - 1] + n.end_col_offset, text)  # type: ignore[index]
+         for n, text in edits),
+        reverse=True,
+    )
     for begin, end, text in spans:
         data = data[:begin] + text.encode("utf-8") + data[end:]
     return data.decode("utf-8")
@@ -215,7 +223,7 @@ class {config_class}({base_config}):
     model_type = "{model_type}"
 '''
 
-MODELING_TEMPLATE = '''"""A LoLCATs-linearized {base_class}, written by `lolcats export --format hf` (lolcats {version}).
+MODELING_TEMPLATE = '''"""A LoLCATs-linearized {base_class}, written by `lolcats export` (lolcats {version}).
 
 ``{model_class}`` is the base architecture's own causal LM: weights load under their usual names. At init,
 the attention of every converted decoder layer (``config.lolcats["layers"]``) is replaced by the bundled
@@ -260,6 +268,7 @@ def _decoder_layers(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module
 
 class {model_class}({base_class}):
     config_class = {config_class}
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logits"]  # trained in fp32
 
     def __init__(self, config: {config_class}) -> None:
         super().__init__(config)
@@ -344,18 +353,39 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
         attention_module=bundle.names[linear_attention.__name__],
         feature_map_module=bundle.names[fm_module], feature_map_class=feature_map_cls.__name__,
         window_module=bundle.names[win_module], window_class=window_cls.__name__,
-        external_imports="".join(f"import {name}  # noqa: F401 (imported by bundled plugin code)\n" for name in external),
+        external_imports="".join(f"import {name}  # noqa: F401 (bundled plugin code needs it)\n" for name in external),
         manifest=manifest,
     ), encoding="utf-8")
     return written + [f"{CONFIG_MODULE}.py", f"{MODELING_MODULE}.py"]
 
 
-def write_hf_export(run_dir: Path, out: Path) -> None:
-    """Rebuild the run (LoRA merged, on CPU) and write the self-contained model folder into ``out``."""
+def export_dtype(dtype: str, base_config: Any) -> torch.dtype:
+    """The dtype of the exported weights: ``dtype`` by name, or for ``"auto"`` the base checkpoint's own
+    (``config.dtype``; float32 when it names none). ConfigError for an unknown name."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not a weights dtype; choose one of: {', '.join(DTYPES)}",
+                          hint="auto = the base model's own dtype (bfloat16 for most recent LLMs)")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    own = getattr(base_config, "dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if own in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
+    """Rebuild the run (LoRA merged, on CPU) and write the self-contained model folder into ``out``.
+
+    Weights are saved in :func:`export_dtype`; feature maps and window logits always stay fp32.
+    """
     from .architectures import arch_spec
     from .convert import describe, linearized_layers
-    from .workspace import open_run, plugin_versions
+    from .export import read_base_config
+    from .recipe import load_recipe
+    from .workspace import RESOLVED_RECIPE, open_run, plugin_versions
 
+    target = export_dtype(dtype, read_base_config(load_recipe(Path(run_dir) / RESOLVED_RECIPE).model))
     recipe, model, tokenizer = open_run(run_dir, "cpu", mode="student", merge_lora=True)
     converted = linearized_layers(model)
     first = converted[0][1]
@@ -367,7 +397,9 @@ def write_hf_export(run_dir: Path, out: Path) -> None:
         "lolcats_version": __version__,
         "model_type": f"lolcats_{base_type}",
         "base_model_type": base_type,
-        "base_model": {"name": recipe.model.name, "revision": recipe.model.revision, "gguf_file": recipe.model.gguf_file},
+        "base_model": {
+            "name": recipe.model.name, "revision": recipe.model.revision, "gguf_file": recipe.model.gguf_file,
+        },
         "feature_map": {"name": info["feature_map"], "params": info["feature_map_params"]},
         "window": {"name": info["window"], "params": info["window_params"]},
         "layers": info["layers"],
@@ -382,7 +414,13 @@ def write_hf_export(run_dir: Path, out: Path) -> None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    write_code(out, settings, model, type(first.feature_map_q), type(first.window), (spec.modeling_module, spec.rotary_fn))
+    rotary = (spec.modeling_module, spec.rotary_fn)
+    write_code(out, settings, model, type(first.feature_map_q), type(first.window), rotary)
+    model.to(target)
+    for _, module in converted:  # the new parameters stay fp32, as trained (the runtime computes in fp32)
+        module.feature_map_q.float()
+        module.feature_map_k.float()
+        module.window_logits.data = module.window_logits.data.float()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -391,10 +429,24 @@ def write_hf_export(run_dir: Path, out: Path) -> None:
     config.update({
         "model_type": settings["model_type"],
         "architectures": [MODEL_CLASS],
-        "auto_map": {"AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}", "AutoModelForCausalLM": f"{MODELING_MODULE}.{MODEL_CLASS}"},
+        "auto_map": {
+            "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
+            "AutoModelForCausalLM": f"{MODELING_MODULE}.{MODEL_CLASS}",
+        },
         "lolcats": settings,
+        "dtype": str(target).removeprefix("torch."),
     })
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["Bundle", "bundle_modules", "flat_name", "write_code", "write_hf_export", "MODEL_CLASS", "CONFIG_CLASS"]
+__all__ = [
+    "CONFIG_CLASS",
+    "DTYPES",
+    "MODEL_CLASS",
+    "Bundle",
+    "bundle_modules",
+    "export_dtype",
+    "flat_name",
+    "write_code",
+    "write_hf_export",
+]

@@ -55,9 +55,8 @@ class TrainSettings:
     @classmethod
     def from_section(cls, section: Any) -> TrainSettings:
         """Take the fields of this class from a recipe section (a dataclass or a mapping)."""
-        get = section.get if isinstance(section, Mapping) else lambda k, d=None: getattr(section, k, d)
-        values = {f.name: get(f.name) for f in dataclasses.fields(cls) if get(f.name) is not None}
-        return cls(**values)
+        data = section if isinstance(section, Mapping) else vars(section)
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 @dataclasses.dataclass

@@ -188,6 +188,14 @@ def test_generate_sampling_is_seeded_and_stops_on_eos() -> None:
     assert sample(eos_token_id=first[stop_at], pad_token_id=0) == first[: stop_at + 1]
 
 
+def test_beam_search_with_cache_equals_without() -> None:
+    """Beam search reorders the cache (``reorder_cache``); without a cache every step is a full forward."""
+    model, ids = _model("terrace", 4), _ids(2, 6)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+
+
 def test_partially_converted_model_keeps_a_softmax_cache() -> None:
     model, ids = _model("terrace", 4, layers=[1]), _ids(2, 6)
     with torch.no_grad():
