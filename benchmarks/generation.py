@@ -1,10 +1,10 @@
 """Decode speed and cache memory against context length: a converted (hybrid) model vs the same model in softmax.
 
 A benchmark, not a test: it prints a table. For each context length it prefills that many random tokens (in
-chunks, through the cache), then times greedy decode steps of one token per sequence (wall time, and GPU kernel time through the profiler: a small
-model's wall time is mostly host-side launch overhead). The hybrid model keeps
-a constant-size state per layer (``core/generation.py``); the softmax baseline is the same weights in teacher
-mode with an ordinary growing KV cache. Examples:
+chunks, through the cache), then times greedy decode steps of one token per sequence: wall time, and on a
+GPU the kernel time per step (profiler), since a small model's wall time is mostly host-side launch
+overhead. The hybrid model keeps a constant-size state per layer (``core/generation.py``); the softmax
+baseline is the same weights in teacher mode with an ordinary growing KV cache. Examples:
 
     python benchmarks/generation.py                                   # SmolLM2-135M shapes, random weights
     python benchmarks/generation.py --model smollm2-135m              # the real embedded model
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -130,7 +130,7 @@ def eval_command(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples for lm-eval (default: each task's own)."),
     limit: Optional[str] = typer.Option(None, "--limit", help="lm-eval examples per task: a count, or a fraction below 1."),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="A folder of extra lm-eval task YAML files."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="At most this many tokens per context length for perplexity."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", help="At most this many tokens per context length for perplexity (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the passkey prompts and lm-eval sampling."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (nothing else)."),
@@ -145,7 +145,7 @@ def eval_command(
         run_dir, model, text_file=text, dataset=dataset, contexts=_ints(contexts, "--contexts"),
         passkey_lengths=_ints(passkey, "--passkey"), passkey_n=passkey_n, seed=seed, tasks=task_list,
         num_fewshot=num_fewshot, limit=_limit(limit), include_path=include_path, device=device,
-        max_tokens=max_tokens, reporter=RichReporter(),
+        max_tokens=max_tokens or None, reporter=RichReporter(),
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

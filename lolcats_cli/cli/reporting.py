@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -38,6 +39,8 @@ class RichReporter:
         self.show_tables = show_tables
         self.progress: Progress | None = None
         self.task: Any = None
+        self._last_line = 0.0  # when not on a terminal: time of the last plain progress line
+
 
     def start(self, title: str, total_steps: int, done_steps: int) -> None:
         self.progress = Progress(
@@ -57,6 +60,13 @@ class RichReporter:
     def step(self, info) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=info.step, tokens=info.tokens, tps=info.tokens_per_s, loss=info.loss)
+        if not self.console.is_terminal and (time.monotonic() - self._last_line > 30 or info.step == info.total_steps):
+            # Logs and CI have no live bar: a plain line at most every 30 s.
+            self._last_line = time.monotonic()
+            self.console.print(
+                f"step {info.step}/{info.total_steps} · {info.tokens:,} tok · {info.tokens_per_s:.0f} tok/s · "
+                f"loss {info.loss:.4g} · lr {info.lr:.2g}"
+            )
 
     def evaluated(self, info) -> None:
         layers = info.details.get("layers")

@@ -38,6 +38,7 @@ ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed"
 SOFTMAX_ROWS: tuple[str, ...] = ("teacher", "sink_window")
 SINK_WINDOW, SINK_TOKENS = 64, 4
 LONG_RANGE_FROM = 1024  # "past 1024": targets at positions >= 1024
+DEFAULT_MAX_TOKENS = 32_768  # per context length: enough for a stable perplexity, minutes on a CPU
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -70,6 +71,7 @@ class EvalReport:
     tasks: list[str]
     mse_context: int | None  # the context length the attention MSE was measured at
     rows: dict[str, RowResult]
+    max_tokens: int | None = None  # the cap on perplexity tokens per context length (None = all)
     wall_time_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,17 +350,36 @@ def _pick_rows(rows: Sequence[str] | None, converted: bool) -> list[str]:
     return list(dict.fromkeys(rows))
 
 
+def _check_arguments(run_dir: str | Path | None, model_id: str | None, text_file: str | Path | None,
+                     dataset: str | None, passkey_lengths: Sequence[int], passkey_n: int, max_tokens: int | None,
+                     sink_window: int, sink_tokens: int) -> bool:
+    """Every check that needs no model, all problems at once; returns whether ``run_dir`` is the source."""
+    if (run_dir is None) == (model_id is None):
+        raise ConfigError("pass either a run directory or --model ID|PATH (exactly one of them)",
+                          "e.g. `lolcats eval runs/smollm2-135m` or `lolcats eval --model smollm2-135m`")
+    problems = []
+    if text_file is not None and dataset is not None:
+        problems.append(f"--text {text_file} and --dataset {dataset}: pass one of them")
+    if passkey_lengths and passkey_n < 1:
+        problems.append(f"--passkey-n: must be at least 1 (got {passkey_n}); e.g. --passkey-n 20")
+    if max_tokens is not None and max_tokens < 1:
+        problems.append(f"--max-tokens: must be at least 1 (got {max_tokens}); leave it out to use all the text")
+    if sink_window < 1 or sink_tokens < 0:
+        problems.append(f"sink window {sink_window} / sink tokens {sink_tokens}: need a window >= 1 and sinks >= 0")
+    if problems:
+        raise ConfigError(problems)
+    if run_dir is not None:
+        check_run_dir(Path(run_dir))
+    return run_dir is not None
+
+
 def _load(run_dir: str | Path | None, model_id: str | None, device: torch.device) -> tuple[Any, Any, Any, Any]:
     """``(hf_model, peft_model or None, tokenizer, data_cfg)``, converted, in eval mode on ``device``."""
     from .recipe import DataConfig, ModelConfig
 
-    if (run_dir is None) == (model_id is None):
-        raise ConfigError("pass either a run directory or --model ID|PATH (exactly one of them)",
-                          "e.g. `lolcats eval runs/smollm2-135m` or `lolcats eval --model smollm2-135m`")
     if run_dir is not None:
         from .workspace import open_run
 
-        check_run_dir(Path(run_dir))
         recipe, model, tokenizer = open_run(Path(run_dir), device, mode="teacher", merge_lora=False)
         peft_model = model if hasattr(model, "disable_adapter") else None
         hf_model = model.get_base_model() if peft_model is not None else model
@@ -387,7 +408,7 @@ def evaluate_run(
     include_path: str | Path | None = None,
     device: str | torch.device | None = None,
     rows: Sequence[str] | None = None,
-    max_tokens: int | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
     sink_window: int = SINK_WINDOW,
     sink_tokens: int = SINK_TOKENS,
     reporter: Reporter | None = None,
@@ -395,8 +416,8 @@ def evaluate_run(
     """Compare the rows of :data:`ROWS` on perplexity, attention MSE, passkey retrieval and lm-eval tasks.
 
     ``run_dir`` (a finished transfer or finetune run) or ``model_id`` (a plain model: teacher and sink rows
-    only). ``max_tokens`` caps the tokens evaluated per context length. Every argument is checked before
-    the first forward pass: a bad value fails in seconds, not after an hour of evaluation.
+    only). ``max_tokens`` caps the tokens evaluated per context length (None = all the text). Every argument
+    is checked before the first forward pass: a bad value fails in seconds, not after an hour of evaluation.
     """
     from .models import max_positions
     from .passkey import build_prompts, passkey_accuracy
@@ -404,8 +425,9 @@ def evaluate_run(
 
     start = time.perf_counter()
     reporter = reporter or NullReporter()
-    if passkey_n < 1 and passkey_lengths:
-        raise ConfigError(f"--passkey-n: must be at least 1 (got {passkey_n})", "e.g. --passkey-n 20")
+    converted_run = _check_arguments(run_dir, model_id, text_file, dataset, passkey_lengths, passkey_n, max_tokens,
+                                     sink_window, sink_tokens)
+    chosen = _pick_rows(rows, converted_run)
     taskset = None
     if tasks:
         from .lm_eval_bridge import resolve_tasks
@@ -413,8 +435,6 @@ def evaluate_run(
         taskset = resolve_tasks(list(tasks), include_path)
     device = pick_device(device)
     hf_model, peft_model, tokenizer, data_cfg = _load(run_dir, model_id, device)
-    converted_run = run_dir is not None
-    chosen = _pick_rows(rows, converted_run)
     limit_pos = max_positions(hf_model)
     contexts = _lengths(contexts, "--contexts", limit_pos)
     passkey_lengths = _lengths(passkey_lengths, "--passkey", limit_pos)
@@ -451,7 +471,7 @@ def evaluate_run(
         source=str(run_dir if run_dir is not None else model_id), kind="run" if converted_run else "model",
         text=what, text_tokens=int(stream.numel()), contexts=contexts, passkey_lengths=passkey_lengths,
         passkey_n=passkey_n, seed=seed, tasks=list(taskset.names) if taskset else [], mse_context=mse_context,
-        rows=results, wall_time_s=time.perf_counter() - start,
+        rows=results, max_tokens=max_tokens, wall_time_s=time.perf_counter() - start,
     )  # fmt: skip
 
 

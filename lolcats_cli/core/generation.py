@@ -24,11 +24,12 @@ makes right padding exact on the real tokens anyway).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from ..api import Window, window_masks
 from ..errors import ModelError
@@ -125,7 +126,9 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, pads: Tensor, attn: Hybrid
     return _keep(_shift_rows(y, (T - pads) % T), real)
 
 
-def padded_prefill_state(k: Tensor, v: Tensor, pads: Tensor, num_heads: int, attn: HybridAttentionModule) -> HybridState:
+def padded_prefill_state(
+    k: Tensor, v: Tensor, pads: Tensor, num_heads: int, attn: HybridAttentionModule
+) -> HybridState:
     """The decode state after left-padded prompts: k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, pads ``(B,)``.
 
     Row b has ``n_b = T - pads[b]`` real tokens; S and z hold its real keys before ``f(n_b)``; the buffers hold
@@ -240,7 +243,8 @@ class HybridLayer(CacheLayerMixin):
         if L > 0 and not self._pad_only_rows:
             return self.pads
         real = real_tokens(mask, t)
-        if real is None:
+        if real is None:  # every new token is real
+            self._pad_only_rows = False
             return self.pads
         old = self.pads if self.pads is not None else torch.zeros(B, dtype=torch.long, device=device)
         pads = torch.where(old == L, old + leading_pads(real.to(device)), old)  # only rows with no real token yet
@@ -322,17 +326,21 @@ class LinearAttentionCache(Cache):
 
 def make_cache(model: Any) -> LinearAttentionCache:
     """An empty :class:`LinearAttentionCache` for ``model``: a HybridLayer for each layer in student mode,
-    a DynamicLayer for every other one. Pass it as ``past_key_values`` to ``generate()`` or ``forward``.
-    (Not required: converted layers adopt any empty transformers cache they are given.)"""
+    and for every other layer what ``DynamicCache(config=...)`` would hold (a sliding-window layer where the
+    model has one). Pass it as ``past_key_values`` to ``generate()`` or ``forward``. Not required: converted
+    layers adopt any empty transformers cache they are given."""
     from .convert import linearized_layers  # convert imports linear_attention, which imports this module
 
     converted = linearized_layers(model)
     if not converted:
         raise ModelError(f"{type(model).__name__} has no linearized layers", hint="call convert_model(model) first")
     students = {i for i, m in converted if m.mode == "student"}
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config(decoder=True)
     n = int(config.num_hidden_layers)
-    return LinearAttentionCache([HybridLayer() if i in students else DynamicLayer() for i in range(n)])
+    layers = list(DynamicCache(config=config).layers)
+    if len(layers) != n:  # a config transformers cannot lay out: plain full-attention layers
+        layers = [DynamicLayer() for _ in range(n)]
+    return LinearAttentionCache([HybridLayer() if i in students else layer for i, layer in enumerate(layers)])
 
 
 def hybrid_cache_layer(cache: Any, layer_idx: int) -> HybridLayer:

@@ -28,7 +28,7 @@ def require_lm_eval() -> Any:
     """The ``lm_eval`` module; LolcatsError with the pip command when it is not installed."""
     try:
         import lm_eval
-        import lm_eval.tasks  # noqa: F401
+        import lm_eval.tasks
     except ImportError as e:
         raise LolcatsError(
             f"--tasks needs lm-evaluation-harness, which is not installed ({e})", f"install it: {INSTALL}"

@@ -128,8 +128,7 @@ def test_explicit_cache_and_naive_prefill_agree() -> None:
 
 
 def test_padded_prefill_state_without_pads_equals_kernel_state() -> None:
-    model, ids = _model("terrace", 4), _ids(2, 19)
-    attn = linearized_layers(model)[0][1]
+    attn = linearized_layers(_model("terrace", 4))[0][1]
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, h, 19, 16, generator=gen) for h in (4, 2, 2))
     _, ref = hybrid_prefill(q, k, v, attn.feature_map_q, attn.feature_map_k, attn.window_logits, attn.window)
@@ -220,6 +219,13 @@ def test_mistral_student_decodes_with_the_models_own_sliding_cache() -> None:
         out = model(ids[:, :20], use_cache=True)
         step = model(ids[:, 20:24], past_key_values=out.past_key_values, use_cache=True).logits
     torch.testing.assert_close(torch.cat([out.logits, step], dim=1), full, **TOL)
+
+
+def test_make_cache_keeps_sliding_softmax_layers() -> None:
+    model, ids = _model("sliding", 4, layers=[1], arch="mistral"), _ids(2, 24)
+    cache = make_cache(model)
+    assert type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer" and isinstance(cache.layers[1], HybridLayer)
+    torch.testing.assert_close(_decode(model, ids, [18] + [1] * 6, cache), _full_logits(model, ids), **TOL)
 
 
 # ------------------------------------------------------------------------------------------ left padding

@@ -15,8 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lolcats_cli.api import Window, WindowParams
 from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
-from lolcats_cli.kernels import hybrid_attention
-from lolcats_cli.kernels import chunked
+from lolcats_cli.kernels import chunked, hybrid_attention
 from lolcats_cli.kernels.chunked import DEFAULT_CHUNK, hybrid_attention_chunked
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.naive import hybrid_attention_naive
