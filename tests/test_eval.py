@@ -144,7 +144,7 @@ def test_context_managers_put_everything_back(tiny_model_dir):
         assert {m.mode for _, m in linearized_layers(model)} == {"teacher"}
         assert all(m._forward_pre_hooks for _, m in linearized_layers(model))
     with zero_linear_branch(model):
-        assert all(m.feature_map_q is not fm for (_, m), fm in zip(linearized_layers(model), maps))
+        assert all(m.feature_map_q is not fm for (_, m), fm in zip(linearized_layers(model), maps, strict=True))
     assert [m.feature_map_q for _, m in linearized_layers(model)] == maps
     assert {m.mode for _, m in linearized_layers(model)} == {"student"}
     assert not any(m._forward_pre_hooks for _, m in linearized_layers(model))

@@ -146,7 +146,7 @@ def test_cli_refuses_an_existing_output_with_one_clear_error(tiny_model_dir, tmp
 @pytest.mark.slow
 def test_a_few_real_steps_on_smollm2(smollm2_gguf, tmp_path):
     recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [
-        "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=128", "data.holdout=2",
+        "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=256", "data.holdout=2",
         "data.num_eval_sequences=1", "data.max_samples=20", "transfer.grad_accum=1", "transfer.max_steps=4",
         "transfer.eval_every=4",
     ]))

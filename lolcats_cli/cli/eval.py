@@ -39,7 +39,7 @@ def _ints(value: Optional[str], flag: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers like 512,2048; got {value!r}", param_hint=flag)
+        raise typer.BadParameter(f"expected comma-separated integers like 512,2048; got {value!r}", param_hint=flag) from None
 
 
 def _limit(value: Optional[str]) -> int | float | None:
@@ -48,7 +48,7 @@ def _limit(value: Optional[str]) -> int | float | None:
     try:
         number = float(value)
     except ValueError:
-        raise typer.BadParameter(f"expected a count (200) or a fraction below 1 (0.1); got {value!r}", param_hint="--limit")
+        raise typer.BadParameter(f"expected a count (200) or a fraction below 1 (0.1); got {value!r}", param_hint="--limit") from None
     if number <= 0:
         raise typer.BadParameter(f"must be positive; got {value!r}", param_hint="--limit")
     return int(number) if number >= 1 and number.is_integer() else number
@@ -140,7 +140,7 @@ def eval_command(
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if not as_json:
-        stderr.print(f"[bold]lolcats eval[/bold] {run_dir or model}")
+        stderr.print(f"[bold]lolcats eval[/bold] {run_dir or model or ''}")
     report = evaluate_run(
         run_dir, model, text_file=text, dataset=dataset, contexts=_ints(contexts, "--contexts"),
         passkey_lengths=_ints(passkey, "--passkey"), passkey_n=passkey_n, seed=seed, tasks=task_list,

@@ -160,11 +160,11 @@ def zero_linear_branch(model: nn.Module) -> Iterator[None]:
     layers = [m for _, m in linearized_layers(model)]
     originals = [m.feature_map_q for m in layers]
     try:
-        for m, fm in zip(layers, originals):
+        for m, fm in zip(layers, originals, strict=True):
             m.feature_map_q = _Zeroed(fm)
         yield
     finally:
-        for m, fm in zip(layers, originals):
+        for m, fm in zip(layers, originals, strict=True):
             m.feature_map_q = fm
 
 
@@ -178,22 +178,24 @@ def as_row(model: nn.Module, row: str, *, peft_model: Any = None, sink_window: i
     """
     from .convert import linearized_layers, set_mode
 
+    if row not in ROWS:
+        raise ConfigError(f"row {row!r} is not an evaluation row; {did_you_mean(row, ROWS)}valid: {', '.join(ROWS)}")
     before = linearized_layers(model)[0][1].mode
-    with contextlib.ExitStack() as stack:
-        if row in SOFTMAX_ROWS:
-            set_mode(model, "teacher")
-            if peft_model is not None:
-                stack.enter_context(peft_model.disable_adapter())
-            if row == "sink_window":
-                stack.enter_context(sink_attention(model, sink_window, sinks))
-        else:
-            set_mode(model, "student")
-            if row == "linear_zeroed":
-                stack.enter_context(zero_linear_branch(model))
-        try:
+    try:
+        with contextlib.ExitStack() as stack:
+            if row in SOFTMAX_ROWS:
+                set_mode(model, "teacher")
+                if peft_model is not None:
+                    stack.enter_context(peft_model.disable_adapter())
+                if row == "sink_window":
+                    stack.enter_context(sink_attention(model, sink_window, sinks))
+            else:
+                set_mode(model, "student")
+                if row == "linear_zeroed":
+                    stack.enter_context(zero_linear_branch(model))
             yield
-        finally:
-            set_mode(model, before)
+    finally:
+        set_mode(model, before)
 
 
 # ------------------------------------------------------------------------------------ text and losses
@@ -363,7 +365,7 @@ def _check_arguments(run_dir: str | Path | None, model_id: str | None, text_file
     if passkey_lengths and passkey_n < 1:
         problems.append(f"--passkey-n: must be at least 1 (got {passkey_n}); e.g. --passkey-n 20")
     if max_tokens is not None and max_tokens < 1:
-        problems.append(f"--max-tokens: must be at least 1 (got {max_tokens}); leave it out to use all the text")
+        problems.append(f"--max-tokens: must be at least 1 (got {max_tokens}); None (--max-tokens 0) uses all the text")
     if sink_window < 1 or sink_tokens < 0:
         problems.append(f"sink window {sink_window} / sink tokens {sink_tokens}: need a window >= 1 and sinks >= 0")
     if problems:
