@@ -16,7 +16,7 @@ from lolcats_cli.cli.main import app, main, register_commands
 from lolcats_cli.core import registry
 
 # Pinned: a command added or renamed is a deliberate change to this list.
-COMMANDS = ["init", "transfer", "finetune", "chat", "export", "plugins"]
+COMMANDS = ["init", "transfer", "finetune", "eval", "chat", "export", "plugins"]
 
 runner = CliRunner()
 

@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("init", "init"),
     ("transfer", "transfer"),
     ("finetune", "finetune"),
+    ("eval", "eval"),
     ("chat", "chat"),
     ("export", "export"),
     ("plugins", "plugins"),

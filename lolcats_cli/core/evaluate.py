@@ -225,7 +225,7 @@ def token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None,
 
 def mean_token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor | None, device: torch.device) -> float:
     """Mean next-token NLL per predicted token over ``input_ids`` ``(N, T)``, one sequence at a time
-    (the same number as ``core.finetune.heldout_loss``, which can become this function)."""
+    (finetune uses it as its held-out loss)."""
     total, count = 0.0, 0
     for row in range(input_ids.shape[0]):
         lab = None if labels is None else labels[row : row + 1]

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import load_json, save_json, save_tensors
+from .evaluate import mean_token_nll as heldout_loss
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
@@ -47,23 +48,6 @@ def lora_config(recipe: Recipe):
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
         bias="none", task_type="CAUSAL_LM",
     )
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, device) -> float:
-    """Mean next-token cross-entropy (nats per predicted token) over held-out sequences, one at a time."""
-    total, count = 0.0, 0
-    for row in range(input_ids.shape[0]):
-        ids = input_ids[row : row + 1].to(device)
-        lab = ids if labels is None else labels[row : row + 1].to(device)
-        with autocast_for(device):
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-        target = lab[:, 1:]
-        mask = target != -100
-        if mask.any():
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], target[mask], reduction="sum")
-            total, count = total + nll.item(), count + int(mask.sum())
-    return total / max(count, 1)
 
 
 def run_finetune(
