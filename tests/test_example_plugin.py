@@ -59,3 +59,22 @@ def test_env_var_can_leave_it_out(monkeypatch: pytest.MonkeyPatch) -> None:
         registry.get_feature_map("softplus")
     monkeypatch.setenv(registry.ENV_VAR, DIST)
     assert registry.get_feature_map("softplus").__name__ == "Softplus"
+
+
+def test_usable_by_name_in_a_conversion(tiny_model_dir) -> None:
+    """A third-party feature map converts a real model by name, trains and generates like a built-in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.convert import convert_model, describe, linearized_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    convert_model(model, feature_map="softplus", feature_map_params={"feature_dim": 8}, window="sliding",
+                  window_params={"size": 4})
+    assert describe(model)["feature_map"] == "softplus"
+    assert all(type(m.feature_map_q).__module__ == "lolcats_example_plugin" for _, m in linearized_layers(model))
+    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.feature_map_q.weight.grad is not None for _, m in linearized_layers(model))
+    out = model.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
