@@ -154,3 +154,15 @@ def test_a_few_real_steps_on_smollm2(smollm2_gguf, tmp_path):
     assert len(result.layers) == 30
     improved = sum(r["mse_after"] < r["mse_before"] for r in result.layers)
     assert improved >= 25, result.layers
+
+
+def test_bad_plugin_settings_fail_before_anything_is_loaded_or_written(tiny_model_dir, tmp_path):
+    from lolcats_cli.errors import ConfigError
+
+    recipe = tiny_recipe(tiny_model_dir, "attention.window_params.size=0", "attention.feature_map=hedgehg")
+    with pytest.raises(ConfigError) as err:
+        run_transfer(recipe, tmp_path / "never", device="cpu")
+    assert len(err.value.errors) == 2
+    assert "did you mean 'hedgehog'" in err.value.errors[0]
+    assert err.value.errors[1].startswith("attention.window_params.size:")
+    assert not (tmp_path / "never").exists()

@@ -20,7 +20,7 @@ from .checkpoint import save_json, save_tensors
 from .progress import Reporter
 from .recipe import Recipe, load_recipe
 from .trainer import Trainer, TrainSettings
-from .workspace import RESOLVED_RECIPE, load_converted_model, pick_device, prepare_run_dir, record_run
+from .workspace import RESOLVED_RECIPE, check_plugins, load_converted_model, pick_device, prepare_run_dir, record_run
 
 ATTENTION_WEIGHTS = "attention.safetensors"
 METRICS = "metrics.json"
@@ -129,11 +129,13 @@ def run_transfer(
     from .convert import attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
     from .data import build_datasets
 
+    if not resume:
+        if recipe is None:
+            raise ConfigError("no recipe given", "pass --recipe or --model")
+        check_plugins(recipe)  # before anything is written
     run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
-    elif recipe is None:
-        raise ConfigError("no recipe given", "pass --recipe or --model")
     device = pick_device(device)
     tcfg = recipe.transfer
     if tcfg.block_size is not None:

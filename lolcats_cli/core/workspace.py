@@ -78,11 +78,32 @@ def record_run(run_dir: Path, recipe: Recipe, source: dict[str, Any] | None = No
     write_versions(run_dir, plugin_versions(recipe))
 
 
+def check_plugins(recipe: Recipe) -> None:
+    """Resolve the recipe's feature map and window and validate their parameters; every problem at once."""
+    from ..errors import ConfigError, PluginError
+    from .registry import build_params, get_feature_map, get_window
+
+    att, errors = recipe.attention, []
+    for getter, name, params, where in (
+        (get_feature_map, att.feature_map, att.feature_map_params, "attention.feature_map_params"),
+        (get_window, att.window, att.window_params, "attention.window_params"),
+    ):
+        try:
+            build_params(getter(name), params, where)
+        except ConfigError as e:
+            errors.extend(e.errors)
+        except PluginError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError(errors, "fix the recipe or pass overrides such as attention.window_params.size=64")
+
+
 def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "student"):
     """Load the recipe's base model and swap its attentions; returns ``(model, tokenizer, source_info)``."""
     from .convert import convert_model
     from .models import check_seq_len, load_model
 
+    check_plugins(recipe)  # fail before the (slow) model load
     model, tokenizer, source = load_model(recipe.model, device=device)
     check_seq_len(model, recipe.data.seq_len)
     att = recipe.attention

@@ -54,7 +54,7 @@ def test_paper_recipes_match_the_paper():
     assert (big.transfer.block_size, big.finetune.lora.rank) == (9, 4)
     assert load_recipe("llama-3.1-70b").transfer.block_size is None
     small = load_recipe("smollm2-135m")
-    assert (small.model.name, small.data.dataset, small.data.seq_len, small.transfer.max_steps) == ("smollm2-135m", "pydoc", 512, 120)
+    assert (small.model.name, small.data.dataset, small.data.seq_len, small.transfer.max_steps) == ("smollm2-135m", "pydoc", 512, 200)
 
 
 def test_defaults_are_the_papers():
