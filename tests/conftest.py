@@ -75,6 +75,18 @@ def build_tiny_model(folder: Path, tokenizer, model_type: str = "llama", seed: i
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops: on a busy 2-core machine a second thread only adds
+    contention (measured 10-20x slower per-token steps). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))

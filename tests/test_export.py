@@ -38,13 +38,7 @@ def _recipe(model_dir: Path) -> Recipe:
     return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared 2-core machine loses a lot to oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ WINDOWS = {  # id: (window, size)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny per-token ops: one intra-op thread is 20x faster than two on a busy 2-core machine (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(window: str = "terrace", size: int = 4, layers="all", arch: str = "llama", seed: int = 0):

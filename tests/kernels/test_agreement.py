@@ -51,13 +51,7 @@ class TwoSoftmaxMap(nn.Module):
         return torch.cat([h.softmax(dim=-1), (-h).softmax(dim=-1)], dim=-1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small ops on a shared 2-core machine: a second thread only adds contention (20x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(T: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
