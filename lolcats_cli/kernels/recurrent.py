@@ -160,10 +160,16 @@ def hybrid_step(
 
     k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)  # (B, Hkv, P + t, D): positions [L - P, L + t)
     v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
-    fk = phi_k(expand_kv(k_all, H)).float()  # (B, H, P + t, F)
     k_pos = torch.arange(L - P, L + t, device=q.device)
     q_pos = k_pos[P:]
     lo, hi = folded_before(window, L), folded_before(window, L + t)
+    # Only keys in [lo, hi) can be in a query's linear branch here (older ones are folded into S, newer
+    # ones are inside every query's window), and they are exactly the keys that leave the buffer: phi_k
+    # runs on them alone (one key per decode step with a sliding window), the rest stay zero (masked out).
+    leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
+    fk = q.new_zeros(q.shape[0], H, P + t, state.S.shape[2], dtype=torch.float32)  # (B, H, P + t, F)
+    if hi > lo:
+        fk[:, :, leaving] = phi_k(expand_kv(k_all[:, :, leaving], H)).float()
     in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
 
     y = attend_chunks(
@@ -172,7 +178,6 @@ def hybrid_step(
         in_window, in_linear, window_logits, scale,
     ).squeeze(2)  # fmt: skip
 
-    leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
     dS, dz = kv_state(fk[:, :, leaving], v_all[:, :, leaving].float())
     new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t)
     return y.to(q.dtype), new_state
