@@ -17,13 +17,13 @@ import sys
 from collections.abc import Sequence
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
 from .. import __version__
 from ..errors import LolcatsError
+from .reporting import make_console
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
 COMMANDS: list[tuple[str, str]] = [
@@ -45,7 +45,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-stderr = Console(stderr=True)
+stderr = make_console(stderr=True)
 
 
 def _version(value: bool) -> None:

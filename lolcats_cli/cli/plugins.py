@@ -8,10 +8,10 @@ import json
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..core import registry
+from .reporting import stdout
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -50,7 +50,7 @@ def command(
     table = Table("kind", "name", "distribution", "version", title="lolcats plugins", title_justify="left")
     for row in rows:
         table.add_row(row["kind"], row["name"], row["distribution"], row["version"])
-    Console().print(table)
+    stdout.print(table)
 
 
 def _describe(name: str, kind: Optional[str], as_json: bool) -> None:
@@ -63,7 +63,7 @@ def _describe(name: str, kind: Optional[str], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({**dataclasses.asdict(info), "doc": doc, "params": params}, indent=2, default=repr))
         return
-    console = Console()
+    console = stdout
     console.print(f"[bold]{info.name}[/bold] ({info.kind}) from {info.distribution} {info.version}: {info.target}")
     if doc:
         console.print(doc, markup=False, highlight=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -9,8 +11,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-stderr = Console(stderr=True)
-stdout = Console()
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that writes full-width tables into logs and pipes too: Rich would wrap them at 80 columns
+    when the stream is not a terminal; there we use COLUMNS if set, else 160."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 160
+    return Console(stderr=stderr, width=width)
+
+
+stderr = make_console(stderr=True)
+stdout = make_console()
 
 
 def layer_table(layers: list[dict[str, Any]], title: str, now_key: str = "mse") -> Table:
