@@ -147,7 +147,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The device asked for, else the GPU when there is one, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -210,7 +211,7 @@ def load_model(model_cfg: Any, device: str | torch.device | None = None) -> tupl
     describes what was loaded, for versions and metrics.
     """
     start = time.perf_counter()
-    device = _pick_device(device)
+    device = pick_device(device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
     tokenizer = load_tokenizer(model_cfg, src)

@@ -59,6 +59,15 @@ class TrainSettings:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(step folder, state)`` of the newest complete checkpoint in ``ckpt_dir``, or None."""
+    pointer = Path(ckpt_dir) / "latest.json"
+    if not pointer.exists():
+        return None
+    folder = Path(ckpt_dir) / load_json(pointer)["folder"]
+    return folder, load_json(folder / "state.json")
+
+
 @dataclasses.dataclass
 class FitResult:
     steps: int
@@ -167,14 +176,13 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _load(self) -> dict:
-        pointer = self.ckpt_dir / "latest.json"
-        if not pointer.exists():
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is None:
             raise TrainingError(
                 f"nothing to resume: {self.ckpt_dir} has no complete checkpoint",
                 "start the run again without --resume (add --overwrite to replace the folder)",
             )
-        folder = self.ckpt_dir / load_json(pointer)["folder"]
-        state = load_json(folder / "state.json")
+        folder, state = latest
         saved = load_tensors(folder / "trainable.safetensors")
         missing = sorted(set(self.params) - set(saved))
         if missing:

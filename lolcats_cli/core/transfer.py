@@ -19,7 +19,7 @@ from ..errors import ConfigError, TrainingError
 from .checkpoint import save_json, save_tensors
 from .progress import Reporter
 from .recipe import Recipe, load_recipe
-from .trainer import Trainer, TrainSettings
+from .trainer import Trainer, TrainSettings, latest_checkpoint
 from .workspace import RESOLVED_RECIPE, check_plugins, load_converted_model, pick_device, prepare_run_dir, record_run
 
 ATTENTION_WEIGHTS = "attention.safetensors"
@@ -196,15 +196,10 @@ def run_transfer(
 
 def _first_eval(run_dir: Path) -> dict[int, float]:
     """Per-layer MSE of the run's first evaluation (step 0), read back from its latest checkpoint."""
-    from .checkpoint import load_json
-
-    pointer = run_dir / "checkpoints" / "latest.json"
-    if not pointer.exists():
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if latest is None or not latest[1]["history"]:
         return {}
-    state = load_json(run_dir / "checkpoints" / load_json(pointer)["folder"] / "state.json")
-    if not state["history"]:
-        return {}
-    return {row["layer"]: row["mse"] for row in state["history"][0].get("layers", [])}
+    return {row["layer"]: row["mse"] for row in latest[1]["history"][0].get("layers", [])}
 
 
 __all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS", "autocast_for"]

@@ -14,16 +14,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, LolcatsError
+from .models import pick_device
 from .recipe import Recipe, load_recipe, save_resolved, write_versions
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The device asked for, else the GPU when there is one, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
