@@ -72,19 +72,20 @@ def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device) -> float:
 def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Prefill ``context`` random tokens into ``cache``, then time ``args.steps`` greedy one-token steps."""
     from lolcats_cli.core.generation import state_nbytes
+    from lolcats_cli.hf_compat import cache_kwarg
 
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch_size, context), device=device)
     t = time.perf_counter()
     for a in range(0, context, args.prefill_chunk):
-        logits = model(ids[:, a : a + args.prefill_chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, a : a + args.prefill_chunk], **{cache_kwarg(model): cache}, use_cache=True).logits
     sync(device)
     prefill_s = time.perf_counter() - t
     nxt = logits[:, -1:].argmax(dim=-1)
 
     def step() -> None:
         nonlocal nxt
-        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+        nxt = model(nxt, **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1:].argmax(dim=-1)
 
     for _ in range(args.warmup):
         step()

@@ -151,6 +151,10 @@ for name, folder in cfg["exports"].items():
                              return_dict_in_generate=True)
         out[name + ".step_logits"] = torch.stack(gen.logits, dim=1)
         out[name + ".full_logits"] = model(input_ids=gen.sequences, use_cache=False).logits[:, 11:-1]
+    cache = next(getattr(gen, f) for f in ("cache", "past_key_values") if getattr(gen, f, None) is not None)
+    states = [layer for layer in cache.layers if type(layer).__name__ == "HybridLayer" and layer.state is not None]
+    out[name + ".hybrid_layers"] = torch.tensor([len(states), len(cache.layers)])
+    out[name + ".state_length"] = torch.tensor([layer.state.length for layer in states])
     print(name, type(model).__name__, repr(tokenizer.decode(gen.sequences[0, 12:])))
 save_file({k: v.contiguous() for k, v in out.items()}, cfg["out"])
 """
@@ -195,6 +199,11 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_log
         torch.testing.assert_close(got[f"{name}.logits"], run_logits[name], atol=TOL, rtol=TOL)
         assert got[f"{name}.step_logits"].shape[1] == 24
         torch.testing.assert_close(got[f"{name}.step_logits"], got[f"{name}.full_logits"], atol=1e-4, rtol=1e-4)
+        # the bundled runtime decoded with its constant-size state in every converted layer, whatever name
+        # this transformers gives the cache argument
+        converted = len(json.loads((exports[name] / "config.json").read_text())["lolcats"]["layers"])
+        assert got[f"{name}.hybrid_layers"].tolist() == [converted, converted]
+        assert got[f"{name}.state_length"].tolist() == [12 + 24 - 1] * converted
 
     probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import lolcats_cli"], check=False,
                            capture_output=True, text=True, cwd=tmp_path)

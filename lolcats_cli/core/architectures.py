@@ -10,13 +10,13 @@ Adding an architecture whose attention follows the Llama pattern (q/k/v/o projec
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import nn
 
 from ..errors import ModelError, did_you_mean
+from ..hf_compat import rotary_function
 
 RotaryFn = Callable[..., Any]  # apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)
 
@@ -42,7 +42,7 @@ class ArchSpec:
 
     def rotary(self) -> RotaryFn:
         """The architecture's ``apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)``."""
-        return getattr(importlib.import_module(self.modeling_module), self.rotary_fn)
+        return rotary_function(self.modeling_module, self.rotary_fn)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers; ModelError when none of the known paths leads to them."""

@@ -251,6 +251,8 @@ class ChatSession:
                     continue
         if "error" in result:
             raise result["error"]
+        from ..hf_compat import output_cache
+
         out, prompt_len = result["out"], input_ids.shape[1]
         total = int(out.sequences.shape[1])
         stats = ReplyStats(
@@ -258,9 +260,9 @@ class ChatSession:
             new_tokens=total - prompt_len,
             seconds=time.perf_counter() - start,
             first_token_seconds=None if streamer.first_token_at is None else streamer.first_token_at - start,
-            state_bytes=state_bytes(out.past_key_values),
+            state_bytes=state_bytes(output_cache(out)),
             softmax_kv_bytes=softmax_kv_bytes(self.model.config, total, _dtype_bytes(self.model)),
-            cache=describe_cache(out.past_key_values),
+            cache=describe_cache(output_cache(out)),
         )
         if original:
             self.last_original_stats = stats
@@ -329,12 +331,12 @@ def original_caveat(model: Any) -> str | None:
 def _original_model(model: Any, generate_kwargs: dict[str, Any]) -> Iterator[None]:
     """Softmax attention (``teacher`` mode) with any LoRA adapter disabled, restored afterwards; the
     original attention needs every past key, so generation gets a plain DynamicCache."""
-    from transformers import DynamicCache
+    from ..hf_compat import DynamicCache, cache_kwarg
 
     layers = require_original(model)
     modes = [m.mode for _, m in layers]
     disable = getattr(model, "disable_adapter", None)  # peft: the original weights, without the LoRA delta
-    generate_kwargs["past_key_values"] = DynamicCache()
+    generate_kwargs[cache_kwarg(model)] = DynamicCache()
     try:
         for _, m in layers:
             m.mode = "teacher"

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, LolcatsError, did_you_mean
+from ..hf_compat import peek_attention_cache
 from .progress import NullReporter, Reporter
 
 ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed")
@@ -120,7 +121,7 @@ def sink_attention(model: nn.Module, window: int = SINK_WINDOW, sinks: int = SIN
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args = list(args)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
+        cache = peek_attention_cache(tuple(args), kwargs)
         past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
         key = (past, hidden.shape[-2], hidden.device)
         if key not in built:

@@ -240,10 +240,10 @@ from typing import Any
 import torch
 {external_imports}
 from {base_module} import {base_class}
-from {rotary_module} import {rotary_fn} as _apply_rotary
 
 from .{config_module} import {config_class}
 from .{attention_module} import LinearizedAttention
+from .{compat_module} import rotary_function as _rotary_function
 from .{feature_map_module} import {feature_map_class} as _FeatureMap
 from .{window_module} import {window_class} as _Window
 {manifest}
@@ -283,7 +283,7 @@ class {model_class}({base_class}):
                 feature_map_q=_FeatureMap(heads, head_dim, _params(_FeatureMap, fm["params"])),
                 feature_map_k=_FeatureMap(heads, head_dim, _params(_FeatureMap, fm["params"])),
                 window=_Window(_params(_Window, win["params"])),
-                rotary=_apply_rotary,
+                rotary=_rotary_function("{rotary_module}", "{rotary_fn}"),
                 qk_norm=settings["qk_norm"],
                 sliding_window=teacher_window,
                 mode="student",
@@ -320,6 +320,7 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
     ``base_model``: the (converted) causal LM whose class the export subclasses; ``rotary``: the
     architecture's ``(module, function)`` for RoPE. Returns the written file names.
     """
+    from .. import hf_compat
     from ..kernels import recurrent
     from . import linear_attention
 
@@ -351,6 +352,7 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
         base_class=model_cls.__name__, base_module=model_cls.__module__,
         rotary_module=rotary[0], rotary_fn=rotary[1],
         attention_module=bundle.names[linear_attention.__name__],
+        compat_module=bundle.names[hf_compat.__name__],
         feature_map_module=bundle.names[fm_module], feature_map_class=feature_map_cls.__name__,
         window_module=bundle.names[win_module], window_class=window_cls.__name__,
         external_imports="".join(f"import {name}  # noqa: F401 (bundled plugin code needs it)\n" for name in external),

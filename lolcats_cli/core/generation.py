@@ -8,7 +8,7 @@ ordinary growing ``DynamicLayer``.
 How a cache is picked. :class:`LinearizedAttention` in student mode calls :func:`hybrid_cache_layer` on
 whatever ``Cache`` the model hands it. An empty slot of *any* transformers cache (the ``DynamicCache`` that
 ``generate()`` or the model's own forward builds, one the user built) is replaced there by a
-:class:`HybridLayer`, so ``model.generate()`` and ``model(..., past_key_values=DynamicCache(), use_cache=True)``
+:class:`HybridLayer`, so ``model.generate()`` and ``model(..., cache=DynamicCache(), use_cache=True)``
 decode in constant memory with no extra argument. :func:`make_cache` builds a :class:`LinearAttentionCache`
 up front for callers that want one explicitly.
 
@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from ..api import Window, window_masks
 from ..errors import ModelError
+from ..hf_compat import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, check_cache, check_replaceable_layer
 from ..kernels.chunked import attend_chunks, hybrid_attention_chunked, kv_state
 from ..kernels.naive import FeatureFn, expand_kv
 from ..kernels.recurrent import HybridState, hybrid_prefill, hybrid_step
@@ -327,8 +327,8 @@ class LinearAttentionCache(Cache):
 def make_cache(model: Any) -> LinearAttentionCache:
     """An empty :class:`LinearAttentionCache` for ``model``: a HybridLayer for each layer in student mode,
     and for every other layer what ``DynamicCache(config=...)`` would hold (a sliding-window layer where the
-    model has one). Pass it as ``past_key_values`` to ``generate()`` or ``forward``. Not required: converted
-    layers adopt any empty transformers cache they are given."""
+    model has one). Pass it as the cache (keyword :func:`~lolcats_cli.hf_compat.cache_kwarg`) to ``generate()``
+    or ``forward``. Not required: converted layers adopt any empty dynamic transformers cache they are given."""
     from .convert import linearized_layers  # convert imports linear_attention, which imports this module
 
     converted = linearized_layers(model)
@@ -346,13 +346,10 @@ def make_cache(model: Any) -> LinearAttentionCache:
 def hybrid_cache_layer(cache: Any, layer_idx: int) -> HybridLayer:
     """The :class:`HybridLayer` of ``layer_idx`` in ``cache``; an empty layer of any other kind is replaced.
 
-    ModelError when ``cache`` is not a transformers ``Cache`` or its layer already holds softmax keys.
+    ModelError when ``cache`` is not a transformers ``Cache``, its layer already holds softmax keys, or the
+    layer is of a kind that cannot be swapped (:func:`~lolcats_cli.hf_compat.check_replaceable_layer`).
     """
-    if not isinstance(cache, Cache):
-        raise ModelError(
-            f"past_key_values of type {type(cache).__name__} is not a transformers Cache",
-            hint="pass lolcats_cli.core.generation.make_cache(model) or transformers.DynamicCache()",
-        )
+    cache = check_cache(cache, f"layer {layer_idx}")
     while len(cache.layers) <= layer_idx:  # a lazily grown DynamicCache() (built without a config)
         make = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
         cache.layers.append(make())
@@ -366,6 +363,7 @@ def hybrid_cache_layer(cache: Any, layer_idx: int) -> HybridLayer:
             "student mode keeps a recurrent state instead",
             hint="start a fresh cache after set_mode(model, 'student')",
         )
+    check_replaceable_layer(layer, layer_idx)
     cache.layers[layer_idx] = fresh = HybridLayer()
     return fresh
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..api import FeatureMap, Window, window_masks
 from ..errors import ConfigError, ModelError, did_you_mean
+from ..hf_compat import attention_cache, check_cache
 from ..kernels.chunked import hybrid_attention_chunked
 from ..kernels.naive import DEN_EPS, expand_kv
 from .generation import hybrid_cache_layer, leading_pads, padded_attention, real_tokens
@@ -134,8 +135,8 @@ def row_bias(mask: Any, rows: Tensor, q_offset: int, kv_len: int, sliding_window
 class LinearizedAttention(nn.Module):
     """Drop-in replacement for a HF ``*Attention`` of the Llama family (transformers 5 call contract).
 
-    ``forward(hidden_states (B, T, hidden), position_embeddings=(cos, sin), attention_mask, past_key_values)
-    -> (output (B, T, hidden), None)``. Shapes inside: q ``(B, H, T, D)``, k/v ``(B, Hkv, T, D)``.
+    ``forward(hidden_states (B, T, hidden), position_embeddings=(cos, sin), attention_mask, cache)
+    -> (output (B, T, hidden), None)``; the cache under any name :mod:`lolcats_cli.hf_compat` knows. Shapes inside: q ``(B, H, T, D)``, k/v ``(B, Hkv, T, D)``.
     """
 
     def __init__(
@@ -198,10 +199,12 @@ class LinearizedAttention(nn.Module):
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Any = None,
-        past_key_values: Any = None,
-        cache_position: Tensor | None = None,
+        *extra: Any,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
+        # The KV cache arrives as `cache` (transformers >= 5.24) or `past_key_values`; hf_compat knows the
+        # names and raises on a cache-like argument it does not know, instead of decoding without state.
+        cache = attention_cache(extra, kwargs, f"layer {self.layer_idx}")
         if position_embeddings is None:
             raise ModelError(f"layer {self.layer_idx}: no position_embeddings (cos, sin) were passed to attention")
         input_shape = hidden_states.shape[:-1]  # (B, T)
@@ -209,17 +212,18 @@ class LinearizedAttention(nn.Module):
         frozen = torch.no_grad() if self.mode == "transfer" else contextlib.nullcontext()
         with frozen:
             q, k, v = self._qkv(hidden_states, position_embeddings)
-            if past_key_values is not None and self.mode != "student":
-                seen = past_key_values.get_seq_length(self.layer_idx) if self.mode == "transfer" else 0
-                k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, T_past + T, D)
+            if cache is not None and self.mode != "student":
+                cache = check_cache(cache, f"layer {self.layer_idx}")
+                seen = cache.get_seq_length(self.layer_idx) if self.mode == "transfer" else 0
+                k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T_past + T, D)
                 if self.mode == "transfer" and k.shape[2] != seen + q.shape[2]:
-                    raise self._cache_error(past_key_values, k.shape[2], seen + q.shape[2])
+                    raise self._cache_error(cache, k.shape[2], seen + q.shape[2])
 
         if self.mode == "teacher":
             dropout = self.attention_dropout if self.training else 0.0
             y = softmax_attention(q, k, v, attention_mask, self.scaling, self.sliding_window, dropout)
         elif self.mode == "student":
-            y = self._student(q, k, v, attention_mask, past_key_values)
+            y = self._student(q, k, v, attention_mask, cache)
         else:
             y = self._transfer(q, k, v, attention_mask)
 
@@ -231,7 +235,7 @@ class LinearizedAttention(nn.Module):
             f"layer {self.layer_idx}: {self.mode} mode needs every past key, but the KV cache "
             f"({type(cache).__name__}) returned {got} of {want} positions (it drops old keys: a sliding-window "
             "or static cache)",
-            hint="pass past_key_values=transformers.DynamicCache() (built without a config) or use_cache=False",
+            hint="pass a transformers.DynamicCache() (built without a config) as the cache, or use_cache=False",
         )
 
     def _qkv(self, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

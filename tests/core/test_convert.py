@@ -26,6 +26,7 @@ from lolcats_cli.core.convert import (  # noqa: E402
 )
 from lolcats_cli.core.linear_attention import softmax_attention  # noqa: E402
 from lolcats_cli.errors import ConfigError, ModelError  # noqa: E402
+from lolcats_cli.hf_compat import cache_kwarg  # noqa: E402
 from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
 
 T = 24
@@ -102,9 +103,9 @@ def test_kv_cache_decode_matches_full_forward(mode: str) -> None:
     cache = transformers.DynamicCache(config=model.config) if mode == "teacher" else transformers.DynamicCache()
     with torch.no_grad():
         full = model(ids).logits
-        model(ids[:, :20], past_key_values=cache, use_cache=True)
-        step = model(ids[:, 20:22], past_key_values=cache, use_cache=True).logits
-        step2 = model(ids[:, 22:23], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :20], **{cache_kwarg(model): cache}, use_cache=True)
+        step = model(ids[:, 20:22], **{cache_kwarg(model): cache}, use_cache=True).logits
+        step2 = model(ids[:, 22:23], **{cache_kwarg(model): cache}, use_cache=True).logits
     torch.testing.assert_close(step, full[:, 20:22], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step2[:, 0], full[:, 22], atol=1e-5, rtol=1e-5)
 

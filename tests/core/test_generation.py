@@ -24,6 +24,7 @@ from lolcats_cli.core.generation import (  # noqa: E402
     state_nbytes,
 )
 from lolcats_cli.errors import ModelError  # noqa: E402
+from lolcats_cli.hf_compat import cache_kwarg, output_cache  # noqa: E402
 from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
 from lolcats_cli.kernels.recurrent import hybrid_prefill  # noqa: E402
 
@@ -78,7 +79,7 @@ def _decode(model, ids: torch.Tensor, sizes: list[int], cache=None) -> torch.Ten
     out, at = [], 0
     with torch.no_grad():
         for n in sizes:
-            out.append(model(ids[:, at : at + n], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, at : at + n], **{cache_kwarg(model): cache}, use_cache=True).logits)
             at += n
     assert at == ids.shape[1] and cache.get_seq_length() == at
     return torch.cat(out, dim=1)
@@ -140,9 +141,9 @@ def test_state_size_is_constant_in_context_length() -> None:
         cache = DynamicCache()
         with torch.no_grad():
             for i, n in enumerate(chunks):
-                model(ids[:, i * 1000 : i * 1000 + n], past_key_values=cache, use_cache=True)
+                model(ids[:, i * 1000 : i * 1000 + n], **{cache_kwarg(model): cache}, use_cache=True)
             for j in range(length, length + 3):
-                logits = model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits
+                logits = model(ids[:, j : j + 1], **{cache_kwarg(model): cache}, use_cache=True).logits
         assert torch.isfinite(logits).all()
         assert cache.get_seq_length() == length + 3
         sizes[length] = state_nbytes(cache)
@@ -161,8 +162,8 @@ def test_generate_greedy_equals_greedy_over_full_forwards(name: str) -> None:
     assert torch.equal(out.sequences, _greedy_full(model, ids, 20))
     full = _full_logits(model, out.sequences)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), full[:, 6:-1], **TOL)
-    assert all(isinstance(layer, HybridLayer) for layer in out.past_key_values.layers)  # adopted automatically
-    assert out.past_key_values.get_seq_length() == 26
+    assert all(isinstance(layer, HybridLayer) for layer in output_cache(out).layers)  # adopted automatically
+    assert output_cache(out).get_seq_length() == 26
 
 
 def test_generate_sampling_is_seeded_and_stops_on_eos() -> None:
@@ -195,10 +196,10 @@ def test_partially_converted_model_keeps_a_softmax_cache() -> None:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                              return_dict_in_generate=True)  # fmt: skip
     assert torch.equal(out.sequences, _greedy_full(model, ids, 16))
-    softmax, hybrid = out.past_key_values.layers
+    softmax, hybrid = output_cache(out).layers
     assert isinstance(softmax, DynamicLayer) and softmax.keys.shape[2] == 21  # the last token is never fed back
     assert isinstance(hybrid, HybridLayer) and hybrid.get_seq_length() == 21
-    assert state_nbytes(out.past_key_values) == hybrid.nbytes() + softmax.keys.nbytes + softmax.values.nbytes
+    assert state_nbytes(output_cache(out)) == hybrid.nbytes() + softmax.keys.nbytes + softmax.values.nbytes
 
     cache = make_cache(model)
     assert isinstance(cache.layers[0], DynamicLayer) and isinstance(cache.layers[1], HybridLayer)
@@ -211,7 +212,7 @@ def test_mistral_student_decodes_with_the_models_own_sliding_cache() -> None:
     full = _full_logits(model, ids)
     with torch.no_grad():
         out = model(ids[:, :20], use_cache=True)
-        step = model(ids[:, 20:24], past_key_values=out.past_key_values, use_cache=True).logits
+        step = model(ids[:, 20:24], **{cache_kwarg(model): output_cache(out)}, use_cache=True).logits
     torch.testing.assert_close(torch.cat([out.logits, step], dim=1), full, **TOL)
 
 
@@ -265,7 +266,7 @@ def test_left_padded_forward_and_chunked_prefill_match_unpadded(name: str) -> No
         for a in range(0, ids.shape[1], 3):
             b = min(a + 3, ids.shape[1])
             chunks.append(model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
-                                past_key_values=cache, use_cache=True).logits)  # fmt: skip
+                                **{cache_kwarg(model): cache}, use_cache=True).logits)  # fmt: skip
     cached = torch.cat(chunks, dim=1)
     for i, p in enumerate(prompts):
         real = mask[i].bool()
@@ -295,16 +296,16 @@ def test_cache_misuse_raises_clear_errors() -> None:
     model, ids = _model("sliding", 4), _ids(2, 6)
     cache = make_cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_kwarg(model): cache}, use_cache=True)
         with pytest.raises(ModelError, match="holds 2 sequences but this call has 1"):
-            model(ids[:1, :1], past_key_values=cache, use_cache=True)
+            model(ids[:1, :1], **{cache_kwarg(model): cache}, use_cache=True)
         with pytest.raises(ModelError, match="cannot remove 2 tokens"):
             cache.crop(-2)
         set_mode(model, "teacher")
         with pytest.raises(ModelError, match="cannot serve softmax attention"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], **{cache_kwarg(model): cache}, use_cache=True)
         teacher_cache = DynamicCache()
-        model(ids, past_key_values=teacher_cache, use_cache=True)
+        model(ids, **{cache_kwarg(model): teacher_cache}, use_cache=True)
         set_mode(model, "student")
         with pytest.raises(ModelError, match="already holds 6 softmax keys"):
-            model(ids[:, :1], past_key_values=teacher_cache, use_cache=True)
+            model(ids[:, :1], **{cache_kwarg(model): teacher_cache}, use_cache=True)
