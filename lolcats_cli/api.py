@@ -17,7 +17,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
+# Plugins written for these versions load. v2 added sink keys (``WindowParams.sinks``, ``Window.sinks``);
+# a v1 window keeps working unchanged (its ``sinks`` is 0 unless its Params subclass WindowParams).
+COMPATIBLE_PLUGIN_APIS: frozenset[int] = frozenset({1, 2})
 
 FEATURE_MAP_GROUP = "lolcats.feature_maps"
 WINDOW_GROUP = "lolcats.windows"
@@ -74,16 +77,26 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass
 class WindowParams(PluginParams):
-    """``size``: the number of most recent keys (the query included) the softmax window covers."""
+    """``size``: the number of most recent keys (the query included) the softmax window covers.
+    ``sinks``: the first ``sinks`` positions of a sequence are in the softmax window of every later query
+    and never in the linear branch (attention sinks; 0 = none, the paper's method; 4 in shipped recipes)."""
 
     size: int = 64
+    sinks: int = 0
 
     def errors(self) -> list[str]:
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size <= 0:
-            return [f"size must be a positive integer (got {self.size!r}); the paper uses 64"]
-        return []
+        out = []
+        if not _is_int(self.size) or self.size <= 0:
+            out.append(f"size must be a positive integer (got {self.size!r}); the paper uses 64")
+        if not _is_int(self.sinks) or self.sinks < 0:
+            out.append(f"sinks must be an integer >= 0 (got {self.sinks!r}); 4 is a good choice, 0 = none")
+        return out
 
 
 class Window:
@@ -94,6 +107,10 @@ class Window:
     window belongs to the linear branch, and once a key leaves the window it never comes back. That is
     what lets the chunked form look back only ``span`` keys and the recurrent form keep a buffer of
     ``span`` keys plus the linear state.
+
+    Sinks (plugin API v2): the first :attr:`sinks` positions are also in every later query's window and
+    never in the linear branch, so ``W(n) = [0, sinks) U [start(n), n]``. The kernels handle them from
+    this attribute alone; a window plugin only has to accept the ``sinks`` parameter (inherit WindowParams).
     """
 
     Params: ClassVar[type[WindowParams]] = WindowParams
@@ -110,6 +127,11 @@ class Window:
         """First window position for each query position; LongTensor of any shape -> same shape."""
         raise NotImplementedError
 
+    @property
+    def sinks(self) -> int:
+        """How many leading positions are sink keys (``params.sinks``; 0 when the params have none)."""
+        return int(getattr(self.params, "sinks", 0) or 0)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
 
@@ -118,19 +140,21 @@ def window_masks(window: Window, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, 
     """Boolean masks ``(..., Tq, Tk)`` of the softmax window and of the linear branch.
 
     ``q_pos`` ``(..., Tq)`` and ``k_pos`` ``(..., Tk)`` are absolute positions. Keys after the query are in
-    neither mask.
+    neither mask; sink keys (positions below ``window.sinks``) are in the window, never in the linear branch.
     """
     start = window.start(q_pos).unsqueeze(-1)  # (..., Tq, 1)
     kp = k_pos.unsqueeze(-2)  # (..., 1, Tk)
     qp = q_pos.unsqueeze(-1)
     causal = kp <= qp
-    in_window = causal & (kp >= start)
-    in_linear = kp < start
+    sink = (kp >= 0) & (kp < window.sinks)
+    in_window = causal & ((kp >= start) | sink)
+    in_linear = (kp < start) & ~sink
     return in_window, in_linear
 
 
 __all__ = [
     "PLUGIN_API_VERSION",
+    "COMPATIBLE_PLUGIN_APIS",
     "FEATURE_MAP_GROUP",
     "WINDOW_GROUP",
     "PluginParams",

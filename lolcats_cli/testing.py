@@ -15,6 +15,7 @@ that is what makes training (chunked), the reference (naive) and decoding (recur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .api import FeatureMap, PluginParams, Window
+from .api import PLUGIN_API_VERSION, FeatureMap, PluginParams, Window
 from .builtins.windows import NoWindow, Terrace
 from .core.registry import build_params
 from .errors import ConfigError, LolcatsError
@@ -105,6 +106,22 @@ def _perturbed(fm: FeatureMap, seed: int) -> FeatureMap:
     return fm
 
 
+def recurrent_form(q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, logits: Tensor,
+                   window: Window, prefill: int) -> tuple[Tensor, Any]:
+    """The recurrent form over a whole sequence: a prefill of ``prefill`` tokens, then steps of 1, 2, 3, ...
+    tokens. q ``(B, H, T, D)``, k/v ``(B, Hkv, T, D)``; returns ``(B, H, T, Dv)`` and the final state."""
+    T = q.shape[2]
+    t = prefill
+    out, state = hybrid_prefill(q[:, :, :t], k[:, :, :t], v[:, :, :t], phi_q, phi_k, logits, window)
+    outs, step = [out], 1
+    while t < T:
+        s = slice(t, min(t + step, T))
+        out, state = hybrid_step(q[:, :, s], k[:, :, s], v[:, :, s], phi_q, phi_k, logits, window, state)
+        outs.append(out)
+        t, step = s.stop, step + 1
+    return torch.cat(outs, dim=2), state
+
+
 def _agreement(plugin: str, check: str, phi_q: FeatureFn, phi_k: FeatureFn, window: Window, length: int) -> None:
     """naive == chunked == recurrent (prefill, then steps of 1, 2, 3, ... tokens) for one window."""
     gen = torch.Generator().manual_seed(1)
@@ -116,15 +133,8 @@ def _agreement(plugin: str, check: str, phi_q: FeatureFn, phi_k: FeatureFn, wind
         _finite(plugin, check, ref, f"naive attention with {window}")
         chunked = hybrid_attention_chunked(q, k, v, phi_q, phi_k, logits, window, chunk_size=5)
         _close(plugin, check, chunked, ref, FP32, f"chunked vs naive attention with {window}")
-        t = length // 3
-        out, state = hybrid_prefill(q[:, :, :t], k[:, :, :t], v[:, :, :t], phi_q, phi_k, logits, window)
-        outs, step = [out], 1
-        while t < length:
-            s = slice(t, min(t + step, length))
-            out, state = hybrid_step(q[:, :, s], k[:, :, s], v[:, :, s], phi_q, phi_k, logits, window, state)
-            outs.append(out)
-            t, step = s.stop, step + 1
-        _close(plugin, check, torch.cat(outs, dim=2), ref, FP32, f"recurrent vs naive attention with {window}")
+        recurrent, _ = recurrent_form(q, k, v, phi_q, phi_k, logits, window, prefill=length // 3)
+        _close(plugin, check, recurrent, ref, FP32, f"recurrent vs naive attention with {window}")
 
 
 def _params(cls: type, params: Mapping[str, Any] | PluginParams | None) -> PluginParams:
@@ -223,7 +233,19 @@ def check_window(cls: type[Window], params: Mapping[str, Any] | PluginParams | N
                                    "(another call, instance, order or shape gave other values)")
     with _check(name, "attention forms", passed):
         _agreement(name, "attention forms", _elu1, _elu1, window, max(T, 2 * span + 13))
+    if getattr(cls, "plugin_api_version", PLUGIN_API_VERSION) >= 2:  # sinks came with plugin API v2
+        with _check(name, "sinks", passed):
+            fields = {f.name for f in dataclasses.fields(cls.Params)}
+            if "sinks" not in fields:
+                raise ConformanceError(name, "sinks", f"{cls.Params.__name__} has no 'sinks' field",
+                                       hint="derive the window's Params from lolcats_cli.api.WindowParams")
+            given = dict(dataclasses.asdict(window.params), sinks=3)
+            with_sinks = cls(_params(cls, given))
+            if with_sinks.sinks != 3:
+                raise ConformanceError(name, "sinks", f"built with sinks=3, the window reports sinks="
+                                       f"{with_sinks.sinks}", hint="do not override Window.sinks")
+            _agreement(name, "sinks", _elu1, _elu1, with_sinks, max(T, 2 * span + 13))
     return passed
 
 
-__all__ = ["ConformanceError", "check_feature_map", "check_window"]
+__all__ = ["ConformanceError", "check_feature_map", "check_window", "recurrent_form"]

@@ -75,6 +75,44 @@ def build_tiny_model(folder: Path, tokenizer, model_type: str = "llama", seed: i
     return folder
 
 
+@pytest.fixture
+def ctrl_c_cli():
+    """``run(args, run_dir, total)``: start ``python -m lolcats_cli ARGS``, press Ctrl-C once ``run_dir`` holds a
+    checkpoint of step 2 or later, check the interruption message, run the ``--resume`` command it printed, and
+    check that the resumed run ends at ``total`` steps. Returns the interrupted run's stderr."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def run(args: list[str], run_dir: Path, total: int, title: str, command: str) -> str:
+        env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")
+        proc = subprocess.Popen([sys.executable, "-m", "lolcats_cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        pointer = run_dir / "checkpoints" / "latest.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if pointer.exists() and json.loads(pointer.read_text())["step"] >= 2:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert not (run_dir / "metrics.json").exists(), "the run finished before it could be interrupted"
+        saved = json.loads(pointer.read_text())["step"]
+        assert "interrupted at step " in err and f"/{total} of {title}" in err
+        assert f"the last checkpoint is step {saved} ({run_dir / 'checkpoints' / f'step-{saved:08d}'})" in err
+        assert f"continue with: {command}" in err and "Traceback" not in err
+        resumed = subprocess.run([sys.executable, "-m", "lolcats_cli", *command.split()[1:]], env=env,
+                                 capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads((run_dir / "metrics.json").read_text())["steps"] == total
+        return err
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny ops: on a busy 2-core machine a second thread only adds

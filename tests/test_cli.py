@@ -59,9 +59,10 @@ def test_plugins_table() -> None:
 def test_plugins_json() -> None:
     result = runner.invoke(app, ["plugins", "--json"])
     rows = json.loads(result.stdout)
-    assert all(set(r) == {"kind", "name", "distribution", "version"} for r in rows)
+    assert all(set(r) == {"kind", "name", "distribution", "version", "clashes_with"} for r in rows)
     assert {r["kind"] for r in rows} == {"feature_map", "window"}
-    assert {"kind": "feature_map", "name": "hedgehog", "distribution": "lolcats", "version": __version__} in rows
+    assert {"kind": "feature_map", "name": "hedgehog", "distribution": "lolcats", "version": __version__,
+            "clashes_with": []} in rows
     windows = json.loads(runner.invoke(app, ["plugins", "--json", "--kind", "window"]).stdout)
     assert {r["name"] for r in windows} >= {"sliding", "terrace", "none"} and {r["kind"] for r in windows} == {"window"}
 
@@ -116,3 +117,30 @@ def test_a_broken_command_module_does_not_break_help() -> None:
     result = runner.invoke(target, ["ghost", "--any", "args"])
     assert "command 'ghost' is unavailable" in str(result.exception)
     assert runner.invoke(target, ["plugins", "--json"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_help_shows_examples_once_and_no_placeholder_labels(command: str | None) -> None:
+    args = [command, "--help"] if command else ["--help"]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    if command is not None:
+        assert out.count("Examples") == 1, out
+        assert out.index("Examples") > out.index("--help")  # once, after the options
+    assert "<bool>" not in out  # flags take no value
+    assert "{" not in out and "}" not in out, out  # usage shows RUN_DIR, not {run_dir}
+    assert "--help" in out and "Show this message" in out
+
+
+def test_help_usage_names_arguments_in_capitals() -> None:
+    def usage(command: str) -> str:
+        out = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        return next(line.strip() for line in out.splitlines() if "Usage:" in line)
+
+    assert usage("finetune") == "Usage: lolcats finetune [OPTIONS] RUN_DIR [OVERRIDES]..."
+    assert usage("export") == "Usage: lolcats export [OPTIONS] RUN_DIR"
+    assert usage("chat") == "Usage: lolcats chat [OPTIONS] RUN_DIR|EXPORT_DIR"
+    assert usage("eval") == "Usage: lolcats eval [OPTIONS] [RUN_DIR]"
+    out = runner.invoke(app, ["transfer", "--help"], terminal_width=200).output
+    assert "<str>" in out and "<path>" in out  # options that take a value keep their type

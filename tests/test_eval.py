@@ -223,3 +223,18 @@ def test_cli_tables_and_json(run_dir, text_file):
     helped = runner.invoke(app, ["eval", "--help"], terminal_width=200)
     out = helped.output
     assert out.index("--json") < out.index("Examples") < out.rindex("lolcats eval runs/")  # help ends with examples
+
+
+def test_cli_footer_mentions_passkey_only_when_it_ran(run_dir, text_file):
+    app = typer.Typer()
+    register_commands(app, [("eval", "eval"), ("plugins", "plugins")])
+    runner = CliRunner()
+    args = ["eval", str(run_dir), "--text", str(text_file), "--contexts", "68", "--max-tokens", "136",
+            "--device", "cpu"]
+    off = runner.invoke(app, [*args, "--passkey", "none"], terminal_width=200)
+    assert off.exit_code == 0, off.output
+    assert "passkey" not in off.stdout and "prompts per length" not in off.stdout, off.stdout
+    assert "seed 0" in off.stdout
+    on = runner.invoke(app, [*args, "--passkey", "256", "--passkey-n", "1"], terminal_width=200)
+    assert on.exit_code == 0, on.output
+    assert "passkey 1 prompts per length" in on.stdout

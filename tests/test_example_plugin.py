@@ -41,7 +41,8 @@ def test_listed_by_the_cli_as_json() -> None:
     out = subprocess.run([sys.executable, "-m", "lolcats_cli", "plugins", "--json"],
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
-    assert {"kind": "feature_map", "name": "softplus", "distribution": DIST, "version": "0.1.0"} in rows
+    assert {"kind": "feature_map", "name": "softplus", "distribution": DIST, "version": "0.1.0",
+            "clashes_with": []} in rows
 
 
 def test_buildable_by_name() -> None:

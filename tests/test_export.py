@@ -34,7 +34,8 @@ def _recipe(model_dir: Path) -> Recipe:
         f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=96", "data.holdout=4",
         "data.num_eval_sequences=1", "data.max_samples=12", "transfer.batch_size=1", "transfer.grad_accum=1",
         "transfer.max_steps=2", "transfer.eval_every=2", "transfer.lr=0.01", "attention.window_params.size=8",
-    ]  # a window of 8 keys: most of every 96-token sequence goes through the linear branch
+        "attention.window_params.sinks=2",
+    ]  # a window of 8 keys and 2 sinks: most of every 96-token sequence goes through the linear branch
     return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
 
 
@@ -66,7 +67,7 @@ def plugin_run(tmp_path_factory, tiny_model_dir) -> Path | None:
         return None
     run = tmp_path_factory.mktemp("export-plugin-run") / "transfer"
     extra = ["attention.feature_map=softplus", "attention.window=sliding", "attention.layers=[1]",
-             "transfer.max_steps=1"]
+             "transfer.max_steps=1", "attention.linear_gate=true", "transfer.lr=0.3"]  # the gate opens a bit
     recipe = Recipe.from_dict(apply_overrides(_recipe(tiny_model_dir).to_dict(), extra))
     run_transfer(recipe, run, device="cpu")
     return run
@@ -104,7 +105,7 @@ def test_adapter_export_reloads_to_the_run_logits(runs, run_logits, ids, kind, t
     _assert_no_pickle(out)
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["attention"]["feature_map"] == "hedgehog" and config["attention"]["layers"] == [0, 1]
-    assert config["attention"]["window_params"] == {"size": 8}
+    assert config["attention"]["window_params"] == {"size": 8, "sinks": 2}
     assert {(p["kind"], p["name"], p["distribution"]) for p in config["plugins"]} == {
         ("feature_map", "hedgehog", "lolcats"), ("window", "terrace", "lolcats")}
     assert config["base_model"]["architecture"]["num_hidden_layers"] == 2 and config["lora"] == (kind == "finetune")
@@ -201,8 +202,9 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_log
         torch.testing.assert_close(got[f"{name}.step_logits"], got[f"{name}.full_logits"], atol=1e-4, rtol=1e-4)
         # the bundled runtime decoded with its constant-size state in every converted layer, whatever name
         # this transformers gives the cache argument
-        converted = len(json.loads((exports[name] / "config.json").read_text())["lolcats"]["layers"])
-        assert got[f"{name}.hybrid_layers"].tolist() == [converted, converted]
+        config = json.loads((exports[name] / "config.json").read_text())
+        converted = len(config["lolcats"]["layers"])
+        assert got[f"{name}.hybrid_layers"].tolist() == [converted, config["num_hidden_layers"]]
         assert got[f"{name}.state_length"].tolist() == [12 + 24 - 1] * converted
 
     probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import lolcats_cli"], check=False,

@@ -70,3 +70,29 @@ def test_finetune_needs_a_finished_transfer_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LolcatsError, match="not a finished lolcats run"):
         run_finetune(tmp_path / "empty", tmp_path / "out", device="cpu")
+
+
+def test_a_finetune_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_way(transfer_run, tmp_path, caplog):
+    from lolcats_cli.errors import DataError
+
+    (tmp_path / "not-a-run").mkdir()
+    with caplog.at_level("WARNING", logger="lolcats_cli"), pytest.raises(LolcatsError, match="not a finished lolcats run"):
+        run_finetune(tmp_path / "not-a-run", device="cpu")
+    assert not (tmp_path / "not-a-run-finetune").exists()  # the default output the failed run made is gone
+    assert f"removed {tmp_path / 'not-a-run-finetune'}" in caplog.text
+
+    out = tmp_path / "lora"
+    with pytest.raises(DataError):  # fails after writing its recipe, source.json and attention weights
+        run_finetune(transfer_run, out, [f"data.dataset={tmp_path / 'missing.jsonl'}"], device="cpu")
+    assert not out.exists()
+    steps = ["finetune.max_steps=1", "finetune.grad_accum=1", "finetune.eval_every=100"]
+    assert run_finetune(transfer_run, out, steps, device="cpu").steps == 1  # the retry is not refused
+
+
+def test_ctrl_c_during_finetune_says_the_step_the_checkpoint_and_the_command_that_resumes(
+    transfer_run, tmp_path, ctrl_c_cli
+):
+    out = tmp_path / "lora"
+    args = ["finetune", str(transfer_run), "--output", str(out), "--device", "cpu", "finetune.grad_accum=1",
+            "finetune.max_steps=60", "finetune.eval_every=1000", "finetune.save_every=2"]
+    ctrl_c_cli(args, out, 60, "LoRA finetune", f"lolcats finetune {transfer_run} --output {out} --resume --device cpu")

@@ -3,6 +3,8 @@ folders (METADATA + entry_points.txt) and their modules into a temporary site di
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -107,23 +109,81 @@ def test_third_party_plugin_loads_and_builds(site: Site) -> None:
     assert registry.get_feature_map("good_map") is type(fm)  # cached
 
 
-def test_two_distributions_claiming_one_name_is_an_error(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+def _other_distributions(*leave_out: str) -> list[str]:
+    """The third-party distributions with plugins installed here, but ``leave_out``."""
+    return sorted({p.distribution for p in registry.list_plugins()} - {"lolcats", *leave_out})
+
+
+def test_two_distributions_claiming_one_name_fail_only_when_it_is_used(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code = GOOD_MAP.format(api=api.PLUGIN_API_VERSION)
-    site.add("fake-alpha", "fake_alpha", code, {FM: {"twin": "fake_alpha:Good"}})
+    site.add("fake-alpha", "fake_alpha", code, {FM: {"twin": "fake_alpha:Good", "solo": "fake_alpha:Good"}})
     site.add("fake-beta", "fake_beta", code, {FM: {"twin": "fake_beta:Good"}})
+    twins = [p for p in registry.list_plugins() if p.name == "twin"]  # listing never raises
+    assert {(p.distribution, p.clashes_with) for p in twins} == {("fake-alpha", ("fake-beta",)),
+                                                                ("fake-beta", ("fake-alpha",))}
+    assert registry.get_feature_map("solo").__module__ == "fake_alpha"  # other names still load
     with pytest.raises(PluginError) as err:
-        registry.list_plugins()
-    assert "'twin'" in err.value.message
-    assert "fake-alpha" in err.value.message and "fake-beta" in err.value.message
-    assert registry.ENV_VAR in (err.value.hint or "")
+        registry.get_feature_map("twin")
+    assert err.value.message == ("feature map 'twin' is registered by 2 distributions: "
+                                 "'fake-alpha' (fake_alpha:Good), 'fake-beta' (fake_beta:Good)")
+    hint = err.value.hint or ""
+    keep = "".join(f",{d}" for d in _other_distributions("fake-alpha", "fake-beta"))  # e.g. the example plugin
+    assert f"LOLCATS_PLUGINS=fake-alpha{keep} or LOLCATS_PLUGINS=fake-beta{keep}" in hint
+    assert hint.startswith("keep one of fake-alpha, fake-beta") and "pip uninstall lolcats" not in hint
+    with pytest.raises(PluginError, match="registered by 2 distributions"):
+        registry.find_plugin("twin")
     monkeypatch.setenv(registry.ENV_VAR, "fake_Beta")  # names are normalised
     assert registry.get_feature_map("twin").__module__ == "fake_beta"
 
 
-def test_clash_with_a_builtin_is_an_error(site: Site) -> None:
-    site.add("fake-rogue", "fake_rogue", "", {FM: {"hedgehog": "fake_rogue:X"}})
-    with pytest.raises(PluginError, match="'lolcats'.*'fake-rogue'|'fake-rogue'.*'lolcats'"):
+def test_clash_with_a_builtin_names_every_distribution_and_the_third_party_one(site: Site) -> None:
+    code = GOOD_MAP.format(api=api.PLUGIN_API_VERSION)
+    site.add("fake-rogue", "fake_rogue", "",
+             {FM: {"hedgehog": "fake_rogue:X"}, "lolcats.windows": {"sliding": "fake_rogue:Y"}})
+    site.add("fake-copycat", "fake_copycat", "", {FM: {"hedgehog": "fake_copycat:X"}})
+    site.add("fake-good", "fake_good", code, {FM: {"good_map": "fake_good:Good"}})
+    assert registry.get_feature_map("elu").__module__ == "lolcats_cli.builtins.feature_maps"  # unaffected
+    assert {p.name for p in registry.list_plugins() if p.clashes_with} == {"hedgehog", "sliding"}
+    assert [e.message.split(" is ")[0] for e in registry.clashes()] == ["feature map 'hedgehog'", "window 'sliding'"]
+    with pytest.raises(PluginError) as err:
         registry.get_feature_map("hedgehog")
+    assert err.value.message == ("feature map 'hedgehog' is registered by 3 distributions: 'lolcats' "
+                                 "(lolcats_cli.builtins.feature_maps:Hedgehog), 'fake-copycat' (fake_copycat:X), "
+                                 "'fake-rogue' (fake_rogue:X)")
+    keep = ",".join(_other_distributions("fake-rogue", "fake-copycat"))
+    assert err.value.hint == ("'hedgehog' is a built-in feature map; uninstall fake-copycat and fake-rogue "
+                              f"(pip uninstall fake-copycat fake-rogue), or leave them out with LOLCATS_PLUGINS={keep}")
+    assert "fake-good" in keep
+    with pytest.raises(PluginError) as err:
+        registry.get_window("sliding")
+    assert "pip uninstall fake-rogue)" in (err.value.hint or "")
+    assert f"LOLCATS_PLUGINS={','.join(_other_distributions('fake-rogue'))}" in (err.value.hint or "")
+
+
+def test_plugins_command_lists_clashes_and_other_commands_work(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    from lolcats_cli.cli.main import main
+
+    site.add("fake-rogue", "fake_rogue", "", {FM: {"hedgehog": "fake_rogue:X"}})
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert "also registered by fake-rogue" in out and "also registered by lolcats" in out
+    assert "feature map 'hedgehog' is registered by 2 distributions" in err and "pip uninstall fake-rogue" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "--json", "--kind", "feature_map"])
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["name"] == "hedgehog"]
+    assert [(r["distribution"], r["clashes_with"]) for r in rows] == [("lolcats", ["fake-rogue"]),
+                                                                     ("fake-rogue", ["lolcats"])]
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "elu", "--json"])  # a name nobody else registers still works
+    assert exit_.value.code == 0 and json.loads(capsys.readouterr().out)["name"] == "elu"
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "hedgehog"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "fake-rogue" in err and "pip uninstall lolcats" not in err
 
 
 def test_broken_plugin_is_one_line_naming_its_distribution(site: Site) -> None:
@@ -148,6 +208,23 @@ def test_wrong_object_and_wrong_api_version(site: Site) -> None:
         registry.get_feature_map("future")
 
 
+def test_api_version_hint_says_which_side_to_upgrade(site: Site) -> None:
+    loads = getattr(api, "COMPATIBLE_PLUGIN_APIS", {api.PLUGIN_API_VERSION})  # the versions this lolcats loads
+    newer, older = max(loads) + 1, min(loads) - 1
+    site.add("fake-new", "fake_new", GOOD_MAP.format(api=newer), {FM: {"newer": "fake_new:Good"}})
+    site.add("fake-old", "fake_old", GOOD_MAP.format(api=older), {FM: {"older": "fake_old:Good"}})
+    with pytest.raises(PluginError) as err:
+        registry.get_feature_map("newer")
+    hint = err.value.hint or ""
+    assert hint.startswith(f"upgrade lolcats to a release that speaks plugin API v{newer} (pip install -U lolcats)")
+    assert "older release of fake-new" in hint and "upgrade fake-new" not in hint
+    with pytest.raises(PluginError) as err:
+        registry.get_feature_map("older")
+    hint = err.value.hint or ""
+    assert hint.startswith(f"upgrade fake-old to a release written for plugin API v{api.PLUGIN_API_VERSION}")
+    assert "pip install -U fake-old" in hint and "upgrade lolcats" not in hint
+
+
 def test_env_var_limits_distributions(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     code = GOOD_MAP.format(api=api.PLUGIN_API_VERSION)
     site.add("fake-one", "fake_one", code, {FM: {"one": "fake_one:Good"}})
@@ -164,6 +241,41 @@ def test_env_var_limits_distributions(site: Site, monkeypatch: pytest.MonkeyPatc
     assert "add fake-one to LOLCATS_PLUGINS" in (err.value.hint or "")
     monkeypatch.setenv(registry.ENV_VAR, " fake-two , nothing-else")
     assert "two" in names() and "one" not in names() and "hedgehog" in names()
+
+
+def test_env_var_names_nobody_installed_are_warned_about_once(
+    site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = GOOD_MAP.format(api=api.PLUGIN_API_VERSION)
+    site.add("fake-example-plugin", "fake_example", code, {FM: {"example_map": "fake_example:Good"}})
+    monkeypatch.setenv(registry.ENV_VAR, "fake-exmaple-plugin,Fake_Example_Plugin")
+    with caplog.at_level(logging.WARNING, logger="lolcats_cli"):
+        registry.list_plugins()
+        registry.get_feature_map("example_map")  # the correctly spelled one still loads
+        registry.find_plugin("hedgehog")
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("lolcats_cli")]
+    assert len(warnings) == 1, warnings
+    assert "'fake-exmaple-plugin', which matches no installed distribution" in warnings[0]
+    assert "did you mean 'fake-example-plugin'?" in warnings[0]
+    caplog.clear()
+    monkeypatch.setenv(registry.ENV_VAR, "lolcats,fake-example-plugin")  # installed names: no warning
+    registry.list_plugins()
+    assert [r for r in caplog.records if r.name.startswith("lolcats_cli")] == []
+
+
+def test_env_var_typo_warns_on_stderr_in_the_cli(
+    site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lolcats_cli.cli.main import main
+
+    site.add("fake-two", "fake_two", GOOD_MAP.format(api=api.PLUGIN_API_VERSION), {FM: {"two": "fake_two:Good"}})
+    monkeypatch.setenv(registry.ENV_VAR, "fake-tow")
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "--json"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and {r["distribution"] for r in json.loads(out)} == {"lolcats"}
+    assert err.count("warning:") == 1 and "LOLCATS_PLUGINS names 'fake-tow'" in err
+    assert "did you mean 'fake-two'?" in err
 
 
 # ------------------------------------------------------------------------------------------ parameters

@@ -166,3 +166,231 @@ def test_bad_plugin_settings_fail_before_anything_is_loaded_or_written(tiny_mode
     assert "did you mean 'hedgehog'" in err.value.errors[0]
     assert err.value.errors[1].startswith("attention.window_params.size:")
     assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Interrupted, damaged and failed runs (issue 11, "Runs and models").
+
+class CtrlCAt:
+    """A reporter that presses Ctrl-C (raises KeyboardInterrupt, as Python does on SIGINT) right after update
+    ``at``, before that step's evaluation and checkpoint."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def start(self, title, total_steps, done_steps) -> None: ...
+    def evaluated(self, info) -> None: ...
+    def log(self, message) -> None: ...
+    def finish(self) -> None: ...
+
+    def step(self, info) -> None:
+        if info.step == self.at:
+            raise KeyboardInterrupt
+
+
+RESUMABLE = ("transfer.max_steps=8", "transfer.eval_every=4")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(peaky_model_dir, tmp_path_factory) -> Path:
+    """The run the interrupted ones below must end exactly like."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_transfer(tiny_recipe(peaky_model_dir, *RESUMABLE), run, device="cpu")
+    return run
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "attention.safetensors"), load_file(b / "attention.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["steps"] == mb["steps"] and ma["tokens_seen"] == mb["tokens_seen"]
+    assert [r["mse_after"] for r in ma["layers"]] == pytest.approx([r["mse_after"] for r in mb["layers"]], rel=1e-5)
+
+
+def test_a_run_stopped_before_its_first_evaluation_resumes_from_its_step_0_checkpoint(peaky_model_dir, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_transfer(tiny_recipe(peaky_model_dir, *RESUMABLE), run, reporter=CtrlCAt(1), device="cpu")
+    run_transfer(None, run, resume=True, device="cpu")  # the step-0 optimizer file (no tensors) reads back
+    _assert_same_run(uninterrupted, run)
+    # The interruption says where the run stopped and what it can resume from.
+    assert (stop.value.step, stop.value.total_steps, stop.value.checkpoint_step) == (1, 8, 0)
+    assert stop.value.checkpoint == run / "checkpoints" / "step-00000000"
+
+
+def test_checkpoints_are_also_written_on_a_time_basis_and_resume_exactly(peaky_model_dir, uninterrupted, tmp_path):
+    from lolcats_cli.core.recipe import TrainConfig
+
+    assert TrainConfig().save_every_minutes == 5.0
+    run = tmp_path / "run"
+    # Every update takes longer than 1e-9 minutes: a checkpoint after each, although eval_every is 4.
+    recipe = tiny_recipe(peaky_model_dir, *RESUMABLE, "transfer.save_every_minutes=1e-9")
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_transfer(recipe, run, reporter=CtrlCAt(7), device="cpu")
+    assert stop.value.checkpoint_step == 6
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 6
+    run_transfer(None, run, resume=True, device="cpu")
+    _assert_same_run(uninterrupted, run)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_with_a_warning(peaky_model_dir, uninterrupted, tmp_path, caplog):
+    run = tmp_path / "run"
+    run_transfer(tiny_recipe(peaky_model_dir, *RESUMABLE, "transfer.save_every=1"), run, device="cpu")
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000007", "step-00000008"]  # the previous is kept
+
+    bad = ckpt / "step-00000008" / "optimizer.safetensors"
+    bad.write_bytes(bad.read_bytes()[:5])  # truncated: safetensors says "invalid header length"
+    with caplog.at_level("WARNING", logger="lolcats_cli"):
+        run_transfer(None, run, resume=True, device="cpu")
+    assert str(bad) in caplog.text and "falling back" in caplog.text and "step 7" in caplog.text
+    _assert_same_run(uninterrupted, run)  # step 8 was done again from step 7
+
+    caplog.clear()
+    pointer = ckpt / "latest.json"
+    pointer.write_text(pointer.read_text()[:10])  # truncated JSON
+    with caplog.at_level("WARNING", logger="lolcats_cli"):
+        run_transfer(None, run, resume=True, device="cpu")
+    assert str(pointer) in caplog.text and "unreadable" in caplog.text
+    _assert_same_run(uninterrupted, run)
+
+    for folder in ckpt.glob("step-*"):
+        (folder / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(TrainingError, match="no readable checkpoint") as err:
+        run_transfer(None, run, resume=True, device="cpu")
+    assert "trainable.safetensors" in str(err.value) and "--overwrite" in str(err.value)
+
+
+DISK_FULL_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_transfer import tiny_recipe
+from lolcats_cli.core.progress import NullReporter
+from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.errors import TrainingError
+
+disk = Path(sys.argv[1])
+
+def fill_the_disk():
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+class FillTheDiskAfterStep3(NullReporter):
+    def step(self, info):
+        if info.step == 3:
+            fill_the_disk()
+
+class FillTheDiskAfterTraining(NullReporter):  # then the final attention.safetensors cannot be written
+    def finish(self):
+        fill_the_disk()
+
+out = {{}}
+recipe = tiny_recipe(Path({model!r}), "transfer.max_steps=6", "transfer.eval_every=100", "transfer.save_every=1")
+try:
+    run_transfer(recipe, disk / "run", reporter=FillTheDiskAfterStep3(), device="cpu")
+except TrainingError as e:
+    out.update(error=e.message, hint=e.hint)
+    out["latest"] = json.loads((disk / "run" / "checkpoints" / "latest.json").read_text())["step"]
+    (disk / "filler").unlink()
+try:
+    run_transfer(None, disk / "run", resume=True, reporter=FillTheDiskAfterTraining(), device="cpu")
+except TrainingError as e:
+    out.update(final_error=e.message, final_hint=e.hint)
+    (disk / "filler").unlink()
+out["resumed"] = run_transfer(None, disk / "run", resume=True, device="cpu").steps
+print(json.dumps(out))
+"""
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(peaky_model_dir, tmp_path):
+    """A real ENOSPC: the run directory is on a small tmpfs (mounted in a private namespace) that fills up."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(peaky_model_dir)))
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a small tmpfs")
+    mount = f"mount -t tmpfs -o size=8m tmpfs {disk} && exec {sys.executable} {script} {disk}"
+    import lolcats_cli
+
+    code = str(Path(lolcats_cli.__file__).parents[1])  # the script imports the lolcats_cli under test
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([code, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", mount], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["error"] == f"the disk is full: cannot write the checkpoint of step 3 in {disk / 'run' / 'checkpoints'}"
+    assert "the last good checkpoint (step 2" in out["hint"] and "--resume" in out["hint"]
+    assert out["latest"] == 2
+    assert out["final_error"] == f"the disk is full: cannot write in {disk / 'run'}"
+    assert "checkpoint is kept" in out["final_hint"] and "--resume" in out["final_hint"]
+    assert out["resumed"] == 6
+
+
+def test_ctrl_c_says_the_step_the_checkpoint_and_the_command_that_resumes(peaky_model_dir, tmp_path, ctrl_c_cli):
+    run = tmp_path / "run"
+    common = ["--model", str(peaky_model_dir), "--device", "cpu", "data.seq_len=96", "attention.window_params.size=16",
+              "data.holdout=4", "data.num_eval_sequences=2", "data.max_samples=40", "transfer.grad_accum=1",
+              "transfer.max_steps=80", "transfer.eval_every=1000", "transfer.save_every=2"]
+    ctrl_c_cli(["transfer", *common, "--output", str(run)], run, 80, "attention transfer",
+               f"lolcats transfer --output {run} --resume --device cpu")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_way(peaky_model_dir, tmp_path, caplog):
+    from lolcats_cli.errors import DataError
+
+    broken = ("data.dataset=" + str(tmp_path / "missing.jsonl"),)
+    run = tmp_path / "new"
+    with caplog.at_level("WARNING", logger="lolcats_cli"), pytest.raises(DataError):
+        run_transfer(tiny_recipe(peaky_model_dir, *broken), run, device="cpu")
+    assert not run.exists()  # the run made it, so the run removed it
+    assert f"removed {run}" in caplog.text
+
+    mine = tmp_path / "mine"  # a folder the user made: it stays, and so does what the user put in it
+    mine.mkdir()
+    with pytest.raises(DataError):
+        run_transfer(tiny_recipe(peaky_model_dir, *broken), mine, device="cpu")
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(LolcatsError, match="already exists"):
+        run_transfer(tiny_recipe(peaky_model_dir, *broken), mine, device="cpu")
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    result = run_transfer(tiny_recipe(peaky_model_dir, "transfer.max_steps=2"), run, device="cpu")  # the retry
+    assert result.steps == 2
+
+
+def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused(peaky_model_dir, tmp_path, caplog):
+    from lolcats_cli.core.workspace import record_run
+
+    recipe = tiny_recipe(peaky_model_dir, "transfer.max_steps=2")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    record_run(killed, recipe)  # what a run killed (kill -9) while loading its model leaves
+    (killed / ".versions.json.x1y2.tmp").write_text("{")  # and the temporary file of a write it was doing
+    with caplog.at_level("WARNING", logger="lolcats_cli"):
+        assert run_transfer(recipe, killed, device="cpu").steps == 2
+    assert f"reusing {killed}" in caplog.text
+    assert not list(killed.glob("*.tmp"))
+
+    again = tmp_path / "again"
+    again.mkdir()
+    record_run(again, recipe)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lolcats_cli"):  # --resume starts it from step 0
+        assert run_transfer(None, again, resume=True, device="cpu").steps == 2
+    assert "holds no checkpoint yet" in caplog.text

@@ -153,7 +153,10 @@ def eval_command(
     for table in (summary_table(report), mse_table(report), lm_eval_table(report)):
         if table is not None:
             stdout.print(table)
-    stdout.print(f"[dim]{report.wall_time_s / 60:.1f} min · seed {report.seed} · passkey {report.passkey_n} prompts per length[/dim]")
+    footer = f"{report.wall_time_s / 60:.1f} min · seed {report.seed}"
+    if report.passkey_lengths:  # --passkey none: no passkey prompts were run, so none to count
+        footer += f" · passkey {report.passkey_n} prompts per length"
+    stdout.print(f"[dim]{footer}[/dim]")
 
 
 command = eval_command  # the name lolcats_cli.cli.main looks for

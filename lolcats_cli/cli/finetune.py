@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .reporting import RichReporter, stderr, stdout
+from .reporting import RichReporter, report_interrupt, stderr, stdout
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -36,7 +36,13 @@ def finetune(
     from ..core.finetune import run_finetune
 
     stderr.print(f"[bold]lolcats finetune[/bold] {run_dir} → {output or str(run_dir) + '-finetune'}")
-    result = run_finetune(run_dir, output, overrides or [], resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+    try:
+        result = run_finetune(run_dir, output, overrides or [], resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+    except KeyboardInterrupt as stop:
+        out = output or run_dir.with_name(run_dir.name + "-finetune")
+        again = ["lolcats", "finetune", str(run_dir), "--output", str(out), "--resume",
+                 *(["--device", device] if device else [])]
+        report_interrupt(stop, out, again)
     data = {
         "run_dir": str(result.run_dir), "steps": result.steps, "tokens_seen": result.tokens_seen,
         "wall_time_s": result.wall_time_s, "heldout_ppl_before": result.ppl_before, "heldout_ppl_after": result.ppl_after,
@@ -49,6 +55,3 @@ def finetune(
         f"{result.tokens_seen:,} tokens · {result.wall_time_s / 60:.1f} min\nrun directory: {result.run_dir}\n"
         f"next: lolcats eval {result.run_dir}   or   lolcats chat {result.run_dir}"
     )
-
-
-finetune.__doc__ = (finetune.__doc__ or "") + "\n" + EXAMPLES

@@ -4,6 +4,8 @@ Each command lives in its own module ``lolcats_cli/cli/<module>.py`` that define
 named after the command): a typed function whose signature and docstring are the CLI, plus optionally
 ``EPILOG`` (or ``EXAMPLES``), the copy-pasteable examples shown after the help. Adding a command is one
 line in :data:`COMMANDS`.
+Every command is a :class:`Command`, whose help shows flags without a ``<bool>`` label and arguments as
+``RUN_DIR``; the examples go in ``EPILOG``/``EXAMPLES`` only (not also in the docstring), so they show once.
 A command module that fails to import still shows in ``lolcats --help`` (marked unavailable) and reports
 its import error when run, so one broken command never breaks the others.
 
@@ -15,15 +17,17 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import LolcatsError
-from .reporting import make_console
+from .reporting import make_console, show_library_warnings
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
 COMMANDS: list[tuple[str, str]] = [
@@ -36,7 +40,50 @@ COMMANDS: list[tuple[str, str]] = [
     ("plugins", "plugins"),
 ]
 
+
+def _tidy_params(params: list[Any]) -> list[Any]:
+    """Help labels the way users read them: a flag shows no ``<bool>`` value label (it takes no value), and
+    an argument shows as ``RUN_DIR`` (``OVERRIDES...`` when it takes several) rather than ``run_dir``."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif isinstance(param, TyperArgument) and param.metavar is None and param.name:
+            param.metavar = param.name.upper() + ("..." if param.nargs != 1 else "")
+    return params
+
+
+def _usage(params: list[Any], ctx: typer.Context) -> list[str]:
+    """Usage-line pieces: ``RUN_DIR`` when required, ``[RUN_DIR]`` when optional, ``[OVERRIDES]...`` when
+    repeated (never ``{run_dir}``)."""
+    pieces = []
+    for param in params:
+        if isinstance(param, TyperArgument):
+            name, dots = (param.metavar[:-3], "...") if param.metavar.endswith("...") else (param.metavar, "")
+            pieces.append((name if param.required else f"[{name}]") + dots)
+        else:
+            pieces.extend(param.get_usage_pieces(ctx))
+    return pieces
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags without a value label and arguments as ``RUN_DIR``."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _tidy_params(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return ([self.options_metavar] if self.options_metavar else []) + _usage(self.get_params(ctx), ctx)
+
+
+class Group(TyperGroup):
+    """The ``lolcats`` group, with the same help labels as :class:`Command`."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _tidy_params(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=Group,
     name="lolcats",
     help="Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA.",
     no_args_is_help=True,
@@ -46,6 +93,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 stderr = make_console(stderr=True)
+show_library_warnings()  # registry warnings (a LOLCATS_PLUGINS name nobody installed, ...) on stderr
 
 
 def _version(value: bool) -> None:
@@ -87,7 +135,7 @@ def register_commands(target: typer.Typer, commands: list[tuple[str, str]]) -> N
             mod = importlib.import_module(f"{__package__}.{module}")
             function = getattr(mod, "command", None) or getattr(mod, name.replace("-", "_"))
             epilog = getattr(mod, "EPILOG", None) or getattr(mod, "EXAMPLES", None)
-            target.command(name=name, epilog=epilog)(function)
+            target.command(name=name, epilog=epilog, cls=Command)(function)
         except Exception as exc:  # keep --help and every other command working
             _unavailable(target, name, module, exc)
 

@@ -8,10 +8,11 @@ import json
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..core import registry
-from .reporting import stdout
+from .reporting import stderr, stdout
 
 EPILOG = """[bold]Examples[/bold]
 
@@ -34,7 +35,8 @@ def command(
 
     Plugins are found through the entry-point groups [bold]lolcats.feature_maps[/bold] and
     [bold]lolcats.windows[/bold]; set [bold]LOLCATS_PLUGINS[/bold] to a comma-separated list of
-    distributions to load only those (the built-ins always load).
+    distributions to load only those (the built-ins always load). A name that several distributions
+    register is listed once per distribution and marked as a clash; using it fails until one is removed.
     """
     if kind is not None and kind not in registry.GROUPS:
         raise typer.BadParameter(f"{kind!r} is not a plugin kind; use one of: {', '.join(registry.GROUPS)}",
@@ -42,15 +44,25 @@ def command(
     if name is not None:
         _describe(name, kind, as_json)
         return
-    rows = [{"kind": p.kind, "name": p.name, "distribution": p.distribution, "version": p.version}
+    rows = [{"kind": p.kind, "name": p.name, "distribution": p.distribution, "version": p.version,
+             "clashes_with": list(p.clashes_with)}
             for p in registry.list_plugins(kind)]  # type: ignore[arg-type]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("kind", "name", "distribution", "version", title="lolcats plugins", title_justify="left")
+    clashing = any(row["clashes_with"] for row in rows)
+    table = Table("kind", "name", "distribution", "version", *(["clash"] if clashing else []),
+                  title="lolcats plugins", title_justify="left")
     for row in rows:
-        table.add_row(row["kind"], row["name"], row["distribution"], row["version"])
+        cells = [row["kind"], row["name"], row["distribution"], row["version"]]
+        if clashing:
+            others = ", ".join(row["clashes_with"])
+            cells.append(f"[red]also registered by {others}[/red]" if others else "")
+        table.add_row(*cells)
     stdout.print(table)
+    for clash in registry.clashes(kind):  # type: ignore[arg-type]
+        stderr.print(f"[yellow]warning:[/yellow] {escape(clash.message)}; using it fails until this is fixed\n"
+                     f"[dim]{escape(clash.hint or '')}[/dim]", highlight=False)
 
 
 def _describe(name: str, kind: Optional[str], as_json: bool) -> None:

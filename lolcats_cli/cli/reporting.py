@@ -1,13 +1,16 @@
-"""Rich rendering for the engine's Reporter protocol: a progress bar on stderr and per-layer MSE tables."""
+"""Rich rendering for the engine's Reporter protocol: a progress bar on stderr and per-layer MSE tables;
+and warnings that library code logs (``logging.getLogger("lolcats_cli...")``), printed on stderr."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,6 +26,24 @@ def make_console(stderr: bool = False) -> Console:
 
 stderr = make_console(stderr=True)
 stdout = make_console()
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Prints log records on the stderr console: ``warning: <message>`` in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            stderr.print(f"[yellow]{level}:[/yellow] {escape(record.getMessage())}", highlight=False)
+        except Exception:  # logging must never take the command down
+            self.handleError(record)
+
+
+def show_library_warnings(logger_name: str = "lolcats_cli") -> None:
+    """Route warnings that lolcats' library code logs to the stderr console (once, however often called)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(h, ConsoleLogHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleLogHandler(logging.WARNING))
 
 
 def layer_table(layers: list[dict[str, Any]], title: str, now_key: str = "mse") -> Table:
@@ -95,3 +116,33 @@ class RichReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def report_interrupt(stop: KeyboardInterrupt, run_dir: Any, resume_command: list[str]) -> NoReturn:
+    """Ctrl-C during ``transfer`` or ``finetune``: say the step reached, the last checkpoint and the exact
+    command that continues the run (``resume_command``), then exit 130 (the shell's code for Ctrl-C)."""
+    import shlex
+    from pathlib import Path
+
+    import typer
+    from rich.markup import escape as esc
+
+    from ..core.workspace import RESOLVED_RECIPE, has_checkpoint
+
+    run_dir = Path(run_dir)
+    step, total = getattr(stop, "step", None), getattr(stop, "total_steps", None)
+    where = f" at step {step}/{total} of {stop.title}" if step is not None else ""
+    if getattr(stop, "checkpoint", None) is not None:
+        kept = f"the last checkpoint is step {stop.checkpoint_step} ({esc(str(stop.checkpoint))})"
+    elif has_checkpoint(run_dir):
+        where = where or " before training started"
+        kept = f"the last checkpoint is kept in {esc(str(run_dir / 'checkpoints'))}"
+    elif (run_dir / RESOLVED_RECIPE).exists():
+        kept = "no checkpoint yet: --resume starts it again from step 0"
+    else:
+        stderr.print(f"[yellow]interrupted[/yellow]{where} before the first checkpoint: nothing to resume; "
+                     "run the same command again to start over", soft_wrap=True, highlight=False)
+        raise typer.Exit(130)
+    stderr.print(f"[yellow]interrupted[/yellow]{where}; {kept}", soft_wrap=True, highlight=False)
+    stderr.print(f"continue with: [bold]{esc(shlex.join(resume_command))}[/bold]", soft_wrap=True, highlight=False)
+    raise typer.Exit(130)

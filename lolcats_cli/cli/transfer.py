@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .reporting import RichReporter, layer_table, stderr, stdout
+from .reporting import RichReporter, layer_table, report_interrupt, stderr, stdout
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -69,7 +69,11 @@ def transfer(
 
             output = Path(rec.output.dir) if rec.output.dir else Path("runs") / run_name(rec.model.name)
     stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
-    result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+    try:
+        result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+    except KeyboardInterrupt as stop:
+        again = ["lolcats", "transfer", "--output", str(output), "--resume", *(["--device", device] if device else [])]
+        report_interrupt(stop, output, again)
     if as_json:
         stdout.print_json(data={
             "run_dir": str(result.run_dir), "layers": result.layers, "steps": result.steps,
@@ -83,6 +87,3 @@ def transfer(
         f"{result.wall_time_s / 60:.1f} min\nrun directory: {result.run_dir}\n"
         f"next: lolcats finetune {result.run_dir}   or   lolcats eval {result.run_dir}"
     )
-
-
-transfer.__doc__ = (transfer.__doc__ or "") + "\n" + EXAMPLES

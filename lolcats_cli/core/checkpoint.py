@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -36,7 +38,19 @@ def _atomic_write(path: Path, write) -> None:
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (detached, contiguous, on CPU) to a safetensors file atomically."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=dict(metadata or {})))
+
+    def write(tmp: str) -> None:
+        try:
+            # No metadata at all rather than an empty mapping: safetensors 0.8 writes an unreadable header for
+            # an empty tensor dict with metadata={} (the step-0 optimizer state is such a dict).
+            save_file(flat, tmp, metadata=dict(metadata) if metadata else None)
+        except SafetensorError as e:  # it wraps I/O errors ("... (os error 28)"): give them back as OSError
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from e
+
+    _atomic_write(path, write)
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

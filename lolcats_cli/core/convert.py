@@ -67,9 +67,12 @@ def convert_model(
     window_params: Mapping[str, Any] | None = None,
     layers: Literal["all"] | Sequence[int] = "all",
     mode: str = "student",
+    linear_gate: bool = False,
 ) -> nn.Module:
     """Replace the attention of ``layers`` of ``model`` by :class:`LinearizedAttention`, in place.
 
+    ``linear_gate``: add a learnable per-head weight on the linear branch that starts near 0, so the
+    untrained model is the softmax over the window and its sinks (off: the paper's method).
     New parameters are created in fp32 on the device of each layer's projections; the base model's
     parameters and state-dict keys are untouched. Returns ``model``. Raises ModelError for an unsupported
     or already converted model, ConfigError for bad layers / mode / plugin parameters, PluginError for
@@ -111,6 +114,7 @@ def convert_model(
             sliding_window=spec.window_of(original, config),
             mode=mode,
             plugins=plugins,
+            linear_gate=linear_gate,
         )
     for i, module in replacements.items():
         setattr(decoder_layers[i], spec.attention, module)
@@ -209,6 +213,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     return {
         **first.plugins,
         "layers": [i for i, _ in layers],
+        "linear_gate": first.linear_gate,
         "mode": first.mode,
         "model_type": getattr(model.config, "model_type", None),
         "plugin_api_version": PLUGIN_API_VERSION,

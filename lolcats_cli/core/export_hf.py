@@ -268,7 +268,7 @@ def _decoder_layers(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module
 
 class {model_class}({base_class}):
     config_class = {config_class}
-    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logits"]  # trained in fp32
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logits", "linear_logits"]  # fp32
 
     def __init__(self, config: {config_class}) -> None:
         super().__init__(config)
@@ -289,6 +289,7 @@ class {model_class}({base_class}):
                 mode="student",
                 plugins={{"feature_map": fm["name"], "feature_map_params": fm["params"],
                           "window": win["name"], "window_params": win["params"]}},
+                linear_gate=bool(settings.get("linear_gate", False)),
             )
             setattr(layers[i], settings["attention_attr"], module)
 
@@ -405,6 +406,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         "feature_map": {"name": info["feature_map"], "params": info["feature_map_params"]},
         "window": {"name": info["window"], "params": info["window_params"]},
         "layers": info["layers"],
+        "linear_gate": info["linear_gate"],
         "teacher_sliding_windows": [m.sliding_window for _, m in converted],
         "decoder_layers": list(spec.layers),
         "attention_attr": spec.attention,
@@ -423,6 +425,8 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         module.feature_map_q.float()
         module.feature_map_k.float()
         module.window_logits.data = module.window_logits.data.float()
+        if module.linear_logits is not None:
+            module.linear_logits.data = module.linear_logits.data.float()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -25,7 +25,7 @@ from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
 from .transfer import ATTENTION_WEIGHTS, METRICS, autocast_for
-from .workspace import RESOLVED_RECIPE, open_run, pick_device, prepare_run_dir, record_run
+from .workspace import RESOLVED_RECIPE, new_run_dir, open_run, pick_device, record_run
 
 ADAPTER_DIR = "adapter"
 
@@ -60,16 +60,25 @@ def run_finetune(
     reporter: Reporter | None = None,
     device: str | torch.device | None = None,
 ) -> FinetuneResult:
-    """LoRA-finetune the linearized model of ``source_run`` (a transfer run directory)."""
+    """LoRA-finetune the linearized model of ``source_run`` (a transfer run directory).
+
+    A run that fails before its first checkpoint removes what it wrote; Ctrl-C raises
+    :class:`~lolcats_cli.core.trainer.TrainingInterrupted`.
+    """
+    source_run = Path(source_run)
+    run_dir = Path(run_dir) if run_dir is not None else source_run.with_name(source_run.name + "-finetune")
+    device = pick_device(device)
+    with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
+        return _finetune(source_run, run_dir, list(overrides), resume, reporter, device)
+
+
+def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: bool, reporter: Reporter | None,
+              device: torch.device) -> FinetuneResult:
     from peft import get_peft_model
 
     from .convert import attention_state_dict
     from .data import build_datasets
 
-    source_run = Path(source_run)
-    run_dir = Path(run_dir) if run_dir is not None else source_run.with_name(source_run.name + "-finetune")
-    device = pick_device(device)
-    run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
         source_run = Path(load_json(run_dir / "source.json")["transfer_run"])
@@ -77,8 +86,8 @@ def run_finetune(
     if not resume:
         base = load_recipe(source_run / RESOLVED_RECIPE)
         recipe = Recipe.from_dict(apply_overrides(base.to_dict(), list(overrides)))
-        record_run(run_dir, recipe)
-        save_json(run_dir / "source.json", {"transfer_run": str(source_run.resolve())})
+        save_json(run_dir / "source.json", {"transfer_run": str(source_run.resolve())})  # before the recipe,
+        record_run(run_dir, recipe)  # which marks a run directory that --resume can start again from
         shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)
     fcfg = recipe.finetune
     if fcfg.lora.rank <= 0:

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..api import Window, window_masks
 from ..errors import ModelError
 from ..hf_compat import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, check_cache, check_replaceable_layer
-from ..kernels.chunked import attend_chunks, hybrid_attention_chunked, kv_state
+from ..kernels.chunked import attend_chunks, hybrid_attention_chunked, kv_state, not_sinks, with_sinks
 from ..kernels.naive import FeatureFn, expand_kv
 from ..kernels.recurrent import HybridState, hybrid_prefill, hybrid_step
 
@@ -42,12 +42,13 @@ class HybridAttentionModule(Protocol):
     """What a cache layer needs from the attention module it serves (a ``LinearizedAttention``)."""
 
     layer_idx: int
-    feature_map_q: FeatureFn
     feature_map_k: FeatureFn
     window_logits: Tensor
     window: Window
     scaling: float
     hybrid_fn: Callable[..., Tensor]  # whole-sequence form: hybrid_attention_chunked or the naive reference
+
+    def phi_q(self, x: Tensor) -> Tensor: ...  # query features, linear gate included
 
 
 # ------------------------------------------------------------------------------------------------ padding
@@ -120,7 +121,7 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, pads: Tensor, attn: Hybrid
     real = torch.arange(T, device=q.device)[None] >= pads[:, None]  # (B, T)
     q, k, v = _keep(q, real), _keep(k, real), _keep(v, real)
     y = attn.hybrid_fn(
-        _shift_rows(q, pads), _shift_rows(k, pads), _shift_rows(v, pads), attn.feature_map_q, attn.feature_map_k,
+        _shift_rows(q, pads), _shift_rows(k, pads), _shift_rows(v, pads), attn.phi_q, attn.feature_map_k,
         attn.window_logits, attn.window, scale=attn.scaling,
     )  # fmt: skip
     return _keep(_shift_rows(y, (T - pads) % T), real)
@@ -131,18 +132,31 @@ def padded_prefill_state(
 ) -> HybridState:
     """The decode state after left-padded prompts: k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, pads ``(B,)``.
 
-    Row b has ``n_b = T - pads[b]`` real tokens; S and z hold its real keys before ``f(n_b)``; the buffers hold
-    the last ``span`` positions of the padded layout (pads in them are masked out by :func:`padded_step`).
+    Row b has ``n_b = T - pads[b]`` real tokens; S and z hold its real non-sink keys before ``f(n_b)``; the
+    buffers hold the last ``span`` positions of the padded layout (pads in them are masked out by
+    :func:`padded_step`); the sink buffers hold each row's first ``sinks`` real tokens.
     """
     T = k.shape[2]
     rel = torch.arange(T, device=k.device)[None] - pads[:, None]  # (B, T) position within the row
     real = rel >= 0
     k, v = _keep(k, real), _keep(v, real)
     fold = real & (rel < folded_before(attn.window, T - pads)[:, None])  # (B, T)
-    fk = _keep(attn.feature_map_k(expand_kv(k, num_heads)).float(), fold)  # (B, H, T, F)
+    fk = _keep(not_sinks(attn.feature_map_k(expand_kv(k, num_heads)).float(), rel, attn.window.sinks), fold)
     S, z = kv_state(fk, v.float())
     span = attn.window.span
-    return HybridState(_last(k, span), _last(v, span), S, z, T)
+    k_sink, v_sink = _row_sinks(k, pads, attn.window.sinks), _row_sinks(v, pads, attn.window.sinks)
+    return HybridState(_last(k, span), _last(v, span), S, z, T, k_sink, v_sink)
+
+
+def _row_sinks(x: Tensor, pads: Tensor, sinks: int) -> Tensor | None:
+    """``(B, h, sinks, X)``: each row's first ``sinks`` real positions of ``x`` ``(B, h, T, X)`` (zeros past
+    the row's end), or None without sinks."""
+    if not sinks:
+        return None
+    T = x.shape[2]
+    idx = pads[:, None] + torch.arange(sinks, device=x.device)[None]  # (B, sinks) padded positions
+    got = x.gather(2, idx.clamp_max(max(T - 1, 0))[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+    return _keep(got, idx < T) if T else x.new_zeros(x.shape[0], x.shape[1], sinks, x.shape[3])
 
 
 def padded_step(
@@ -168,17 +182,37 @@ def padded_step(
     in_window, in_linear = window_masks(window, rel_q, rel_k)  # (B, t, P + t)
     masks = [(m & fresh)[:, None, None] for m in (in_window, in_linear)]  # (B, 1, 1, t, P + t)
 
-    fk = attn.feature_map_k(expand_kv(k_all, H)).float()  # (B, H, P + t, F)
+    fk = not_sinks(attn.feature_map_k(expand_kv(k_all, H)).float(), rel_k, window.sinks)  # (B, H, P + t, F)
+    k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
+    k_sink, v_sink = state.k_sink, state.v_sink
+    if k_sink is not None and v_sink is not None:
+        # a row's sink j comes from the sink buffer once it is older than the row's fresh keys (from lo)
+        sink_window = torch.arange(window.sinks, device=q.device)[None] < lo[:, None]  # (B, sinks)
+        sink_window = sink_window[:, None, None, None, :].expand(-1, 1, 1, t, -1)  # (B, 1, 1, t, sinks)
+        k_loc, v_loc, fk_loc, masks[0], masks[1] = with_sinks(
+            k_loc, v_loc, fk_loc, masks[0], masks[1], k_sink.float(), v_sink.float(), sink_window
+        )
     y = attend_chunks(
-        q.float().unsqueeze(2), attn.feature_map_q(q).float().unsqueeze(2), k_all.float().unsqueeze(2),
-        v_all.float().unsqueeze(2), fk.unsqueeze(2), state.S.unsqueeze(2), state.z.unsqueeze(2),
-        masks[0], masks[1], attn.window_logits, attn.scaling,
+        q.float().unsqueeze(2), attn.phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
+        state.S.unsqueeze(2), state.z.unsqueeze(2), masks[0], masks[1], attn.window_logits, attn.scaling,
     ).squeeze(2)  # fmt: skip
 
     leaving = real_k & (rel_k >= lo[:, None]) & (rel_k < hi[:, None])  # (B, P + t): keys that leave the window
     dS, dz = kv_state(_keep(fk, leaving), v_all.float())
-    new = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t)
+    if k_sink is not None and v_sink is not None:  # rows still in their first tokens: fill their sinks
+        k_sink, v_sink = _fill_sinks(k_sink, k, rel_q), _fill_sinks(v_sink, v, rel_q)
+    new = HybridState(
+        k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t, k_sink, v_sink
+    )
     return y.to(q.dtype), new
+
+
+def _fill_sinks(buf: Tensor, x: Tensor, rel: Tensor) -> Tensor:
+    """``buf`` ``(B, h, sinks, X)`` with each new token of ``x`` ``(B, h, t, X)`` whose row position ``rel``
+    ``(B, t)`` is a sink position written into its slot."""
+    slot = rel[:, None, :] == torch.arange(buf.shape[2], device=rel.device)[None, :, None]  # (B, sinks, t)
+    new = torch.einsum("bst,bhtx->bhsx", slot.to(x.dtype), x).to(buf.dtype)
+    return torch.where(slot.any(dim=-1)[:, None, :, None], new, buf)
 
 
 # ------------------------------------------------------------------------------------------- cache layer
@@ -223,7 +257,7 @@ class HybridLayer(CacheLayerMixin):
         if t == 0:
             return q.new_zeros(B, H, 0, v.shape[-1])
         pads = self._pads_after(mask, B, t, L, q.device)
-        args = (attn.feature_map_q, attn.feature_map_k, attn.window_logits, attn.window)
+        args = (attn.phi_q, attn.feature_map_k, attn.window_logits, attn.window)
         if self.state is None:
             if pads is None and attn.hybrid_fn is hybrid_attention_chunked:
                 y, state = hybrid_prefill(q, k, v, *args, scale=attn.scaling)
@@ -293,8 +327,7 @@ class HybridLayer(CacheLayerMixin):
 
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         if self.state is not None:
-            s = self.state
-            self.state = HybridState(fn(s.k_buf), fn(s.v_buf), fn(s.S), fn(s.z), s.length)
+            self.state = self.state.map(fn)
         if self.pads is not None:
             self.pads = fn(self.pads)
 

@@ -253,6 +253,8 @@ KEY_NOTES: dict[str, str] = {
     "attention.window": "the softmax window: terrace (this block of `size` keys and the previous one), sliding\n"
                         "(the last `size` keys) or none (pure linear attention)",
     "attention.layers": '"all", or the decoder layers (from 0) to convert, e.g. [0, 1, 2]',
+    "attention.linear_gate": "a learnable per-head weight on the linear branch, starting near 0: the untrained model\n"
+                             "is the softmax window with its sinks; false = the paper's method (linear weight 1)",
     "data.dataset": "pydoc (CPython's help pages, offline), a hub dataset id (yahma/alpaca-cleaned) or a local\n"
                     ".json / .jsonl / .parquet / .txt file",
     "data.split": "the hub dataset split to read (ignored for local files and pydoc)",
@@ -276,6 +278,7 @@ KEY_NOTES: dict[str, str] = {
     "grad_clip": "max gradient norm; null = no clipping",
     "seed": "seeds the data order and the initialisation",
     "save_every": "checkpoint every this many updates; null = at every evaluation",
+    "save_every_minutes": "also checkpoint after this many minutes of training; null = only by steps",
     "transfer.mse_weight": "factor on the mean per-head output MSE (the paper: 1000)",
     "transfer.attn_ce_weight": "factor on the attention-weight cross-entropy (0 at 8B / 70B, 1 at 405B)",
     "transfer.attn_ce_queries": "queries per sequence sampled for that cross-entropy",

@@ -38,6 +38,11 @@ from .generation import hybrid_cache_layer, leading_pads, padded_attention, real
 
 MODES: tuple[str, ...] = ("teacher", "student", "transfer")
 WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) = -2.1972
+# The linear gate lambda_h = softplus(LINEAR_GATE_SCALE * u_h) multiplies the linear branch (phi_q). It starts
+# at softplus(-16) = 1.1e-7, so the swapped, untrained model is the softmax over sinks + window; the scale
+# lets Adam (steps of about lr in u) move it by LINEAR_GATE_SCALE * lr in the exponent per step.
+LINEAR_GATE_SCALE = 10.0
+LINEAR_GATE_INIT = -1.6
 HybridFn = Callable[..., Tensor]  # the signature of hybrid_attention_chunked / hybrid_attention_naive
 
 
@@ -151,6 +156,7 @@ class LinearizedAttention(nn.Module):
         sliding_window: int | None = None,
         mode: str = "student",
         plugins: dict[str, Any] | None = None,
+        linear_gate: bool = False,
     ) -> None:
         super().__init__()
         config = original.config
@@ -182,6 +188,13 @@ class LinearizedAttention(nn.Module):
         self.window_logits = nn.Parameter(torch.full((self.num_heads,), init, dtype=torch.float32, device=device))
         self.window = window
         self.plugins = dict(plugins or {})  # names and resolved params, for describe()
+        # Optional per-head gate on the linear branch (None: the paper's method, linear weight 1).
+        self.linear_gate = bool(linear_gate)
+        self.linear_logits: nn.Parameter | None = None
+        if self.linear_gate:
+            self.linear_logits = nn.Parameter(
+                torch.full((self.num_heads,), LINEAR_GATE_INIT, dtype=torch.float32, device=device)
+            )
 
         self.mode = check_mode(mode)
         self.hybrid_fn: HybridFn = hybrid_attention_chunked  # swappable: tests compare with the naive form
@@ -190,7 +203,23 @@ class LinearizedAttention(nn.Module):
         self.transfer_ce: Tensor | None = None
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}"
+        return (f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}, "
+                f"linear_gate={self.linear_gate}")
+
+    def linear_gate_values(self) -> Tensor | None:
+        """lambda_h ``(H,)`` fp32, the weight of the linear branch per head; None without a gate (weight 1)."""
+        if self.linear_logits is None:
+            return None
+        return F.softplus(LINEAR_GATE_SCALE * self.linear_logits.float())
+
+    def phi_q(self, x: Tensor) -> Tensor:
+        """The query features the kernels use: ``feature_map_q(x)`` ``(B, H, T, F)`` times the linear gate.
+
+        The gate multiplies every linear term (numerator and shared normaliser) in every form of the op,
+        so scaling the query features is all it takes."""
+        fq = self.feature_map_q(x)
+        gate = self.linear_gate_values()
+        return fq if gate is None else fq * gate.view(1, -1, 1, 1).to(fq.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -276,7 +305,7 @@ class LinearizedAttention(nn.Module):
         if offset > 0:
             q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
         y = self.hybrid_fn(
-            q, k, v, self.feature_map_q, self.feature_map_k, self.window_logits, self.window, scale=self.scaling
+            q, k, v, self.phi_q, self.feature_map_k, self.window_logits, self.window, scale=self.scaling
         )
         return y[:, :, offset:]
 
@@ -315,7 +344,7 @@ class LinearizedAttention(nn.Module):
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window keys: no shift
         g = torch.sigmoid(self.window_logits.float()).view(1, H, 1, 1)
         a_window = g * torch.exp(s_w - c)
-        fq, fk = self.feature_map_q(q_rows).float(), self.feature_map_k(k).float()
+        fq, fk = self.phi_q(q_rows).float(), self.feature_map_k(k).float()
         a_linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk) * in_linear
         a = a_window + a_linear
         p_student = a / a.sum(dim=-1, keepdim=True).clamp_min(DEN_EPS)
@@ -328,6 +357,8 @@ class LinearizedAttention(nn.Module):
         out = {f"feature_map_q.{n}": p for n, p in self.feature_map_q.named_parameters()}
         out.update({f"feature_map_k.{n}": p for n, p in self.feature_map_k.named_parameters()})
         out["window_logits"] = self.window_logits
+        if self.linear_logits is not None:
+            out["linear_logits"] = self.linear_logits
         return out
 
 

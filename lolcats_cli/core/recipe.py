@@ -60,6 +60,9 @@ class AttentionConfig:
         window: a registered window ("terrace", "sliding", "none" or a plugin's).
         window_params: the window's parameters (validated by the registry).
         layers: "all", or the indices (from 0) of the decoder layers to convert.
+        linear_gate: a learnable per-head weight on the linear branch, starting near 0, so the untrained
+            model is the softmax window with its sinks and training opens the linear branch only where it
+            lowers the loss (false: the paper's method, linear weight 1).
 
     An override that switches ``feature_map`` (or ``window``) to another name without also setting its
     params resets the params to {} (the new plugin's own defaults): the old ones belong to the old plugin.
@@ -70,6 +73,7 @@ class AttentionConfig:
     window: str = option("terrace", min_len=1)
     window_params: dict[str, Any] = option({"size": 64})
     layers: Literal["all"] | list[int] = option("all", min_len=1, items={"ge": 0})
+    linear_gate: bool = False
 
 
 @dataclasses.dataclass
@@ -120,6 +124,8 @@ class TrainConfig:
         grad_clip: max gradient norm; None = no clipping.
         seed: seeds the data order and initialisation.
         save_every: checkpoint every this many updates (None = at every evaluation).
+        save_every_minutes: also checkpoint after this many minutes of training since the last checkpoint
+            (None = only by steps), so a slow machine never loses more than a few minutes of work.
     """
 
     lr: float = option(1e-2, gt=0)
@@ -136,6 +142,7 @@ class TrainConfig:
     grad_clip: float | None = option(1.0, gt=0)
     seed: int = 0
     save_every: int | None = option(None, ge=1)
+    save_every_minutes: float | None = option(5.0, gt=0)
 
 
 @dataclasses.dataclass

@@ -5,7 +5,12 @@ the same groups (``lolcats.feature_maps``, ``lolcats.windows``) as any third-par
 distribution metadata only; a plugin's module is imported the first time its class is asked for.
 
 ``LOLCATS_PLUGINS`` (comma-separated distribution names) limits which distributions load; the built-in
-``lolcats`` distribution always does, and an empty value means built-ins only.
+``lolcats`` distribution always does, and an empty value means built-ins only. A name in it that matches no
+installed distribution is warned about once (on the ``lolcats_cli`` logger), with a did-you-mean.
+
+Two distributions registering one name is not an error until that name is used: the listing shows both
+(``PluginInfo.clashes_with``), and loading the name raises a :class:`PluginError` naming every distribution
+that registers it.
 
 This module never imports torch at import time, so ``lolcats plugins`` stays fast.
 """
@@ -14,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import types
 import typing
 from collections.abc import Mapping
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distributions, entry_points
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError, PluginError, did_you_mean
@@ -32,6 +38,7 @@ Kind = Literal["feature_map", "window"]
 GROUPS: dict[str, str] = {"feature_map": "lolcats.feature_maps", "window": "lolcats.windows"}
 BUILTIN_DISTRIBUTION = "lolcats"
 ENV_VAR = "LOLCATS_PLUGINS"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,7 @@ class PluginInfo:
     distribution: str
     version: str
     target: str  # "module:attribute"
+    clashes_with: tuple[str, ...] = ()  # other distributions registering the same name: using it is an error
 
 
 def _normalize(dist: str) -> str:
@@ -54,31 +62,71 @@ def _allowed_distributions() -> frozenset[str] | None:
     raw = os.environ.get(ENV_VAR)
     if raw is None:
         return None
+    _warn_unknown_distributions(raw)
     names = {_normalize(n.strip()) for n in raw.split(",") if n.strip()}
     return frozenset(names | {BUILTIN_DISTRIBUTION})
 
 
 @functools.lru_cache(maxsize=None)
-def _scan(kind: Kind, allowed: frozenset[str] | None) -> tuple[dict[str, EntryPoint], dict[str, str]]:
-    """``(loadable, excluded)``: name -> entry point for allowed distributions, and name -> distribution
-    for the ones LOLCATS_PLUGINS leaves out. Two distributions claiming one name is an error."""
-    found: dict[str, EntryPoint] = {}
+def _warn_unknown_distributions(raw: str) -> None:
+    """Warn, once per value of LOLCATS_PLUGINS, about each name in it that matches no installed distribution
+    (it loads nothing, so a typo would otherwise silently leave only the built-ins)."""
+    asked = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    installed = {_normalize(d.name) for d in distributions() if d.name} | {BUILTIN_DISTRIBUTION}
+    unknown = [n for n in asked if _normalize(n) not in installed]
+    if not unknown:
+        return
+    providers = sorted({_normalize(_dist_name(ep)) for group in GROUPS.values() for ep in entry_points(group=group)}
+                       - {BUILTIN_DISTRIBUTION})
+    for name in unknown:
+        log.warning(
+            f"{ENV_VAR} names {name!r}, which matches no installed distribution, so it loads nothing; "
+            f"{did_you_mean(_normalize(name), providers)}distributions with plugins: {', '.join(providers) or '(none)'}"
+        )
+
+
+def _by_builtin_then_name(ep: EntryPoint) -> tuple[bool, str]:
+    return _normalize(_dist_name(ep)) != BUILTIN_DISTRIBUTION, _normalize(_dist_name(ep))
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(kind: Kind, allowed: frozenset[str] | None) -> tuple[dict[str, tuple[EntryPoint, ...]], dict[str, str]]:
+    """``(registered, excluded)``: name -> its entry points in allowed distributions (one per distribution,
+    the built-in first; more than one is a clash, an error only once the name is used), and name ->
+    distribution for the ones LOLCATS_PLUGINS leaves out. Never raises: listing must always work."""
+    registered: dict[str, list[EntryPoint]] = {}
     excluded: dict[str, str] = {}
     for ep in entry_points(group=GROUPS[kind]):
         dist = _dist_name(ep)
         if allowed is not None and _normalize(dist) not in allowed:
-            excluded[ep.name] = dist
+            excluded.setdefault(ep.name, dist)
             continue
-        if ep.name in found and _dist_name(found[ep.name]) != dist:
-            other = _dist_name(found[ep.name])
-            raise PluginError(
-                f"{kind.replace('_', ' ')} {ep.name!r} is registered by two distributions: {other!r} "
-                f"({found[ep.name].value}) and {dist!r} ({ep.value})",
-                hint=f"uninstall one of them (pip uninstall {dist}), or load only one with "
-                f"{ENV_VAR}=<distribution,...>",
-            )
-        found[ep.name] = ep
-    return found, excluded
+        same = registered.setdefault(ep.name, [])
+        if all(_normalize(_dist_name(e)) != _normalize(dist) for e in same):
+            same.append(ep)
+    return {name: tuple(sorted(eps, key=_by_builtin_then_name)) for name, eps in registered.items()}, excluded
+
+
+def _clash(kind: Kind, name: str, eps: tuple[EntryPoint, ...], allowed: frozenset[str] | None) -> PluginError:
+    """The error for a name that several distributions register: every one of them, and which to remove."""
+    label = kind.replace("_", " ")
+    dists = [_dist_name(ep) for ep in eps]
+    listed = ", ".join(f"{d!r} ({ep.value})" for d, ep in zip(dists, eps))
+    third = [d for d in dists if _normalize(d) != BUILTIN_DISTRIBUTION]
+    # the other third-party distributions with plugins, which the suggested LOLCATS_PLUGINS must keep
+    skip = {_normalize(d) for d in dists} | {BUILTIN_DISTRIBUTION}
+    kinds: list[Kind] = ["feature_map", "window"]
+    others = sorted({_dist_name(ep) for k in kinds for regs in _scan(k, allowed)[0].values() for ep in regs
+                     if _normalize(_dist_name(ep)) not in skip})
+    if len(third) < len(dists):  # a built-in name: the third-party distribution has to give way
+        keep = f"{ENV_VAR}={','.join(others)}" if others else f'{ENV_VAR}="" (the built-ins only)'
+        hint = (f"{name!r} is a built-in {label}; uninstall {' and '.join(third)} (pip uninstall {' '.join(third)}), "
+                f"or leave {'it' if len(third) == 1 else 'them'} out with {keep}")
+    else:
+        choices = " or ".join(f"{ENV_VAR}={','.join(sorted([*others, d]))}" for d in third)
+        hint = (f"keep one of {', '.join(third)}: uninstall the others (pip uninstall <distribution>), "
+                f"or choose one with {choices}")
+    return PluginError(f"{label} {name!r} is registered by {len(eps)} distributions: {listed}", hint=hint)
 
 
 def _dist_name(ep: EntryPoint) -> str:
@@ -89,31 +137,47 @@ def refresh() -> None:
     """Forget what was scanned and loaded (after installing a plugin in a running process, in tests)."""
     _scan.cache_clear()
     _load.cache_clear()
+    _warn_unknown_distributions.cache_clear()
 
 
 def list_plugins(kind: Kind | None = None) -> list[PluginInfo]:
-    """Every registered plugin of ``kind`` (both kinds when None), sorted; imports no plugin code."""
+    """Every registered plugin of ``kind`` (both kinds when None), sorted; imports no plugin code.
+
+    A name several distributions register is listed once per distribution, each with ``clashes_with``
+    naming the others; loading such a name raises, listing never does."""
     kinds: list[Kind] = [kind] if kind is not None else ["feature_map", "window"]
     out = []
     for k in kinds:
         if k not in GROUPS:
             raise PluginError(f"unknown plugin kind {k!r}", hint=f"use one of: {', '.join(GROUPS)}")
-        found, _ = _scan(k, _allowed_distributions())
-        for name, ep in sorted(found.items()):
-            version = ep.dist.version if ep.dist is not None else "?"
-            out.append(PluginInfo(k, name, _dist_name(ep), version, ep.value))
+        registered, _ = _scan(k, _allowed_distributions())
+        for name, eps in sorted(registered.items()):
+            dists = [_dist_name(ep) for ep in eps]
+            for ep, dist in zip(eps, dists):
+                version = ep.dist.version if ep.dist is not None else "?"
+                out.append(PluginInfo(k, name, dist, version, ep.value, tuple(d for d in dists if d != dist)))
     return out
+
+
+def clashes(kind: Kind | None = None) -> list[PluginError]:
+    """The error each name registered by several distributions raises when used (``kind``: both when None)."""
+    allowed = _allowed_distributions()
+    kinds: list[Kind] = [kind] if kind is not None else ["feature_map", "window"]
+    return [_clash(k, name, eps, allowed) for k in kinds for name, eps in sorted(_scan(k, allowed)[0].items())
+            if len(eps) > 1]
 
 
 @functools.lru_cache(maxsize=None)
 def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
-    from ..api import PLUGIN_API_VERSION, FeatureMap, Window  # torch: only once a plugin is loaded
+    from ..api import COMPATIBLE_PLUGIN_APIS, PLUGIN_API_VERSION, FeatureMap, Window  # torch: once a plugin loads
 
     label = kind.replace("_", " ")
-    found, excluded = _scan(kind, allowed)
-    if name not in found:
-        raise _unknown(label, name, list(found), excluded)
-    ep = found[name]
+    registered, excluded = _scan(kind, allowed)
+    if name not in registered:
+        raise _unknown(label, name, list(registered), excluded)
+    if len(registered[name]) > 1:
+        raise _clash(kind, name, registered[name], allowed)
+    ep = registered[name][0]
     where = f"{label} {name!r} (entry point {ep.name} = {ep.value} in distribution {_dist_name(ep)!r})"
     try:
         obj = ep.load()
@@ -129,10 +193,17 @@ def _load(kind: Kind, name: str, allowed: frozenset[str] | None) -> type:
             hint=f"point the entry point at a class deriving from lolcats_cli.api.{base.__name__}",
         )
     declared = getattr(obj, "plugin_api_version", PLUGIN_API_VERSION)
-    if declared != PLUGIN_API_VERSION:
+    if declared not in COMPATIBLE_PLUGIN_APIS:  # older versions this lolcats still loads are listed there
+        dist = _dist_name(ep)
+        if isinstance(declared, int) and declared > PLUGIN_API_VERSION:  # the plugin is newer than this lolcats
+            hint = (f"upgrade lolcats to a release that speaks plugin API v{declared} (pip install -U lolcats), "
+                    f"or install an older release of {dist} written for v{PLUGIN_API_VERSION}")
+        else:  # the plugin was written for an older API
+            hint = (f"upgrade {dist} to a release written for plugin API v{PLUGIN_API_VERSION} "
+                    f"(pip install -U {dist}), or install a lolcats release that speaks v{declared}")
         raise PluginError(
             f"{where} was written for plugin API v{declared}; this lolcats speaks v{PLUGIN_API_VERSION}",
-            hint=f"upgrade {_dist_name(ep)} (or install a lolcats version that speaks v{declared})",
+            hint=hint,
         )
     return obj
 
@@ -152,10 +223,14 @@ def _unknown(label: str, name: str, names: list[str], excluded: dict[str, str]) 
 
 
 def find_plugin(name: str, kind: Kind | None = None) -> PluginInfo:
-    """The listing entry of ``name`` (searching both kinds when ``kind`` is None); imports nothing."""
+    """The listing entry of ``name`` (searching both kinds when ``kind`` is None); imports nothing.
+    A name several distributions register raises the clash error."""
     infos = list_plugins(kind)
     for info in infos:
         if info.name == name:
+            if info.clashes_with:
+                allowed = _allowed_distributions()
+                raise _clash(info.kind, name, _scan(info.kind, allowed)[0][name], allowed)
             return info
     excluded: dict[str, str] = {}
     for k in [kind] if kind else list(GROUPS):
@@ -313,5 +388,5 @@ def build_window(
     return cls(build_params(cls, params, where))
 
 
-__all__ = ["PluginInfo", "list_plugins", "find_plugin", "load", "get_feature_map", "get_window", "refresh",
+__all__ = ["PluginInfo", "list_plugins", "clashes", "find_plugin", "load", "get_feature_map", "get_window", "refresh",
            "build_params", "param_fields", "describe_params", "build_feature_map", "build_window"]

@@ -8,16 +8,24 @@ every update) or is saved in the checkpoint (trainables, optimizer moments, sche
 
 Checkpoint layout (``ckpt_dir``): ``step-00000040/{trainable,optimizer}.safetensors`` +
 ``step-00000040/state.json``; ``latest.json`` names the newest complete step folder and is written last
-(the commit point); ``best.safetensors`` holds the best trainables so far. Older step folders are pruned.
+(the commit point); ``best.safetensors`` holds the best trainables so far. A checkpoint is written at every
+evaluation, every ``save_every`` updates and every ``save_every_minutes`` minutes of training. The newest
+step folder and the one before it are kept (older ones are pruned), so a damaged checkpoint falls back to
+the previous one with a warning naming the bad file.
+
+Ctrl-C raises :class:`TrainingInterrupted` (a KeyboardInterrupt) that says where the run stopped and which
+checkpoint it can resume from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,8 @@ from torch import Tensor, nn
 from ..errors import TrainingError
 from .checkpoint import load_json, load_tensors, save_json, save_tensors
 from .progress import EvalInfo, NullReporter, Reporter, StepInfo
+
+log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the CLI prints these on stderr
 
 # loss_fn(input_ids (b, L), labels (b, L) | None) -> scalar loss; it may raise TrainingError itself to
 # name the culprit (a layer, say) of a non-finite loss.
@@ -51,6 +61,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     seed: int = 0
     save_every: int | None = None
+    save_every_minutes: float | None = 5.0
 
     @classmethod
     def from_section(cls, section: Any) -> TrainSettings:
@@ -59,13 +70,91 @@ class TrainSettings:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
+CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    folder: Path
+    state: dict[str, Any]
+    trainable: dict[str, Tensor] | None = None  # None when read without tensors
+    moments: dict[str, Tensor] | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`: ``step`` updates of ``total_steps`` were done; ``checkpoint`` is the
+    newest complete checkpoint folder (None if none was written) and ``checkpoint_step`` its step."""
+
+    def __init__(self, title: str, step: int, total_steps: int, checkpoint: Path | None,
+                 checkpoint_step: int | None) -> None:
+        where = f"the last checkpoint is step {checkpoint_step} ({checkpoint})" if checkpoint else "no checkpoint yet"
+        super().__init__(f"{title} interrupted at step {step}/{total_steps}; {where}")
+        self.title, self.step, self.total_steps = title, step, total_steps
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+
+
+def _why(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".replace("\n", " ")
+
+
+def _candidates(ckpt_dir: Path, warn: bool) -> Iterator[Path]:
+    """Step folders to try, best first: the one ``latest.json`` names, then every other complete folder
+    (``state.json`` is written last), newest first. An unreadable ``latest.json`` is warned about."""
+    pointer, named = ckpt_dir / "latest.json", None
+    if pointer.exists():
+        try:
+            named = ckpt_dir / str(load_json(pointer)["folder"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if warn:
+                log.warning(f"{pointer} is unreadable ({_why(e)}); looking for the newest complete checkpoint")
+    if named is not None:
+        yield named
+    folders = sorted((f for f in ckpt_dir.glob("step-*") if f.is_dir()), key=lambda f: f.name, reverse=True)
+    yield from (f for f in folders if f != named and (f / "state.json").exists())
+
+
+def find_checkpoint(ckpt_dir: Path, *, tensors: bool = True, warn: bool = True) -> Checkpoint | None:
+    """The newest checkpoint in ``ckpt_dir`` whose files all read back, or None if it holds no checkpoint.
+
+    A damaged file (truncated, say) is warned about by name and the previous checkpoint is used instead;
+    if every checkpoint there is damaged, TrainingError names the files.
+    """
+    ckpt_dir, bad = Path(ckpt_dir), []
+    for folder in _candidates(ckpt_dir, warn):
+        names = CHECKPOINT_FILES if tensors else CHECKPOINT_FILES[:1]
+        try:
+            loaded = {}
+            for name in names:
+                path = folder / name
+                loaded[name] = load_json(path) if name.endswith(".json") else load_tensors(path)
+                if name == "state.json":
+                    int(loaded[name]["step"])  # a state that parses but is not ours counts as damaged
+        except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises, the next checkpoint is tried
+            bad.append(f"{path} ({_why(e)})")
+            if warn:
+                log.warning(f"checkpoint file {path} is unreadable ({_why(e)}); "
+                            "falling back to the previous checkpoint")
+            continue
+        if bad and warn:
+            log.warning(f"using the checkpoint of step {loaded['state.json']['step']} in {folder} instead")
+        return Checkpoint(folder, loaded["state.json"], loaded.get("trainable.safetensors"),
+                          loaded.get("optimizer.safetensors"))
+    if bad:
+        raise TrainingError(
+            f"no readable checkpoint in {ckpt_dir}: " + "; ".join(bad),
+            "restore the folder from a backup, or start the run again with --overwrite (its progress is lost)",
+        )
+    return None
+
+
 def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """``(step folder, state)`` of the newest complete checkpoint in ``ckpt_dir``, or None."""
-    pointer = Path(ckpt_dir) / "latest.json"
-    if not pointer.exists():
+    """``(step folder, state)`` of the newest checkpoint in ``ckpt_dir`` whose state reads back, or None
+    (quietly: :meth:`Trainer.fit` is the one that warns about damaged files)."""
+    try:
+        found = find_checkpoint(ckpt_dir, tensors=False, warn=False)
+    except TrainingError:
         return None
-    folder = Path(ckpt_dir) / load_json(pointer)["folder"]
-    return folder, load_json(folder / "state.json")
+    return None if found is None else (found.folder, found.state)
 
 
 @dataclasses.dataclass
@@ -118,6 +207,8 @@ class Trainer:
         self.total_micro = settings.epochs * self.micro_per_epoch
         self.total_steps = self._plan_steps()
         self._last_loss = float("nan")
+        self._saved: tuple[Path, int] | None = None  # (folder, step) of the newest complete checkpoint
+        self._step = 0  # updates done (what an interruption reports)
 
     # ----------------------------------------------------------------------------------------- planning
     def _plan_steps(self) -> int:
@@ -160,30 +251,47 @@ class Trainer:
             "plateau": None if self.plateau is None else self.plateau.state_dict(),
         }
 
+    def _write_error(self, err: OSError, what: str) -> TrainingError:
+        """A TrainingError for a failed write that names the directory and the checkpoint kept."""
+        kept = (
+            f"the last good checkpoint (step {self._saved[1]}, {self._saved[0]}) is kept; "
+            if self._saved else "no checkpoint was written yet; "
+        )
+        again = "run again with --resume" if self._saved else "run again"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return TrainingError(f"the disk is full: cannot write {what} in {self.ckpt_dir}",
+                                 f"{kept}free some space on that disk and {again}")
+        return TrainingError(f"cannot write {what} in {self.ckpt_dir}: {err.strerror or err}",
+                             f"{kept}fix the problem and {again}")
+
     def _save(self, state: dict) -> None:
         folder = self.ckpt_dir / f"step-{state['step']:08d}"
-        save_tensors(folder / "trainable.safetensors", self.params)
-        names = list(self.params)
-        moments = {}
-        for idx, st in self.opt.state_dict()["state"].items():
-            for key, value in st.items():
-                moments[f"{names[idx]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        save_tensors(folder / "optimizer.safetensors", moments)
-        save_json(folder / "state.json", state)
-        save_json(self.ckpt_dir / "latest.json", {"folder": folder.name, "step": state["step"]})
-        for old in self.ckpt_dir.glob("step-*"):
-            if old.is_dir() and old.name != folder.name:
+        try:
+            save_tensors(folder / "trainable.safetensors", self.params)
+            names = list(self.params)
+            moments = {}
+            for idx, st in self.opt.state_dict()["state"].items():
+                for key, value in st.items():
+                    moments[f"{names[idx]}::{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            save_tensors(folder / "optimizer.safetensors", moments)
+            save_json(folder / "state.json", state)
+            save_json(self.ckpt_dir / "latest.json", {"folder": folder.name, "step": state["step"]})
+        except OSError as e:
+            if self._saved is None or folder != self._saved[0]:
+                shutil.rmtree(folder, ignore_errors=True)  # the half-written folder, to give the space back
+            raise self._write_error(e, f"the checkpoint of step {state['step']}") from e
+        keep = {folder.name} | ({self._saved[0].name} if self._saved else set())
+        self._saved = (folder, state["step"])
+        for old in self.ckpt_dir.glob("step-*"):  # keep this checkpoint and the previous one
+            if old.is_dir() and old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _load(self) -> dict:
-        latest = latest_checkpoint(self.ckpt_dir)
-        if latest is None:
-            raise TrainingError(
-                f"nothing to resume: {self.ckpt_dir} has no complete checkpoint",
-                "start the run again without --resume (add --overwrite to replace the folder)",
-            )
-        folder, state = latest
-        saved = load_tensors(folder / "trainable.safetensors")
+    def _load(self) -> dict | None:
+        """Load the newest readable checkpoint into the trainables and the optimizer; its state, or None."""
+        found = find_checkpoint(self.ckpt_dir)
+        if found is None:
+            return None
+        folder, state, saved = found.folder, found.state, found.trainable
         missing = sorted(set(self.params) - set(saved))
         if missing:
             raise TrainingError(
@@ -194,26 +302,36 @@ class Trainer:
             for name, p in self.params.items():
                 p.copy_(saved[name].to(p.device, p.dtype))
         names = list(self.params)
-        moments = load_tensors(folder / "optimizer.safetensors")
         opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in moments.items():
+        for key, value in found.moments.items():
             pname, field = key.split("::")
             opt_state.setdefault(names.index(pname), {})[field] = value
         groups = [dict(g, params=self.opt.state_dict()["param_groups"][i]["params"]) for i, g in enumerate(state["param_groups"])]
         self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
         if self.plateau is not None and state["plateau"] is not None:
             self.plateau.load_state_dict(state["plateau"])
+        self._saved = (folder, state["step"])
         return state
 
     def _save_best(self) -> None:
-        save_tensors(self.ckpt_dir / "best.safetensors", self.params)
+        try:
+            save_tensors(self.ckpt_dir / "best.safetensors", self.params)
+        except OSError as e:
+            raise self._write_error(e, "best.safetensors") from e
 
     def restore_best(self) -> bool:
         """Load the best trainables saved so far into the parameters; False if there are none."""
         path = self.ckpt_dir / "best.safetensors"
         if not path.exists():
             return False
-        best = load_tensors(path)
+        try:
+            best = load_tensors(path)
+        except Exception as e:  # noqa: BLE001 -- a damaged file, whatever the library raises
+            raise TrainingError(
+                f"{path} (the best trainables so far) is unreadable ({_why(e)})",
+                "restore it from a backup, or delete it and run again with --resume to keep the last "
+                "evaluated trainables instead",
+            ) from e
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(best[name].to(p.device, p.dtype))
@@ -233,9 +351,23 @@ class Trainer:
         return best
 
     def fit(self, resume: bool = False) -> FitResult:
+        """Train to ``total_steps``; with ``resume``, from the newest readable checkpoint (from step 0 if the
+        run stopped before writing one). Ctrl-C raises :class:`TrainingInterrupted`."""
+        try:
+            return self._fit(resume)
+        except KeyboardInterrupt as stop:
+            folder, saved_step = self._saved if self._saved else (None, None)
+            raise TrainingInterrupted(self.title, self._step, self.total_steps, folder, saved_step) from stop
+        finally:
+            self.reporter.finish()
+
+    def _fit(self, resume: bool) -> FitResult:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            state = self._load()
+        state = self._load() if resume else None
+        if resume and state is None:
+            log.warning(f"{self.ckpt_dir} holds no checkpoint yet (the run stopped before its first one): "
+                        f"starting {self.title} from step 0")
+        if state is not None:
             step, tokens, elapsed, history = state["step"], state["tokens"], state["elapsed_s"], state["history"]
             best = None if state["best_loss"] is None else (state["best_loss"], state["best_step"])
             self.reporter.log(f"resuming {self.title} at step {step}/{self.total_steps}")
@@ -244,11 +376,15 @@ class Trainer:
             best = self._evaluate(0, best, history)
             self._save(self._state(step, tokens, elapsed, best, history))
 
+        self._step = step
         self.reporter.start(self.title, self.total_steps, step)
         session_start, session_tokens = time.perf_counter(), 0
+        last_save = time.monotonic()
+        save_seconds = None if self.s.save_every_minutes is None else 60.0 * self.s.save_every_minutes
         while step < self.total_steps:
             step_tokens = self._update(step)
             step += 1
+            self._step = step
             tokens += step_tokens
             session_tokens += step_tokens
             now = time.perf_counter()
@@ -259,10 +395,12 @@ class Trainer:
             evaluate = step % self.s.eval_every == 0 or step == self.total_steps
             if evaluate:
                 best = self._evaluate(step, best, history)
-            if evaluate or (self.s.save_every and step % self.s.save_every == 0):
+            every_n = bool(self.s.save_every) and step % self.s.save_every == 0
+            timed = save_seconds is not None and time.monotonic() - last_save >= save_seconds
+            if evaluate or every_n or timed:
                 total_elapsed = elapsed + time.perf_counter() - session_start
                 self._save(self._state(step, tokens, total_elapsed, best, history))
-        self.reporter.finish()
+                last_save = time.monotonic()
         elapsed += time.perf_counter() - session_start
         return FitResult(step, tokens, elapsed, None if best is None else best[0], None if best is None else best[1], history)
 

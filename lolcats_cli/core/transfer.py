@@ -20,7 +20,7 @@ from .checkpoint import save_json, save_tensors
 from .progress import Reporter
 from .recipe import Recipe, load_recipe
 from .trainer import Trainer, TrainSettings, latest_checkpoint
-from .workspace import RESOLVED_RECIPE, check_plugins, load_converted_model, pick_device, prepare_run_dir, record_run
+from .workspace import RESOLVED_RECIPE, check_plugins, load_converted_model, new_run_dir, pick_device, record_run
 
 ATTENTION_WEIGHTS = "attention.safetensors"
 METRICS = "metrics.json"
@@ -124,16 +124,23 @@ def run_transfer(
     """Train the linear attentions of ``recipe.model`` to mimic its softmax attentions.
 
     With ``resume``, the recipe saved in ``run_dir`` is used (``recipe`` may be None) and the run continues
-    from its last checkpoint to exactly where an uninterrupted run would have ended.
+    from its last checkpoint to exactly where an uninterrupted run would have ended. A run that fails before
+    its first checkpoint removes what it wrote (see :func:`~lolcats_cli.core.workspace.new_run_dir`); Ctrl-C
+    raises :class:`~lolcats_cli.core.trainer.TrainingInterrupted`.
     """
-    from .convert import attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
-    from .data import build_datasets
-
     if not resume:
         if recipe is None:
             raise ConfigError("no recipe given", "pass --recipe or --model")
         check_plugins(recipe)  # before anything is written
-    run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
+        return _transfer(recipe, run_dir, resume, reporter, device)
+
+
+def _transfer(recipe: Recipe | None, run_dir: Path, resume: bool, reporter: Reporter | None,
+              device: str | torch.device | None) -> TransferResult:
+    from .convert import attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
+    from .data import build_datasets
+
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     device = pick_device(device)

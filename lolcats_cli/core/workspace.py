@@ -3,25 +3,76 @@
 A run directory is self-describing: ``recipe.resolved.yaml`` (every setting, defaults included),
 ``versions.json`` (lolcats, torch, transformers, plugins), ``attention.safetensors`` (the trained feature
 maps and window factors), ``metrics.json`` and ``checkpoints/``.
+
+A run that fails or is stopped before its first checkpoint leaves nothing in the way of a retry: it removes
+what it wrote (:func:`new_run_dir`), and a folder that a killed run left without a checkpoint is reused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, LolcatsError
+from ..errors import ConfigError, LolcatsError, TrainingError
 from .models import pick_device
 from .recipe import Recipe, load_recipe, save_resolved, write_versions
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
+# Everything a run writes at the top of its directory; only these are ever removed from a folder.
+RUN_ENTRIES = (RESOLVED_RECIPE, "versions.json", "source.json", "attention.safetensors", "metrics.json",
+               "checkpoints", "adapter", ".write-test")
+
+log = logging.getLogger(__name__)
+
+
+def _is_run_entry(name: str) -> bool:
+    """One of :data:`RUN_ENTRIES`, or the temporary file of an atomic write of one (a killed run's)."""
+    return name in RUN_ENTRIES or (name.endswith(".tmp") and any(name.startswith(f".{e}.") for e in RUN_ENTRIES))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (complete or damaged) that ``--resume`` would use."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return (ckpt / "latest.json").exists() or any(ckpt.glob("step-*/state.json"))
+
+
+def stopped_before_first_checkpoint(path: Path) -> bool:
+    """A folder holding only what a lolcats run writes, from a run that never reached its first checkpoint
+    (killed while loading the model, say): there is nothing in it to resume or to lose."""
+    path = Path(path)
+    if not path.is_dir() or has_checkpoint(path) or (path / "metrics.json").exists():
+        return False
+    names = [e.name for e in path.iterdir()]
+    started = RESOLVED_RECIPE in names or "source.json" in names or all(n.endswith(".tmp") for n in names)
+    return bool(names) and started and all(_is_run_entry(n) for n in names)
+
+
+def remove_run_files(path: Path, remove_dir: bool = False) -> list[str]:
+    """Remove the :data:`RUN_ENTRIES` in ``path`` (and ``path`` itself, if ``remove_dir`` and it is then
+    empty); anything else stays. Returns the names removed."""
+    removed = []
+    for entry in sorted(Path(path).iterdir()):
+        if _is_run_entry(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry.name)
+    if remove_dir and not any(Path(path).iterdir()):
+        Path(path).rmdir()
+    return removed
 
 
 def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Make ``path`` ready for a run; never silently reuse or destroy a user's folder."""
+    """Make ``path`` ready for a run; never silently reuse or destroy a user's folder. A folder left by a run
+    that stopped before its first checkpoint is reused (with a warning): it holds nothing to lose."""
     path = Path(path)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other", "pass only one of them")
@@ -32,6 +83,9 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
                 "check the path, or start a new run without --resume",
             )
         return path
+    if not overwrite and stopped_before_first_checkpoint(path):
+        remove_run_files(path)
+        log.warning(f"reusing {path}: the run there stopped before its first checkpoint, so it held nothing to resume")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise LolcatsError(
@@ -52,6 +106,38 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
     except OSError as e:
         raise LolcatsError(f"cannot write to output directory {path}: {e.strerror}", "choose a writable --output") from e
     return path
+
+
+@contextlib.contextmanager
+def new_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Iterator[Path]:
+    """:func:`prepare_run_dir`, and if the body fails (or is interrupted) before the run's first checkpoint,
+    remove what the run wrote, and the folder itself if the run made it, with a warning that says so: the
+    same command can then simply be run again. A resumed run's folder is always left as it is.
+    A full disk becomes a TrainingError that names the folder and says whether a checkpoint is kept."""
+    path = Path(path)
+    made = not path.exists() or (overwrite and (path / RESOLVED_RECIPE).exists())
+    path = prepare_run_dir(path, resume=resume, overwrite=overwrite)
+    try:
+        yield path
+    except BaseException as err:
+        kept = has_checkpoint(path)
+        if not resume and path.is_dir() and not kept:
+            try:
+                removed = remove_run_files(path, remove_dir=made)
+            except OSError as e:  # never hide the error that stopped the run
+                log.warning(f"could not clean up {path} after the failed run: {e}")
+            else:
+                what = path if not path.exists() else f"{', '.join(removed)} from {path}" if removed else None
+                if what:
+                    log.warning(f"removed {what}: the run stopped before its first checkpoint, so there was "
+                                "nothing to resume; run the same command again to retry")
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingError(
+                f"the disk is full: cannot write in {path}",
+                f"the last good checkpoint is kept in {path / 'checkpoints'}; free some space on that disk and run "
+                "again with --resume" if kept else "free some space on that disk and run the same command again",
+            ) from err
+        raise
 
 
 def plugin_versions(recipe: Recipe) -> list[dict[str, Any]]:
@@ -109,6 +195,7 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
         window_params=att.window_params,
         layers=att.layers,
         mode=mode,
+        linear_gate=att.linear_gate,
     )
     return model, tokenizer, source
 
@@ -146,6 +233,8 @@ __all__ = [
     "RESOLVED_RECIPE",
     "pick_device",
     "prepare_run_dir",
+    "new_run_dir",
+    "has_checkpoint",
     "record_run",
     "load_converted_model",
     "open_run",

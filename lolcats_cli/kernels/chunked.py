@@ -6,7 +6,9 @@ for the chunk of queries ``[c0, c0 + C)`` the *local* keys ``[c0 - P, c0 + C)`` 
 most recent linear keys; masks from :func:`~lolcats_cli.api.window_masks` on absolute positions split them.
 Every key older than ``c0 - P`` is in the linear branch of each query of the chunk, so it enters through a
 prefix state ``S = sum phi_k(k) v^T`` ``(F, Dv)`` and ``z = sum phi_k(k)`` ``(F,)``, an exclusive cumulative
-sum over chunks. The largest tensors are ``(B, H, T, C + P)``: no T x T matrix is ever built. Chunks are
+sum over chunks. The largest tensors are ``(B, H, T, C + P)``: no T x T matrix is ever built. Sink keys
+(the first ``window.sinks`` positions) are put in front of every chunk's local keys (:func:`with_sinks`) and
+kept out of the prefix state. Chunks are
 attended in groups of about :data:`GROUP_QUERIES` queries (a short loop over groups, not over tokens).
 
 The building blocks (:func:`attend_chunks`, :func:`chunk_masks`, :func:`kv_state`) are shared with the
@@ -108,6 +110,44 @@ def attend_chunks(
     return num / den.clamp_min(DEN_EPS).unsqueeze(-1)
 
 
+def with_sinks(
+    k: Tensor,
+    v: Tensor,
+    fk: Tensor,
+    in_window: Tensor,
+    in_linear: Tensor,
+    k_sink: Tensor,
+    v_sink: Tensor,
+    sink_window: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Put the sink keys in front of N chunks' local keys, for :func:`attend_chunks`.
+
+    k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``, fk ``(B, H, N, K, F)``, masks ``(..., C, K)``;
+    k_sink ``(B, Hkv, s, D)``, v_sink ``(B, Hkv, s, Dv)``: the keys and values of positions ``[0, s)``;
+    sink_window ``(..., C, s)``: which query sees which sink *through this block* (False where the sink is
+    among the local keys already, so no key counts twice). Sinks are never in the linear branch: their
+    features are zero and their linear mask False. Returns k, v, fk, in_window, in_linear with ``s + K`` keys.
+    """
+    N, s = k.shape[2], k_sink.shape[2]
+    ks = k_sink.to(k.dtype).unsqueeze(2).expand(-1, -1, N, -1, -1)
+    vs = v_sink.to(v.dtype).unsqueeze(2).expand(-1, -1, N, -1, -1)
+    fks = fk.new_zeros(*fk.shape[:3], s, fk.shape[-1])
+    lead = torch.broadcast_shapes(in_window.shape[:-1], sink_window.shape[:-1])
+    iw = torch.cat([sink_window.expand(*lead, s), in_window.expand(*lead, in_window.shape[-1])], dim=-1)
+    il = torch.cat([torch.zeros_like(iw[..., :s]), in_linear.expand(*lead, in_linear.shape[-1])], dim=-1)
+    return torch.cat([ks, k], dim=3), torch.cat([vs, v], dim=3), torch.cat([fks, fk], dim=3), iw, il
+
+
+def not_sinks(x: Tensor, positions: Tensor, sinks: int) -> Tensor:
+    """``x`` ``(B, H, T, F)`` with the rows at ``positions`` ``(T,)`` or ``(B, T)`` below ``sinks`` zeroed
+    (sink keys never enter the linear state). Autograd-safe; ``x`` itself when ``sinks`` is 0."""
+    if sinks <= 0:
+        return x
+    keep = positions >= sinks
+    keep = keep[:, None, :, None] if keep.dim() == 2 else keep[:, None]
+    return x * keep.to(x.dtype)
+
+
 def _pad_time(x: Tensor, left: int, right: int) -> Tensor:
     """Zero-pad dim 2 (time) of ``(B, h, T, X)``."""
     return F.pad(x, (0, 0, left, right))
@@ -147,6 +187,8 @@ def chunked_from_features(
     T, P, C = q.shape[2], window.span, chunk_size
     N = -(-T // C)
     right = N * C - T
+    sinks = min(window.sinks, T)
+    fk = not_sinks(fk, torch.arange(T, device=q.device), sinks)
 
     q_c = _pad_time(q.float(), 0, right).unflatten(2, (N, C))  # (B, H, N, C, D)
     fq_c = _pad_time(fq, 0, right).unflatten(2, (N, C))  # (B, H, N, C, F)
@@ -162,14 +204,19 @@ def chunked_from_features(
     q_pos = c0.unsqueeze(-1) + torch.arange(C, device=q.device)  # (N, C)
     k_pos = c0.unsqueeze(-1) + torch.arange(-P, C, device=q.device)  # (N, C + P)
     in_window, in_linear = chunk_masks(window, q_pos, k_pos, c0 - P)
+    # Sink j reaches chunk n through the sink block only when it is not among the chunk's local keys.
+    sink_window = (torch.arange(sinks, device=q.device) < (c0 - P)[:, None])[:, None, :].expand(N, C, sinks)
 
     per_chunk = (q_c, fq_c, k_loc, _local_keys(v_p, P, C), _local_keys(fk_p, P, C), S, z)  # dim 2: chunk
     step = max(1, GROUP_QUERIES // C)
     parts = []
     for n in range(0, N, step):
         g = slice(n, n + step)
-        inputs = [x[:, :, g] for x in per_chunk]
-        parts.append(attend_chunks(*inputs, in_window[g], in_linear[g], window_logits, scale))
+        qg, fqg, kg, vg, fkg, Sg, zg = [x[:, :, g] for x in per_chunk]
+        iw, il = in_window[g], in_linear[g]
+        if sinks:
+            kg, vg, fkg, iw, il = with_sinks(kg, vg, fkg, iw, il, k[:, :, :sinks], v[:, :, :sinks], sink_window[g])
+        parts.append(attend_chunks(qg, fqg, kg, vg, fkg, Sg, zg, iw, il, window_logits, scale))
     y = torch.cat(parts, dim=2)
     return y.flatten(2, 3)[:, :, :T]
 
@@ -205,4 +252,4 @@ def hybrid_attention_chunked(
     return y.to(q.dtype)
 
 
-__all__ = ["hybrid_attention_chunked"]
+__all__ = ["hybrid_attention_chunked", "not_sinks", "with_sinks"]

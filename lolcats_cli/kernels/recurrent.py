@@ -4,7 +4,9 @@ Per sequence the state has a constant size whatever the length: the raw keys and
 last ``span`` positions, kept per KV head, and the linear-attention state ``S = sum phi_k(k) v^T``,
 ``z = sum phi_k(k)`` over every key that has left the window (at query-head count, fp32).
 
-Invariant at length L: S and z hold exactly the keys before ``f(L) = clamp(window.start(L), 0, L)``; the
+Sink keys (the first ``window.sinks`` positions) are kept raw in a buffer of their own and never enter S and z.
+
+Invariant at length L: S and z hold exactly the non-sink keys before ``f(L) = clamp(window.start(L), 0, L)``; the
 buffer holds positions ``[L - span, L)`` (zeros before position 0), which covers ``[f(L), L)`` since a window
 spans at most ``span`` keys. A step is the chunked form's :func:`~.chunked.attend_chunks` on one chunk made of
 the buffer and the new tokens; then the keys in ``[f(L), f(L + t))`` are folded into S and z.
@@ -14,6 +16,7 @@ No transformers dependency: a Cache wrapper lives elsewhere.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,6 +29,8 @@ from .chunked import (
     chunk_masks,
     chunked_from_features,
     kv_state,
+    not_sinks,
+    with_sinks,
 )
 from .naive import FeatureFn, expand_kv
 
@@ -37,7 +42,9 @@ class HybridState:
     k_buf ``(B, Hkv, span, D)`` and v_buf ``(B, Hkv, span, Dv)``: keys and values of positions
     ``[length - span, length)``, oldest first (zeros before position 0). S ``(B, H, F, Dv)`` and z
     ``(B, H, F)`` fp32: the linear state of every key before ``clamp(window.start(length), 0, length)``.
-    length: tokens consumed so far, the position of the next token.
+    length: tokens consumed so far, the position of the next token. k_sink ``(B, Hkv, sinks, D)`` and
+    v_sink: the keys and values of positions ``[0, sinks)`` (zeros for positions not seen yet), or None
+    for a window without sinks; they never enter S and z.
     """
 
     k_buf: Tensor
@@ -45,6 +52,13 @@ class HybridState:
     S: Tensor
     z: Tensor
     length: int
+    k_sink: Tensor | None = None
+    v_sink: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> HybridState:
+        """The state with ``fn`` applied to every tensor (batch reordering, device moves)."""
+        sinks = [None if x is None else fn(x) for x in (self.k_sink, self.v_sink)]
+        return HybridState(fn(self.k_buf), fn(self.v_buf), fn(self.S), fn(self.z), self.length, *sinks)
 
     @classmethod
     def empty(
@@ -58,27 +72,43 @@ class HybridState:
         span: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        sinks: int = 0,
     ) -> HybridState:
         """The state before any token; buffers in ``dtype`` (the K/V dtype), S and z in fp32."""
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        k_sink = v_sink = None
+        if sinks:
+            k_sink = torch.zeros(batch, num_kv_heads, sinks, head_dim, device=device, dtype=dtype)
+            v_sink = torch.zeros(batch, num_kv_heads, sinks, v_dim, device=device, dtype=dtype)
         return cls(
             k_buf=torch.zeros(batch, num_kv_heads, span, head_dim, device=device, dtype=dtype),
             v_buf=torch.zeros(batch, num_kv_heads, span, v_dim, device=device, dtype=dtype),
             S=torch.zeros(batch, num_heads, feature_dim, v_dim, device=device, dtype=torch.float32),
             z=torch.zeros(batch, num_heads, feature_dim, device=device, dtype=torch.float32),
             length=0,
+            k_sink=k_sink,
+            v_sink=v_sink,
         )
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors: independent of ``length``."""
-        return sum(t.numel() * t.element_size() for t in (self.k_buf, self.v_buf, self.S, self.z))
+        tensors = (self.k_buf, self.v_buf, self.S, self.z, self.k_sink, self.v_sink)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def folded_before(window: Window, length: int) -> int:
     """``f(length) = clamp(window.start(length), 0, length)``: keys before it are in S and z."""
     start = int(window.start(torch.tensor(length)).item())
     return min(max(start, 0), length)
+
+
+def first_positions(x: Tensor, n: int) -> Tensor:
+    """The first ``n`` time steps of ``(B, h, T, X)`` (a copy), zero-padded at the end when ``T < n``."""
+    T = x.shape[2]
+    if T >= n:
+        return x[:, :, :n].clone()
+    return torch.cat([x, x.new_zeros(*x.shape[:2], n - T, x.shape[3])], dim=2)
 
 
 def _last(x: Tensor, n: int) -> Tensor:
@@ -115,8 +145,12 @@ def hybrid_prefill(
         fq = phi_q(q).float()
         y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, DEFAULT_CHUNK)
     n_fold = folded_before(window, T)
-    S, z = kv_state(fk[:, :, :n_fold], v[:, :, :n_fold].float())
-    state = HybridState(_last(k, window.span), _last(v, window.span), S, z, T)
+    sinks = window.sinks
+    fold = not_sinks(fk[:, :, :n_fold], torch.arange(n_fold, device=q.device), sinks)
+    S, z = kv_state(fold, v[:, :, :n_fold].float())
+    k_sink = first_positions(k, sinks) if sinks else None
+    v_sink = first_positions(v, sinks) if sinks else None
+    state = HybridState(_last(k, window.span), _last(v, window.span), S, z, T, k_sink, v_sink)
     return y.to(q.dtype), state
 
 
@@ -134,6 +168,9 @@ def _check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Wi
         )
     if tuple(state.S.shape[:2]) != (B, H) or state.S.shape[-1] != Dv:
         raise ValueError(f"state.S has shape {tuple(state.S.shape)}; expected (B={B}, H={H}, F, Dv={Dv})")
+    sinks = 0 if state.k_sink is None else state.k_sink.shape[2]
+    if sinks != window.sinks:
+        raise ValueError(f"the state holds {sinks} sink keys but the window has sinks={window.sinks}")
 
 
 def hybrid_step(
@@ -169,17 +206,31 @@ def hybrid_step(
     leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
     fk = q.new_zeros(q.shape[0], H, P + t, state.S.shape[2], dtype=torch.float32)  # (B, H, P + t, F)
     if hi > lo:
-        fk[:, :, leaving] = phi_k(expand_kv(k_all[:, :, leaving], H)).float()
+        fk_leaving = phi_k(expand_kv(k_all[:, :, leaving], H)).float()
+        fk[:, :, leaving] = not_sinks(fk_leaving, k_pos[leaving], window.sinks)
     in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
+    k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
+    if state.k_sink is not None and state.v_sink is not None:
+        # sink j comes from the sink buffer once it is older than the fresh local keys [lo, L + t)
+        sink_window = (torch.arange(window.sinks, device=q.device) < lo)[None, None, :].expand(1, t, -1)
+        k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
+            k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
+        )
 
     y = attend_chunks(
-        q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_all.float().unsqueeze(2),
-        v_all.float().unsqueeze(2), fk.unsqueeze(2), state.S.unsqueeze(2), state.z.unsqueeze(2),
-        in_window, in_linear, window_logits, scale,
+        q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
+        state.S.unsqueeze(2), state.z.unsqueeze(2), in_window, in_linear, window_logits, scale,
     ).squeeze(2)  # fmt: skip
 
     dS, dz = kv_state(fk[:, :, leaving], v_all[:, :, leaving].float())
-    new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t)
+    k_sink, v_sink = state.k_sink, state.v_sink
+    if k_sink is not None and v_sink is not None and L < window.sinks:  # the first tokens: fill the sinks
+        n = min(L + t, window.sinks) - L
+        k_sink, v_sink = k_sink.clone(), v_sink.clone()
+        k_sink[:, :, L : L + n], v_sink[:, :, L : L + n] = k[:, :, :n], v[:, :, :n]
+    new_state = HybridState(
+        k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t, k_sink, v_sink
+    )
     return y.to(q.dtype), new_state
 
 

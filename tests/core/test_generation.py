@@ -34,8 +34,12 @@ SMALL = dict(
     hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
     vocab_size=VOCAB, max_position_embeddings=8192, pad_token_id=0, bos_token_id=None, eos_token_id=None,
 )  # fmt: skip
-WINDOWS = {  # id: (window, size)
+WINDOWS = {  # id: (window, size[, sinks])
     "sliding4": ("sliding", 4),
+    "sliding4-sinks3": ("sliding", 4, 3),
+    "terrace4-sinks2": ("terrace", 4, 2),
+    "terrace8-sinks11": ("terrace", 8, 11),
+    "none-sinks2": ("none", 4, 2),
     "sliding8": ("sliding", 8),
     "terrace4": ("terrace", 4),
     "terrace8": ("terrace", 8),
@@ -46,7 +50,7 @@ WINDOWS = {  # id: (window, size)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(window: str = "terrace", size: int = 4, layers="all", arch: str = "llama", seed: int = 0):
+def _model(window: str = "terrace", size: int = 4, sinks: int = 0, layers="all", arch: str = "llama", seed: int = 0):
     """A 2-layer random model, converted (student), with random ("trained-ish") feature maps and window factors."""
     torch.manual_seed(seed)
     if arch == "llama":
@@ -56,7 +60,7 @@ def _model(window: str = "terrace", size: int = 4, layers="all", arch: str = "ll
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     convert_model(model, feature_map="hedgehog", feature_map_params={"feature_dim": 16}, window=window,
-                  window_params={"size": size}, layers=layers, mode="student")  # fmt: skip
+                  window_params={"size": size, "sinks": sinks}, layers=layers, mode="student")  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in attention_parameters(model).items():
@@ -103,7 +107,7 @@ def test_token_by_token_decode_matches_full_forward(name: str) -> None:
     torch.testing.assert_close(_decode(model, ids, [5] + [1] * 35), full, **TOL)
 
 
-@pytest.mark.parametrize("name", ["sliding4", "terrace8", "none"])
+@pytest.mark.parametrize("name", ["sliding4", "terrace8", "none", "terrace4-sinks2", "terrace8-sinks11"])
 def test_multi_token_steps_match_full_forward(name: str) -> None:
     model, ids = _model(*WINDOWS[name]), _ids(2, 45)
     full = _full_logits(model, ids)
@@ -153,7 +157,7 @@ def test_state_size_is_constant_in_context_length() -> None:
 # -------------------------------------------------------------------------------------------- generate
 
 
-@pytest.mark.parametrize("name", ["sliding4", "terrace4", "none"])
+@pytest.mark.parametrize("name", ["sliding4", "terrace4", "none", "sliding4-sinks3"])
 def test_generate_greedy_equals_greedy_over_full_forwards(name: str) -> None:
     model, ids = _model(*WINDOWS[name]), _ids(2, 7)
     with torch.no_grad():
@@ -235,7 +239,7 @@ def _left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("name", ["sliding4", "terrace4", "terrace8", "none"])
+@pytest.mark.parametrize("name", ["sliding4", "terrace4", "terrace8", "none", "sliding4-sinks3", "terrace8-sinks11"])
 @pytest.mark.parametrize("layers", ["all", [0]])
 def test_left_padded_batch_generates_as_each_prompt_alone(name: str, layers) -> None:
     model = _model(*WINDOWS[name], layers=layers)
@@ -251,7 +255,7 @@ def test_left_padded_batch_generates_as_each_prompt_alone(name: str, layers) -> 
                 torch.testing.assert_close(step_batch[i], step_alone[0], **TOL)
 
 
-@pytest.mark.parametrize("name", ["sliding4", "terrace4"])
+@pytest.mark.parametrize("name", ["sliding4", "terrace4", "terrace4-sinks2"])
 def test_left_padded_forward_and_chunked_prefill_match_unpadded(name: str) -> None:
     """Without a cache, and with a cache fed 3 tokens at a time (the short row is all padding at first)."""
     model = _model(*WINDOWS[name])

@@ -1,0 +1,181 @@
+"""Quality ablation: transfer -> finetune -> eval of one model per variant, on text the runs never saw.
+
+Each variant is a set of recipe overrides on one base recipe (by default the GPU recipe for SmolLM2). For
+each it runs ``lolcats transfer`` and ``lolcats finetune`` (resumable: a finished stage is skipped, an
+interrupted one resumes), then evaluates perplexity at every ``--contexts`` length (all positions, and past
+position 1024) and passkey retrieval on ``--heldout`` text, beside the teacher and the training-free sink
+window (64 keys + 4 sinks), which are evaluated once. It prints a table as multiples of the teacher's
+perplexity and writes everything to ``OUT/quality.json`` after every variant, so a call that runs out of
+time loses nothing: run it again with the same ``--out`` and it continues.
+
+    python benchmarks/quality.py --model SmolLM2.gguf --train train.txt --heldout heldout.txt \\
+        --out runs/quality --variants paper,sinks_gate --budget-s 540
+
+Variants (``--variants``, comma-separated, in this order):
+  paper        the paper's method: no sinks, linear branch weight 1
+  sinks        4 sinks, linear weight 1
+  sinks_gate   4 sinks and the gated linear branch (starts closed): the shipped default
+  window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
+               stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS: dict[str, list[str]] = {
+    "paper": ["attention.window_params.sinks=0", "attention.linear_gate=false"],
+    "sinks": ["attention.window_params.sinks=4", "attention.linear_gate=false"],
+    "sinks_gate": ["attention.window_params.sinks=4", "attention.linear_gate=true"],
+    "window_lora": ["attention.window_params.sinks=4", "attention.linear_gate=true", "transfer.max_steps=1",
+                    "transfer.lr=1e-9", "transfer.max_tokens=null"],
+}
+
+
+def lolcats(*args: str) -> None:
+    """Run the CLI (``python -m lolcats_cli``) in this Python; raise on failure."""
+    cmd = [sys.executable, "-m", "lolcats_cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def stage(kind: str, run: Path, args: list[str]) -> float:
+    """Run one training stage into ``run`` unless it finished already; resume an interrupted one. Seconds."""
+    if (run / "metrics.json").exists():
+        print(f"{run}: finished, skipped", flush=True)
+        return 0.0
+    start = time.perf_counter()
+    resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else []
+    if kind == "transfer":
+        lolcats("transfer", "--output", str(run), *resume, *args)
+    else:
+        lolcats("finetune", *args[:1], "--output", str(run), *resume, *args[1:])
+    return time.perf_counter() - start
+
+
+def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace) -> dict:
+    from lolcats_cli.core.evaluate import evaluate_run
+
+    report = evaluate_run(
+        run, None if run is not None else model, text_file=args.heldout, contexts=args.contexts,
+        passkey_lengths=args.passkey, passkey_n=args.passkey_n, rows=rows, max_tokens=args.max_tokens,
+    )  # fmt: skip
+    return report.to_dict()
+
+
+def ratio_table(results: dict) -> str:
+    """Markdown: each row's perplexity as a multiple of the teacher's (all / past 1024), and passkey."""
+    teacher = results.get("baselines", {}).get("teacher")
+    if not teacher:
+        return "(no teacher row yet)"
+    contexts = sorted(int(c) for c in teacher["perplexity"])
+    passkeys = sorted(int(n) for n in teacher["passkey"])
+    head = ["row"] + [f"ppl@{c} (x teacher)" for c in contexts] + [f"passkey@{n}" for n in passkeys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(row: dict) -> list[str]:
+        cells = []
+        for c in contexts:
+            value, base = row["perplexity"].get(str(c)), teacher["perplexity"][str(c)]
+            past, past_base = row["perplexity_past_1024"].get(str(c)), teacher["perplexity_past_1024"].get(str(c))
+            cell = f"{value / base:.3f}" if value else "-"
+            if past and past_base:
+                cell += f" / {past / past_base:.3f}"
+            cells.append(cell)
+        cells += [f"{row['passkey'].get(str(n), 0) * 100:.0f}%" for n in passkeys]
+        return cells
+
+    lines.append("| teacher (ppl " + ", ".join(f"{teacher['perplexity'][str(c)]:.2f}" for c in contexts) + ") | "
+                 + " | ".join(fmt(teacher)) + " |")
+    sink = results["baselines"].get("sink_window")
+    if sink:
+        lines.append("| sink window 64 + 4, no training | " + " | ".join(fmt(sink)) + " |")
+    for name, variant in results.get("variants", {}).items():
+        for row in ("linearized", "linear_zeroed"):
+            if row in variant.get("eval", {}):
+                label = f"{name}" + (", linear branch zeroed" if row == "linear_zeroed" else "")
+                lines.append(f"| {label} | " + " | ".join(fmt(variant["eval"][row])) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the base model (hub id, folder or .gguf)")
+    p.add_argument("--recipe", default="smollm2-135m-gpu", help="base recipe (name or path)")
+    p.add_argument("--train", required=True, help="training text (.txt, or any data.dataset value)")
+    p.add_argument("--heldout", required=True, help="evaluation text the runs never see (.txt)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", default="paper,sinks_gate,window_lora")
+    p.add_argument("--transfer-tokens", type=int, default=2_000_000)
+    p.add_argument("--finetune-tokens", type=int, default=1_500_000)
+    p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--passkey", default="1024,2048")
+    p.add_argument("--passkey-n", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=65_536, help="perplexity tokens per context length")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
+    p.add_argument("--extra", default="", help="overrides added to every variant, space-separated")
+    args = p.parse_args()
+    args.contexts = [int(c) for c in args.contexts.split(",") if c]
+    args.passkey = [int(c) for c in args.passkey.split(",") if c]
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "quality.json"
+    results = json.loads(path.read_text()) if path.exists() else {"baselines": {}, "variants": {}}
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2))
+        (args.out / "quality.md").write_text(ratio_table(results) + "\n")
+
+    def out_of_time() -> bool:
+        return args.budget_s is not None and time.perf_counter() - start > args.budget_s
+
+    if not results["baselines"]:
+        t = time.perf_counter()
+        ev = evaluate(None, args.model, ["teacher", "sink_window"], args)
+        results["baselines"] = {**ev["rows"], "eval_s": time.perf_counter() - t}
+        save()
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        done = results["variants"].setdefault(name, {})
+        if "eval" in done:
+            continue
+        if out_of_time():
+            print(f"budget reached before {name}: run again to continue", flush=True)
+            break
+        run = args.out / name
+        common = [f"data.dataset={args.train}", *args.extra.split()]
+        transfer = ["--model", args.model, "--recipe", args.recipe, *common,
+                    f"transfer.max_tokens={args.transfer_tokens}", *VARIANTS[name]]
+        done["transfer_s"] = done.get("transfer_s", 0.0) + stage("transfer", run / "transfer", transfer)
+        save()
+        if out_of_time():
+            break
+        finetune = [str(run / "transfer"), *common, f"finetune.max_tokens={args.finetune_tokens}"]
+        done["finetune_s"] = done.get("finetune_s", 0.0) + stage("finetune", run / "finetune", finetune)
+        save()
+        if out_of_time():
+            break
+        t = time.perf_counter()
+        done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)["rows"]
+        done["eval"] = evaluate(run / "finetune", None, ["linearized", "linear_zeroed"], args)["rows"]
+        done["eval_s"] = time.perf_counter() - t
+        for kind in ("transfer", "finetune"):
+            metrics = run / kind / "metrics.json"
+            if metrics.exists():
+                done[f"{kind}_metrics"] = json.loads(metrics.read_text())
+        save()
+    print(ratio_table(results), flush=True)
+    print(f"wall {time.perf_counter() - start:.0f} s; results in {path}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
