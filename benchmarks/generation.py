@@ -127,7 +127,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     from lolcats_cli.core.convert import convert_model, set_mode
-    from lolcats_cli.core.generation import make_cache
+    from lolcats_cli.core.cache import make_cache
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -154,7 +154,8 @@ def main() -> None:
             try:
                 s = measure(model, DynamicCache(), context, args, device)
                 row += f" | {s['tok_s']:>13.1f} {s['ms_step']:>8.2f} {s['gpu_ms']:>7.2f} {s['mib']:>9.1f}"
-                row += f" | {s['mib'] / h['mib']:>9.1f}x"
+                ratio = f"{s['mib'] / h['mib']:>9.1f}x" if h["mib"] > 0 else f"{'n/a':>10}"  # an empty state
+                row += f" | {ratio}"
             except torch.OutOfMemoryError:
                 row += f" | {'out of memory':>13}"
             if device.type == "cuda":

@@ -28,10 +28,10 @@ from .api import PLUGIN_API_VERSION, FeatureMap, PluginParams, Window
 from .builtins.windows import NoWindow, Terrace
 from .core.registry import build_params
 from .errors import ConfigError, LolcatsError
-from .kernels.chunked import hybrid_attention_chunked
+from .kernels.chunked import hybrid_attention_chunked, hybrid_prefill
 from .kernels.compare import rel_rms
 from .kernels.naive import hybrid_attention_naive
-from .kernels.recurrent import hybrid_prefill, hybrid_step
+from .kernels.recurrent import hybrid_step
 
 FeatureFn = Callable[[Tensor], Tensor]
 

@@ -186,7 +186,8 @@ def _tiny_recipe(model_dir: Path):
     from lolcats_cli.core.recipe import Recipe, apply_overrides
 
     overrides = [
-        f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=64", "data.holdout=1",
+        f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=64", "attention.window_params.size=16",
+        "data.holdout=1",
         "data.num_eval_sequences=1", "data.max_samples=8", "transfer.batch_size=1", "transfer.grad_accum=1",
         "transfer.max_steps=1", "transfer.eval_every=1",
     ]  # fmt: skip
@@ -346,7 +347,7 @@ def test_interactive_chat_with_smollm2_in_a_terminal(smollm2_gguf, tmp_path):
     from lolcats_cli.core.transfer import run_transfer
 
     recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [
-        "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=128", "data.max_samples=10", "data.holdout=2",
+        "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=160", "data.max_samples=10", "data.holdout=2",
         "data.num_eval_sequences=1", "transfer.max_steps=1", "transfer.grad_accum=1", "transfer.eval_every=1",
     ]))  # fmt: skip
     run = tmp_path / "smol"

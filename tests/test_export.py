@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from lolcats_cli.core.export import ADAPTER_CONFIG, export_run, load_adapter_export
-from lolcats_cli.core.export_hf import bundle_modules, write_code
+from lolcats_cli.core.export_hf import bundle_modules, flat_name, write_code
 from lolcats_cli.core.recipe import Recipe, apply_overrides
 from lolcats_cli.core.workspace import open_run
 from lolcats_cli.errors import LolcatsError, ModelError, PluginError
+from lolcats_cli.kernels import KERNELS
 
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl")
 TOL = 1e-5  # fp32, same kernels: the exports reproduce the run up to summation order
@@ -178,6 +179,8 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_log
         assert config["model_type"] == "lolcats_llama" and "quantization_config" not in config
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
         assert (folder / "generation_config.json").is_file()
+        for kernel in KERNELS.values():  # every registered kernel ships, so LOLCATS_KERNEL works there too
+            assert (folder / f"{flat_name(type(kernel).__module__)}.py").is_file(), kernel.name
         for source in folder.glob("*.py"):  # every import of lolcats_cli was rewritten to a bundled copy
             tree = ast.parse(source.read_text())
             imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]

@@ -96,3 +96,70 @@ def test_ctrl_c_during_finetune_says_the_step_the_checkpoint_and_the_command_tha
     args = ["finetune", str(transfer_run), "--output", str(out), "--device", "cpu", "finetune.grad_accum=1",
             "finetune.max_steps=60", "finetune.eval_every=1000", "finetune.save_every=2"]
     ctrl_c_cli(args, out, 60, "LoRA finetune", f"lolcats finetune {transfer_run} --output {out} --resume --device cpu")
+
+
+def test_distill_kl_is_the_masked_mean_of_next_token_kl() -> None:
+    from lolcats_cli.core.finetune import distill_kl
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen)
+    assert distill_kl(teacher, teacher, None).abs() < 1e-6
+    p, logq = teacher[:, :-1].softmax(-1), student[:, :-1].log_softmax(-1)
+    want = torch.nn.functional.kl_div(logq, p, reduction="none").sum(-1)  # (2, 5)
+    torch.testing.assert_close(distill_kl(student, teacher, None), want.mean())
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:] = 1  # only positions 2..4 of row 0 predict a label
+    torch.testing.assert_close(distill_kl(student, teacher, labels), want[0, 2:5].mean())
+    moved = student.clone()
+    moved[1] += torch.randn(6, 11, generator=gen)  # a fully masked row does not count
+    torch.testing.assert_close(distill_kl(moved, teacher, labels), distill_kl(student, teacher, labels))
+
+
+def test_kl_objective_moves_the_student_towards_its_teacher(transfer_run, tmp_path):
+    from lolcats_cli.core.data import build_datasets
+    from lolcats_cli.core.finetune import heldout_kl
+
+    out = tmp_path / "kl"
+    steps = ["finetune.max_steps=6", "finetune.grad_accum=1", "finetune.lr=1e-4", "finetune.eval_every=3",
+             "finetune.objective=kl"]
+    run_finetune(transfer_run, out, steps, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["eval_history"]
+    assert metrics["objective"] == "kl" and [h["loss"] for h in history] == [h["kl"] for h in history]
+    assert all("perplexity" in h for h in history)
+
+    # the saved run (adapter kept separate, so the teacher view can switch it off) reproduces the best value
+    recipe, after, tokenizer = open_run(out, "cpu", merge_lora=False)
+    _, held = build_datasets(recipe.data, tokenizer)
+    ids = held.input_ids[: recipe.data.num_eval_sequences]
+    best = min(h["kl"] for h in history)
+    assert heldout_kl(after, ids, held.labels[: len(ids)], torch.device("cpu")) == pytest.approx(best, rel=1e-4)
+    with pytest.raises(LolcatsError, match="finetune.objective"):
+        run_finetune(transfer_run, tmp_path / "bad", ["finetune.objective=mse"], device="cpu")
+
+
+def test_kl_gradient_moves_lora_towards_the_teacher(transfer_run):
+    from peft import get_peft_model
+
+    from lolcats_cli.core.data import build_datasets
+    from lolcats_cli.core.finetune import distill_kl, lora_config, teacher_view
+
+    recipe, model, tokenizer = open_run(transfer_run, "cpu", mode="student")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, lora_config(recipe))
+    ids = build_datasets(recipe.data, tokenizer)[0].input_ids[:2]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    losses = []
+    for _ in range(3):
+        with torch.no_grad(), teacher_view(model):
+            teacher = model(input_ids=ids, use_cache=False).logits
+        loss = distill_kl(model(input_ids=ids, use_cache=False).logits, teacher, None)
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] > 0 and losses[2] < losses[1] < losses[0]
+    with torch.no_grad(), teacher_view(model):  # the teacher is the original model: LoRA off, softmax attention
+        again = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(again, teacher)

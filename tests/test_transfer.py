@@ -168,6 +168,22 @@ def test_bad_plugin_settings_fail_before_anything_is_loaded_or_written(tiny_mode
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("window, size, seq_len, sinks", [("terrace", 64, 128, 0), ("sliding", 32, 36, 4)])
+def test_a_sequence_the_window_covers_entirely_is_refused(tiny_model_dir, tmp_path, window, size, seq_len, sinks):
+    from lolcats_cli.errors import ConfigError
+
+    recipe = tiny_recipe(tiny_model_dir, f"attention.window={window}", f"attention.window_params.size={size}",
+                         f"attention.window_params.sinks={sinks}", f"data.seq_len={seq_len}")
+    with pytest.raises(ConfigError, match=f"data.seq_len={seq_len}: the {window} window .* covers every key"):
+        run_transfer(recipe, tmp_path / "never", device="cpu")
+    assert not (tmp_path / "never").exists()
+    # one key more than the window reaches (past the sinks) is enough to train on
+    from lolcats_cli.core.workspace import check_window_fits
+
+    check_window_fits(tiny_recipe(tiny_model_dir, f"attention.window={window}", f"attention.window_params.size={size}",
+                                  f"attention.window_params.sinks={sinks}", f"data.seq_len={seq_len + 1}"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Interrupted, damaged and failed runs (issue 11, "Runs and models").
 

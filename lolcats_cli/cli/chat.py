@@ -79,7 +79,7 @@ def chat(
 
 
 def _interactive(session: Any, compare: bool) -> None:
-    from ..core.chat import run_repl
+    from ..core.repl import run_repl
 
     stderr.print("[bold]lolcats chat[/bold] · /help for commands · /quit or Ctrl-D to leave")
 

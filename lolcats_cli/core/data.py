@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from .data_sources import Record, columns, read_records, stream_source
+from .passkey import build_prompts
 
 IGNORE = -100
 ALPACA_PROMPT = (
@@ -213,7 +214,39 @@ def build_datasets(data_cfg: Any, tokenizer: Any) -> tuple[PackedData, PackedDat
         train = pack(t_ids, t_labels, seq_len, examples=len(kept), holdout_by="examples")
     for part in (train, held):
         part.stats["template"] = template
+    fraction = getattr(data_cfg, "passkey_fraction", 0.0) or 0.0
+    if fraction > 0:
+        train = mix_passkeys(train, tokenizer, fraction, seed=PASSKEY_TRAIN_SEED)
     return train, held
+
+
+PASSKEY_TRAIN_SEED = 1_000_003  # training keys never repeat the evaluation's (lolcats eval uses seed 0)
+
+
+def passkey_sequences(tokenizer: Any, seq_len: int, n: int, seed: int) -> PackedData:
+    """``n`` passkey-retrieval prompts of at most ``seq_len`` tokens, right-padded to ``seq_len``; labels are
+    -100 except on the answer tokens (the key), so cross-entropy learns to retrieve and nothing else."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((n, seq_len), int(pad if pad is not None else 0), dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    for i, p in enumerate(build_prompts(tokenizer, seq_len, n, seed)):
+        row = p.prompt_ids + p.answer_ids
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, len(p.prompt_ids) : len(row)] = torch.tensor(p.answer_ids)
+    return PackedData(ids, labels, {"passkey_sequences": n})
+
+
+def mix_passkeys(train: PackedData, tokenizer: Any, fraction: float, seed: int) -> PackedData:
+    """``train`` with passkey sequences (:func:`passkey_sequences`) making up ``fraction`` of the result,
+    placed at seeded random rows. ``stats["passkey_sequences"]`` says how many."""
+    n = round(len(train) * fraction / (1 - fraction))
+    if n == 0:
+        return train
+    extra = passkey_sequences(tokenizer, train.input_ids.shape[1], n, seed)
+    order = torch.randperm(len(train) + n, generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([train.input_ids, extra.input_ids])[order]
+    labels = torch.cat([train.labels, extra.labels])[order]
+    return PackedData(ids, labels, {**train.stats, "passkey_sequences": n})
 
 
 def _need(tokens: int, seq_len: int, what: str, fix: str) -> None:
@@ -226,5 +259,5 @@ def _need(tokens: int, seq_len: int, what: str, fix: str) -> None:
 
 __all__ = [
     "Example", "PackedData", "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE", "load_texts",
-    "resolve_template", "tokenize", "pack", "build_datasets",
+    "resolve_template", "tokenize", "pack", "build_datasets", "passkey_sequences", "mix_passkeys",
 ]

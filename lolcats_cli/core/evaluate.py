@@ -210,7 +210,7 @@ def token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None,
     ``nll[b, t] = -log p(target[b, t + 1] | tokens <= t)`` with ``target = labels`` (or ``input_ids``);
     ``mask`` is False (and ``nll`` 0) where the target is -100.
     """
-    from .transfer import autocast_for
+    from .precision import autocast_for
 
     device = device or input_ids.device
     ids = input_ids.to(device)

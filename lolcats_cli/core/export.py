@@ -148,26 +148,12 @@ def _describe_arch(arch: dict[str, Any]) -> str:
             f"{arch.get('head_dim')}, MLP {arch.get('intermediate_size')}")
 
 
-def read_base_config(model_cfg: Any) -> Any:
-    """The transformers config of ``model_cfg`` (a recipe ModelConfig), without loading weights."""
-    from transformers import AutoConfig
-
-    from .models import _load_hint, _short, resolve_model_source
-
-    src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
-    try:
-        return AutoConfig.from_pretrained(
-            src.path, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs()
-        )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
-        raise ModelError(f"cannot read the config of model {src.name!r}: {_short(e)}", _load_hint(src)) from e
-
-
 def write_adapter_export(run_dir: Path, out: Path) -> None:
     """Write ``lolcats_config.json``, ``attention.safetensors`` and the peft ``adapter/`` (if any) into ``out``."""
     import dataclasses
 
     from .checkpoint import load_json, save_json
+    from .models import read_base_config
     from .recipe import load_recipe, versions
     from .registry import build_params, get_feature_map, get_window
     from .workspace import RESOLVED_RECIPE, plugin_versions
@@ -262,7 +248,7 @@ def load_adapter_export(
     """
     from .checkpoint import load_tensors
     from .convert import convert_model, load_attention_state_dict
-    from .models import load_model
+    from .models import load_model, read_base_config
     from .recipe import ModelConfig
 
     export_dir = Path(export_dir)

@@ -8,9 +8,10 @@ Python modules that transformers' dynamic-module loader copies and imports under
 * ``modeling_lolcats.py``: ``LolcatsForCausalLM``, a subclass of the base architecture's own causal LM (weights
   load by their usual names) that swaps the converted layers' attention at init (student mode, which decodes
   with the recurrent kernel in constant memory through any transformers cache);
-* the runtime, bundled by source: the attention module, the kernels, and the feature map's and window's
-  plugin modules (built-in or third-party, found with :mod:`inspect`), each import of ``lolcats_cli`` (or of
-  the plugin's own package) rewritten to a flat relative import of the bundled copy.
+* the runtime, bundled by source: the attention module, every registered kernel (``LOLCATS_KERNEL`` picks
+  one there too), and the feature map's and window's plugin modules (built-in or third-party, found with
+  :mod:`inspect`), each import of ``lolcats_cli`` (or of the plugin's own package) rewritten to a flat
+  relative import of the bundled copy.
 
 :func:`bundle_modules` is generic: it follows the ``from ... import`` statements of the root modules into
 every bundled package and fails with :class:`~lolcats_cli.errors.PluginError` when a source cannot be
@@ -322,13 +323,13 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
     architecture's ``(module, function)`` for RoPE. Returns the written file names.
     """
     from .. import hf_compat
-    from ..kernels import recurrent
+    from ..kernels import registry
     from . import linear_attention
 
     fm_module = _source_module(feature_map_cls, "feature map")
     win_module = _source_module(window_cls, "window")
     packages = {"lolcats_cli", fm_module.partition(".")[0], win_module.partition(".")[0]}
-    roots = [linear_attention.__name__, recurrent.__name__, fm_module, win_module]
+    roots = [linear_attention.__name__, registry.__name__, fm_module, win_module]  # registry: every kernel
     bundle = bundle_modules(roots, packages)
     written = []
     for flat, text in bundle.files.items():
@@ -384,7 +385,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
     """
     from .architectures import arch_spec
     from .convert import describe, linearized_layers
-    from .export import read_base_config
+    from .models import read_base_config
     from .recipe import load_recipe
     from .workspace import RESOLVED_RECIPE, open_run, plugin_versions
 

@@ -3,17 +3,21 @@
 Starts from a finished transfer run: the linearized model with its trained attentions, in student mode.
 LoRA (peft) goes on the recipe's targets (q, k, v, o projections by default); feature maps and window
 factors stay frozen unless ``finetune.train_attention``. The loss is next-token cross-entropy, with prompt
-tokens masked for instruction data. The finetune run directory is self-contained: the resolved recipe, a
+tokens masked for instruction data, or (``finetune.objective: kl``) the token-level KL divergence to the
+teacher's next-token distribution, the teacher being the same model with its original softmax attention and
+LoRA disabled (:func:`teacher_view`), so no second copy of the weights is held. The finetune run directory is self-contained: the resolved recipe, a
 copy of ``attention.safetensors``, the peft adapter in ``adapter/`` (adapter_config.json +
 adapter_model.safetensors), ``metrics.json`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,7 +28,8 @@ from .evaluate import mean_token_nll as heldout_loss
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
-from .transfer import ATTENTION_WEIGHTS, METRICS, autocast_for
+from .precision import autocast_for
+from .transfer import ATTENTION_WEIGHTS, METRICS
 from .workspace import RESOLVED_RECIPE, new_run_dir, open_run, pick_device, record_run
 
 ADAPTER_DIR = "adapter"
@@ -38,6 +43,58 @@ class FinetuneResult:
     wall_time_s: float
     ppl_before: float
     ppl_after: float
+
+
+IGNORE = -100
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Mean token-level ``KL(teacher || student)`` of next-token distributions, fp32.
+
+    logits ``(B, T, V)``; position t predicts token t + 1, so only positions ``0 .. T-2`` count, and with
+    ``labels`` ``(B, T)`` only those whose next label is not -100 (prompt tokens stay masked).
+    """
+    s = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)
+    t = torch.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+    per_token = (t.exp() * (t - s)).sum(dim=-1)  # (B, T - 1)
+    if labels is None:
+        return per_token.mean()
+    keep = (labels[:, 1:] != IGNORE).to(per_token.dtype)
+    return (per_token * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def heldout_kl(model: Any, input_ids: torch.Tensor, labels: torch.Tensor | None, device: torch.device) -> float:
+    """:func:`distill_kl` of ``model`` to its :func:`teacher_view` over held-out sequences, one at a time."""
+    total, count = 0.0, 0
+    for i in range(input_ids.shape[0]):
+        ids = input_ids[i : i + 1].to(device)
+        lab = None if labels is None else labels[i : i + 1].to(device)
+        with teacher_view(model), autocast_for(device):
+            teacher = model(input_ids=ids, use_cache=False).logits
+        with autocast_for(device):
+            total += float(distill_kl(model(input_ids=ids, use_cache=False).logits, teacher, lab))
+        count += 1
+    return total / max(count, 1)
+
+
+@contextlib.contextmanager
+def teacher_view(model: Any) -> Iterator[None]:
+    """Within the block ``model`` is its own teacher: original softmax attention in every converted layer
+    and any peft adapter disabled; student mode and the adapter come back afterwards."""
+    from .convert import linearized_layers
+
+    layers = linearized_layers(model)
+    modes = [m.mode for _, m in layers]
+    disable = getattr(model, "disable_adapter", None)
+    try:
+        for _, m in layers:
+            m.mode = "teacher"
+        with disable() if disable is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for (_, m), mode in zip(layers, modes, strict=True):
+            m.mode = mode
 
 
 def lora_config(recipe: Recipe):
@@ -111,12 +168,22 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
         p.data = p.data.float()
 
     def loss_fn(ids: torch.Tensor, lab: torch.Tensor | None) -> torch.Tensor:
+        if fcfg.objective == "kl":
+            with torch.no_grad(), teacher_view(model), autocast_for(device):
+                teacher = model(input_ids=ids, use_cache=False).logits
+            with autocast_for(device):
+                return distill_kl(model(input_ids=ids, use_cache=False).logits, teacher, lab)
         with autocast_for(device):
             return model(input_ids=ids, labels=ids if lab is None else lab, use_cache=False).loss.float()
 
     def eval_fn() -> tuple[float, dict[str, Any]]:
+        """The held-out value of the training objective (the best step is chosen by it), plus perplexity."""
         loss = heldout_loss(model, eval_ids, eval_labels, device)
-        return loss, {"perplexity": math.exp(min(loss, 50.0))}
+        details = {"perplexity": math.exp(min(loss, 50.0))}
+        if fcfg.objective == "kl":
+            details["kl"] = heldout_kl(model, eval_ids, eval_labels, device)
+            return details["kl"], details
+        return loss, details
 
     trainer = Trainer(
         params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / "checkpoints",
@@ -124,18 +191,20 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     )
     fit = trainer.fit(resume=resume)
     trainer.restore_best()
-    final_loss, _ = eval_fn()
+    _, final = eval_fn()
     model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
     save_tensors(run_dir / ATTENTION_WEIGHTS, attention_state_dict(model), metadata={"format": "lolcats-attention"})
-    first = fit.history[0]["loss"] if fit.history else final_loss
-    result = FinetuneResult(run_dir, fit.steps, fit.tokens, fit.wall_time_s, math.exp(min(first, 50.0)), math.exp(min(final_loss, 50.0)))
+    first = fit.history[0]["perplexity"] if fit.history else final["perplexity"]
+    result = FinetuneResult(run_dir, fit.steps, fit.tokens, fit.wall_time_s, first, final["perplexity"])
     save_json(run_dir / METRICS, {
         "stage": "finetune", "transfer_run": str(source_run), "steps": fit.steps, "tokens_seen": fit.tokens,
-        "wall_time_s": fit.wall_time_s, "best_step": fit.best_step, "heldout_ppl_before": result.ppl_before,
+        "wall_time_s": fit.wall_time_s, "best_step": fit.best_step,
+        "tokens_per_s": fit.tokens / fit.wall_time_s if fit.wall_time_s > 0 else None,  # evaluations included "heldout_ppl_before": result.ppl_before,
         "heldout_ppl_after": result.ppl_after, "eval_history": fit.history,
         "trainable_parameters": sum(p.numel() for p in params.values()), "device": str(device),
+        "objective": fcfg.objective, "passkey_sequences": int(train.stats.get("passkey_sequences", 0)),
     })
     return result
 
 
-__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss"]
+__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss", "distill_kl", "teacher_view"]

@@ -253,6 +253,9 @@ KEY_NOTES: dict[str, str] = {
     "attention.window": "the softmax window: terrace (this block of `size` keys and the previous one), sliding\n"
                         "(the last `size` keys) or none (pure linear attention)",
     "attention.layers": '"all", or the decoder layers (from 0) to convert, e.g. [0, 1, 2]',
+    "data.passkey_fraction": "share of training sequences that are synthetic passkey prompts (0 = none)",
+    "finetune.objective": "ce = next-token cross-entropy; kl = match the teacher's next-token distribution",
+    "attention.kernel": "the attention kernel (chunked, naive, ...); null = the best available for the device",
     "attention.linear_gate": "a learnable per-head weight on the linear branch, starting near 0: the untrained model\n"
                              "is the softmax window with its sinks; false = the paper's method (linear weight 1)",
     "data.dataset": "pydoc (CPython's help pages, offline), a hub dataset id (yahma/alpaca-cleaned) or a local\n"

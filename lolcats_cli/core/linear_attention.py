@@ -6,8 +6,9 @@ attribute names, so the base model's state-dict keys are unchanged and peft can 
 one of three modes:
 
 * ``teacher``: the original softmax attention through torch SDPA; reproduces the original model.
-* ``student``: the hybrid attention: the chunked kernel (O(T) memory) over a prompt, then, with a KV cache,
-  the recurrent form step by step in constant memory (the cache layer is a
+* ``student``: the hybrid attention through the module's :attr:`~LinearizedAttention.kernel` (chosen by
+  :func:`~lolcats_cli.kernels.registry.select_kernel`; the chunked one, O(T) memory, by default) over a
+  prompt, then, with a KV cache, the kernel's recurrent steps in constant memory (the cache layer is a
   :class:`~.generation.HybridLayer`; see :mod:`.generation`).
 * ``transfer``: both on frozen q/k/v; stores the per-layer ``transfer_loss`` (MSE of the pre-``o_proj`` head
   outputs) and passes the teacher's output on, so every layer sees exact teacher inputs (METHOD.md section 3).
@@ -32,9 +33,10 @@ from torch import Tensor, nn
 from ..api import FeatureMap, Window, window_masks
 from ..errors import ConfigError, ModelError, did_you_mean
 from ..hf_compat import attention_cache, check_cache
-from ..kernels.chunked import hybrid_attention_chunked
-from ..kernels.naive import DEN_EPS, expand_kv
-from .generation import hybrid_cache_layer, leading_pads, padded_attention, real_tokens
+from ..kernels.base import Kernel
+from ..kernels.blocks import DEN_EPS, expand_kv, hybrid_weights
+from ..kernels.registry import get_kernel, select_kernel
+from .generation import hybrid_cache_layer, leading_pads, real_tokens
 
 MODES: tuple[str, ...] = ("teacher", "student", "transfer")
 WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) = -2.1972
@@ -43,7 +45,6 @@ WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) =
 # lets Adam (steps of about lr in u) move it by LINEAR_GATE_SCALE * lr in the exponent per step.
 LINEAR_GATE_SCALE = 10.0
 LINEAR_GATE_INIT = -1.6
-HybridFn = Callable[..., Tensor]  # the signature of hybrid_attention_chunked / hybrid_attention_naive
 
 
 def check_mode(mode: str) -> str:
@@ -197,7 +198,7 @@ class LinearizedAttention(nn.Module):
             )
 
         self.mode = check_mode(mode)
-        self.hybrid_fn: HybridFn = hybrid_attention_chunked  # swappable: tests compare with the naive form
+        self._kernel: Kernel | None = None  # None: the registry's choice for the device (see `kernel`)
         self.attn_ce_queries: int = 0  # > 0: also store transfer_ce on that many sampled query rows
         self.transfer_loss: Tensor | None = None
         self.transfer_ce: Tensor | None = None
@@ -205,6 +206,20 @@ class LinearizedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}, "
                 f"linear_gate={self.linear_gate}")
+
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel every form of this layer's hybrid attention runs through: the one set here (a name of
+        :data:`~lolcats_cli.kernels.registry.KERNELS` or a Kernel), else ``LOLCATS_KERNEL``, else the best
+        available on the layer's device. Set None to go back to the automatic choice."""
+        return select_kernel(self._kernel, self.window_logits.device)
+
+    @kernel.setter
+    def kernel(self, choice: str | Kernel | None) -> None:
+        if choice is not None and not isinstance(choice, (str, Kernel)):
+            raise ConfigError(f"layer {self.layer_idx}: kernel must be a kernel name or a Kernel; got {choice!r}",
+                              hint="e.g. layer.kernel = 'naive' (see lolcats_cli.kernels.KERNELS)")
+        self._kernel = get_kernel(choice) if isinstance(choice, str) else choice
 
     def linear_gate_values(self) -> Tensor | None:
         """lambda_h ``(H,)`` fp32, the weight of the linear branch per head; None without a gate (weight 1)."""
@@ -283,7 +298,7 @@ class LinearizedAttention(nn.Module):
 
         With a cache: prefill, then constant-memory steps through this layer's
         :class:`~.generation.HybridLayer` (adopted into any transformers cache). Without one: the whole
-        sequence through ``hybrid_fn``, each left-padded row as if unpadded.
+        sequence through the kernel, each left-padded row as if unpadded.
         """
         if cache is not None:
             return hybrid_cache_layer(cache, self.layer_idx).attend(q, k, v, self, mask)
@@ -291,7 +306,8 @@ class LinearizedAttention(nn.Module):
         if real is not None:
             pads = leading_pads(real)
             if bool(pads.any()):
-                return padded_attention(q, k, v, pads, self)
+                args = (self.phi_q, self.feature_map_k, self.window_logits, self.window)
+                return self.kernel.attention(q, k, v, *args, scale=self.scaling, pads=pads)
         return self._hybrid(q, k, v)
 
     def _hybrid(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -304,7 +320,7 @@ class LinearizedAttention(nn.Module):
         offset = k.shape[2] - q.shape[2]
         if offset > 0:
             q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
-        y = self.hybrid_fn(
+        y = self.kernel.attention(
             q, k, v, self.phi_q, self.feature_map_k, self.window_logits, self.window, scale=self.scaling
         )
         return y[:, :, offset:]
@@ -339,14 +355,9 @@ class LinearizedAttention(nn.Module):
 
         pos = (rows + offset)[:, None, :]  # (B, 1, n) absolute query positions
         in_window, in_linear = window_masks(self.window, pos, torch.arange(Tkv, device=q.device))
-        s_w = s.masked_fill(~in_window, float("-inf"))
-        c = s_w.amax(dim=-1, keepdim=True)
-        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window keys: no shift
-        g = torch.sigmoid(self.window_logits.float()).view(1, H, 1, 1)
-        a_window = g * torch.exp(s_w - c)
         fq, fk = self.phi_q(q_rows).float(), self.feature_map_k(k).float()
-        a_linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk) * in_linear
-        a = a_window + a_linear
+        linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk)
+        a = hybrid_weights(s, linear, in_window, in_linear, self.window_logits)  # the kernels' weights
         p_student = a / a.sum(dim=-1, keepdim=True).clamp_min(DEN_EPS)
         return -(p_teacher * p_student.clamp_min(1e-12).log()).sum(dim=-1).mean()
 

@@ -251,6 +251,19 @@ def _load_hint(src: ModelSource) -> str:
     return "check that the model is a causal LM transformers supports (or set model.trust_remote_code: true for a repo you trust)"
 
 
+def read_base_config(model_cfg: Any) -> Any:
+    """The transformers config of ``model_cfg`` (a recipe ModelConfig), without loading weights."""
+    from transformers import AutoConfig
+
+    src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(
+            src.path, trust_remote_code=model_cfg.trust_remote_code, **src.pretrained_kwargs()
+        )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as e:
+        raise ModelError(f"cannot read the config of model {src.name!r}: {_short(e)}", _load_hint(src)) from e
+
+
 def max_positions(model: Any) -> int | None:
     """The longest sequence the model's config declares (``max_position_embeddings``), or None."""
     config = getattr(model, "config", model)
@@ -273,5 +286,5 @@ def check_seq_len(model: Any, seq_len: int) -> None:
 
 __all__ = [
     "EMBEDDED", "ModelSource", "resolve_model_source", "resolve_dtype", "load_tokenizer", "load_model",
-    "max_positions", "check_seq_len",
+    "max_positions", "check_seq_len", "read_base_config",
 ]

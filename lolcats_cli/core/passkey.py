@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .precision import autocast_for
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -90,8 +91,6 @@ def passkey_accuracy(
     model: torch.nn.Module, prompts_by_length: dict[int, Sequence[PasskeyPrompt]], device: torch.device
 ) -> dict[int, float]:
     """Fraction of prompts solved at each length, ``{length: accuracy in [0, 1]}``."""
-    from .transfer import autocast_for
-
     out: dict[int, float] = {}
     for length, prompts in prompts_by_length.items():
         with autocast_for(device):

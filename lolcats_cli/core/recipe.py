@@ -63,6 +63,9 @@ class AttentionConfig:
         linear_gate: a learnable per-head weight on the linear branch, starting near 0, so the untrained
             model is the softmax window with its sinks and training opens the linear branch only where it
             lowers the loss (false: the paper's method, linear weight 1).
+        kernel: the attention kernel every converted layer runs ("chunked", "naive", or one registered in
+            lolcats_cli/kernels/registry.py); None = the best available for the device (LOLCATS_KERNEL
+            overrides that automatic choice).
 
     An override that switches ``feature_map`` (or ``window``) to another name without also setting its
     params resets the params to {} (the new plugin's own defaults): the old ones belong to the old plugin.
@@ -74,6 +77,7 @@ class AttentionConfig:
     window_params: dict[str, Any] = option({"size": 64})
     layers: Literal["all"] | list[int] = option("all", min_len=1, items={"ge": 0})
     linear_gate: bool = False
+    kernel: str | None = None
 
 
 @dataclasses.dataclass
@@ -96,6 +100,9 @@ class DataConfig:
         max_samples: at most this many training examples (after the held-out ones; for pydoc and .txt,
             training sequences); None = all.
         num_eval_sequences: at most this many held-out sequences are evaluated; None = all.
+        passkey_fraction: this share of the training sequences are synthetic passkey-retrieval prompts
+            (a key hidden in filler, asked for at the end; only the answer is a label), mixed in at random
+            places; 0 = none. They push the attention to carry one fact across the whole sequence.
     """
 
     dataset: str = option("pydoc", min_len=1)
@@ -106,6 +113,7 @@ class DataConfig:
     holdout: int = option(200, ge=0)
     max_samples: int | None = option(None, ge=1)
     num_eval_sequences: int | None = option(16, ge=1)
+    passkey_fraction: float = option(0.0, ge=0, lt=1)
 
 
 @dataclasses.dataclass
@@ -180,9 +188,13 @@ class FinetuneConfig(TrainConfig):
     Attributes:
         lora: the adapters.  train_attention: also train the feature maps and window factors.
         mask_prompt: no loss on prompt tokens of instruction data (labels -100).
+        objective: "ce" (next-token cross-entropy on the data) or "kl" (token-level KL divergence to the
+            teacher's next-token distribution: the same model with its original softmax attention and
+            without LoRA, so no second copy of the weights; labels still mask prompt tokens).
     """
 
     lr: float = option(1e-4, gt=0)
+    objective: Literal["ce", "kl"] = "ce"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     train_attention: bool = False
     mask_prompt: bool = True

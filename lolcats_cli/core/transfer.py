@@ -8,7 +8,6 @@ recipe, versions.json, checkpoints, ``attention.safetensors`` (the best trainabl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,19 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from .checkpoint import save_json, save_tensors
+from .precision import autocast_for
 from .progress import Reporter
 from .recipe import Recipe, load_recipe
 from .trainer import Trainer, TrainSettings, latest_checkpoint
-from .workspace import RESOLVED_RECIPE, check_plugins, load_converted_model, new_run_dir, pick_device, record_run
+from .workspace import (
+    RESOLVED_RECIPE,
+    check_plugins,
+    check_window_fits,
+    load_converted_model,
+    new_run_dir,
+    pick_device,
+    record_run,
+)
 
 ATTENTION_WEIGHTS = "attention.safetensors"
 METRICS = "metrics.json"
@@ -34,13 +42,6 @@ class TransferResult:
     tokens_seen: int
     wall_time_s: float
     best_step: int | None
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU, plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _layer_losses(model: torch.nn.Module) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -132,6 +133,7 @@ def run_transfer(
         if recipe is None:
             raise ConfigError("no recipe given", "pass --recipe or --model")
         check_plugins(recipe)  # before anything is written
+        check_window_fits(recipe)
     with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
         return _transfer(recipe, run_dir, resume, reporter, device)
 
@@ -189,6 +191,7 @@ def _transfer(recipe: Recipe | None, run_dir: Path, resume: bool, reporter: Repo
         "layers": layers,
         "tokens_seen": fit.tokens,
         "wall_time_s": fit.wall_time_s,
+        "tokens_per_s": fit.tokens / fit.wall_time_s if fit.wall_time_s > 0 else None,  # evaluations included
         "steps": fit.steps,
         "best_step": fit.best_step,
         "best_eval_loss": fit.best_loss,
@@ -209,4 +212,4 @@ def _first_eval(run_dir: Path) -> dict[int, float]:
     return {row["layer"]: row["mse"] for row in latest[1]["history"][0].get("layers", [])}
 
 
-__all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS", "autocast_for"]
+__all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS"]

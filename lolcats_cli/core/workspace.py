@@ -174,8 +174,36 @@ def check_plugins(recipe: Recipe) -> None:
             errors.extend(e.errors)
         except PluginError as e:
             errors.append(str(e))
+    if att.kernel is not None:
+        from ..kernels.registry import get_kernel
+
+        try:
+            get_kernel(att.kernel)
+        except ConfigError as e:
+            errors.extend(f"attention.kernel: {m}" for m in e.errors)
     if errors:
         raise ConfigError(errors, "fix the recipe or pass overrides such as attention.window_params.size=64")
+
+
+def check_window_fits(recipe: Recipe) -> None:
+    """ConfigError when no training sequence has a key outside the softmax window: with ``data.seq_len`` at
+    most the window's reach, the linear branch sees nothing and attention transfer would train nothing."""
+    import torch
+
+    from ..errors import ConfigError
+    from .registry import build_window
+
+    att, seq_len = recipe.attention, recipe.data.seq_len
+    window = build_window(att.window, att.window_params, where="attention.window_params")
+    last = seq_len - 1
+    if int(window.start(torch.tensor(last))) > window.sinks:
+        return
+    raise ConfigError(
+        f"data.seq_len={seq_len}: the {att.window} window ({att.window_params}) covers every key of a "
+        f"{seq_len}-token sequence, so the linear branch never sees a key and attention transfer would train nothing",
+        hint=f"raise data.seq_len well above the window's reach of {window.span} keys (4x or more, e.g. "
+        f"data.seq_len={max(4 * window.span, 512)}) or shrink attention.window_params.size",
+    )
 
 
 def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "student"):
@@ -197,6 +225,11 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
         mode=mode,
         linear_gate=att.linear_gate,
     )
+    if att.kernel is not None:  # one kernel for every converted layer (None: chosen per device)
+        from .convert import linearized_layers
+
+        for _, layer in linearized_layers(model):
+            layer.kernel = att.kernel
     return model, tokenizer, source
 
 

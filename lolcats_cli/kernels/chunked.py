@@ -7,13 +7,14 @@ most recent linear keys; masks from :func:`~lolcats_cli.api.window_masks` on abs
 Every key older than ``c0 - P`` is in the linear branch of each query of the chunk, so it enters through a
 prefix state ``S = sum phi_k(k) v^T`` ``(F, Dv)`` and ``z = sum phi_k(k)`` ``(F,)``, an exclusive cumulative
 sum over chunks. The largest tensors are ``(B, H, T, C + P)``: no T x T matrix is ever built. Sink keys
-(the first ``window.sinks`` positions) are put in front of every chunk's local keys (:func:`with_sinks`) and
-kept out of the prefix state. Chunks are
-attended in groups of about :data:`GROUP_QUERIES` queries (a short loop over groups, not over tokens).
+(the first ``window.sinks`` positions) are put in front of every chunk's local keys
+(:func:`~.blocks.with_sinks`) and kept out of the prefix state. Chunks are attended in groups of about
+:data:`GROUP_QUERIES` queries (a short loop over groups, not over tokens).
 
-The building blocks (:func:`attend_chunks`, :func:`chunk_masks`, :func:`kv_state`) are shared with the
-recurrent form (``recurrent.py``), which runs them on one chunk made of the window buffer and the new tokens.
-Keys and values stay at KV-head count: each KV head serves its group of query heads through grouped einsums.
+The building blocks (:func:`~.blocks.attend_chunks`, :func:`~.blocks.chunk_masks`, :func:`~.blocks.kv_state`)
+are shared with the recurrent form (``recurrent.py``), which runs them on one chunk made of the window buffer
+and the new tokens. :func:`hybrid_prefill` is this form over a prompt plus the decode state after it (the
+features of the keys computed once for both); :class:`ChunkedKernel` is the form as a kernel, the default.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..api import Window, window_masks
-from .naive import DEN_EPS, FeatureFn, expand_kv
+from ..api import Window
+from .base import Kernel
+from .blocks import FeatureFn, attend_chunks, check_inputs, chunk_masks, expand_kv, kv_state, not_sinks, with_sinks
+from .recurrent import HybridState, first_positions, folded_before, last_positions
 
 # Queries per chunk by default. On CPU (H=9, D=64, F=128, T=4096) 64 beat 32, 96 and 128 for spans of 64
 # and 128; local keys per chunk are then 64 + span.
@@ -31,121 +34,6 @@ DEFAULT_CHUNK = 64
 # Chunks are attended in groups of about this many queries: the group's (C, C + span) tensors then stay in
 # cache (1.5x faster at T = 16384 than one group) and, without autograd, bound the transient memory.
 GROUP_QUERIES = 2048
-
-
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, window_logits: Tensor) -> None:
-    """Raise ``ValueError`` unless q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` and
-    window_logits ``(H,)`` fit together, with H a multiple of Hkv."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, heads, T, dim); got shape {tuple(x.shape)}")
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(f"k must have shape (B={B}, Hkv, T={T}, D={D}) to match q; got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape (B, Hkv, T, Dv) = {tuple(k.shape[:3])} + (Dv,); got {tuple(v.shape)}")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    if tuple(window_logits.shape) != (H,):
-        raise ValueError(f"window_logits must have shape (H,) = ({H},); got {tuple(window_logits.shape)}")
-
-
-def grouped(x: Tensor, num_kv_heads: int) -> Tensor:
-    """``(B, H, ...) -> (B, Hkv, H // Hkv, ...)``: query heads grouped under their KV head (a view)."""
-    return x.unflatten(1, (num_kv_heads, x.shape[1] // num_kv_heads))
-
-
-def kv_state(fk: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Linear-attention state of a run of keys: ``S = sum_t fk_t v_t^T``, ``z = sum_t fk_t``.
-
-    fk ``(B, H, ..., T, F)`` fp32, v ``(B, Hkv, ..., T, Dv)`` fp32 (same middle dims) ->
-    S ``(B, H, ..., F, Dv)``, z ``(B, H, ..., F)``.
-    """
-    S = torch.einsum("bhg...tf,bh...td->bhg...fd", grouped(fk, v.shape[1]), v).flatten(1, 2)
-    return S, fk.sum(dim=-2)
-
-
-def chunk_masks(window: Window, q_pos: Tensor, k_pos: Tensor, fresh_from: Tensor) -> tuple[Tensor, Tensor]:
-    """Window and local-linear masks ``(N, C, K)`` for N chunks of queries against their local keys.
-
-    q_pos ``(N, C)``, k_pos ``(N, K)`` absolute positions; fresh_from ``(N,)``: keys before it are already
-    in the chunk's prefix state (or do not exist) and are left out of both masks.
-    """
-    in_window, in_linear = window_masks(window, q_pos, k_pos)
-    fresh = (k_pos >= fresh_from.clamp_min(0).unsqueeze(-1)).unsqueeze(-2)  # (N, 1, K)
-    return in_window & fresh, in_linear & fresh
-
-
-def attend_chunks(
-    q: Tensor,
-    fq: Tensor,
-    k: Tensor,
-    v: Tensor,
-    fk: Tensor,
-    S: Tensor,
-    z: Tensor,
-    in_window: Tensor,
-    in_linear: Tensor,
-    window_logits: Tensor,
-    scale: float,
-) -> Tensor:
-    """Hybrid attention of N query chunks over their local keys plus their prefix states, all fp32.
-
-    q ``(B, H, N, C, D)``, fq ``(B, H, N, C, F)``; local k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``,
-    fk ``(B, H, N, K, F)``; prefix S ``(B, H, N, F, Dv)``, z ``(B, H, N, F)``; masks ``(N, C, K)``;
-    window_logits ``(H,)``. Returns ``(B, H, N, C, Dv)``.
-    """
-    H, Hkv = q.shape[1], k.shape[1]
-    s = torch.einsum("bhgncd,bhnkd->bhgnck", grouped(q, Hkv), k).flatten(1, 2) * scale
-    s = s.masked_fill(~in_window, float("-inf"))
-    c = s.amax(dim=-1, keepdim=True)  # window max: shifts the window branch only, as in naive
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window key: no shift
-    g = torch.sigmoid(window_logits.float()).view(1, H, 1, 1, 1)
-    a = g * torch.exp(s - c) + torch.einsum("bhncf,bhnkf->bhnck", fq, fk) * in_linear  # (B, H, N, C, K)
-
-    num = torch.einsum("bhgnck,bhnkd->bhgncd", grouped(a, Hkv), v).flatten(1, 2)
-    num = num + torch.einsum("bhncf,bhnfd->bhncd", fq, S)
-    den = a.sum(dim=-1) + torch.einsum("bhncf,bhnf->bhnc", fq, z)
-    return num / den.clamp_min(DEN_EPS).unsqueeze(-1)
-
-
-def with_sinks(
-    k: Tensor,
-    v: Tensor,
-    fk: Tensor,
-    in_window: Tensor,
-    in_linear: Tensor,
-    k_sink: Tensor,
-    v_sink: Tensor,
-    sink_window: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Put the sink keys in front of N chunks' local keys, for :func:`attend_chunks`.
-
-    k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``, fk ``(B, H, N, K, F)``, masks ``(..., C, K)``;
-    k_sink ``(B, Hkv, s, D)``, v_sink ``(B, Hkv, s, Dv)``: the keys and values of positions ``[0, s)``;
-    sink_window ``(..., C, s)``: which query sees which sink *through this block* (False where the sink is
-    among the local keys already, so no key counts twice). Sinks are never in the linear branch: their
-    features are zero and their linear mask False. Returns k, v, fk, in_window, in_linear with ``s + K`` keys.
-    """
-    N, s = k.shape[2], k_sink.shape[2]
-    ks = k_sink.to(k.dtype).unsqueeze(2).expand(-1, -1, N, -1, -1)
-    vs = v_sink.to(v.dtype).unsqueeze(2).expand(-1, -1, N, -1, -1)
-    fks = fk.new_zeros(*fk.shape[:3], s, fk.shape[-1])
-    lead = torch.broadcast_shapes(in_window.shape[:-1], sink_window.shape[:-1])
-    iw = torch.cat([sink_window.expand(*lead, s), in_window.expand(*lead, in_window.shape[-1])], dim=-1)
-    il = torch.cat([torch.zeros_like(iw[..., :s]), in_linear.expand(*lead, in_linear.shape[-1])], dim=-1)
-    return torch.cat([ks, k], dim=3), torch.cat([vs, v], dim=3), torch.cat([fks, fk], dim=3), iw, il
-
-
-def not_sinks(x: Tensor, positions: Tensor, sinks: int) -> Tensor:
-    """``x`` ``(B, H, T, F)`` with the rows at ``positions`` ``(T,)`` or ``(B, T)`` below ``sinks`` zeroed
-    (sink keys never enter the linear state). Autograd-safe; ``x`` itself when ``sinks`` is 0."""
-    if sinks <= 0:
-        return x
-    keep = positions >= sinks
-    keep = keep[:, None, :, None] if keep.dim() == 2 else keep[:, None]
-    return x * keep.to(x.dtype)
 
 
 def _pad_time(x: Tensor, left: int, right: int) -> Tensor:
@@ -252,4 +140,62 @@ def hybrid_attention_chunked(
     return y.to(q.dtype)
 
 
-__all__ = ["hybrid_attention_chunked", "not_sinks", "with_sinks"]
+def hybrid_prefill(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi_q: FeatureFn,
+    phi_k: FeatureFn,
+    window_logits: Tensor,
+    window: Window,
+    scale: float | None = None,
+) -> tuple[Tensor, HybridState]:
+    """The chunked form over a prompt that starts at position 0, plus the state after it.
+
+    q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` (T may be 0); phi maps
+    ``(B, H, T, D) -> (B, H, T, F)``; window_logits ``(H,)``. Returns ``(B, H, T, Dv)`` in q's dtype and
+    the :class:`HybridState` at length T.
+    """
+    check_inputs(q, k, v, window_logits)
+    B, H, T, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    fk = phi_k(expand_kv(k, H)).float()  # (B, H, T, F)
+    if T == 0:
+        y = q.new_zeros(B, H, 0, v.shape[-1])
+    else:
+        fq = phi_q(q).float()
+        y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, DEFAULT_CHUNK)
+    n_fold = folded_before(window, T)
+    sinks = window.sinks
+    fold = not_sinks(fk[:, :, :n_fold], torch.arange(n_fold, device=q.device), sinks)
+    S, z = kv_state(fold, v[:, :, :n_fold].float())
+    k_sink = first_positions(k, sinks) if sinks else None
+    v_sink = first_positions(v, sinks) if sinks else None
+    state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S, z, T, k_sink, v_sink)
+    return y.to(q.dtype), state
+
+
+class ChunkedKernel(Kernel):
+    """The chunked form (O(T) memory) and its fused prefill; steps through the shared recurrent form."""
+
+    name = "chunked"
+    priority = 0
+    sequence = staticmethod(hybrid_attention_chunked)  # type: ignore[assignment]
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
+        window: Window, *, scale: float | None = None, pads: Tensor | None = None,
+    ) -> tuple[Tensor, HybridState]:  # fmt: skip
+        if pads is not None:
+            return super().prefill(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads)
+        return hybrid_prefill(q, k, v, phi_q, phi_k, window_logits, window, scale)
+
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "ChunkedKernel",
+    "hybrid_attention_chunked",
+    "hybrid_prefill",
+    "not_sinks",
+    "with_sinks",
+]

@@ -6,27 +6,18 @@ Semantics (METHOD.md section 1), per head h and query n, with s_ni = q_n . k_i *
     num = g_h sum_{W(n)} exp(s_ni - c_n) v_i + sum_{L(n)} (phi_q(q_n) . phi_k(k_j)) v_j
     den = g_h sum_{W(n)} exp(s_ni - c_n)     + sum_{L(n)}  phi_q(q_n) . phi_k(k_j)
     y_n = num / den,        g_h = sigmoid(window_logits[h])
+
+The weights come from :func:`~.blocks.hybrid_weights`, shared with every other form.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..api import Window, window_masks
-
-FeatureFn = Callable[[Tensor], Tensor]
-
-# Smallest denominator: only reached when every feature of the linear branch is exactly zero (ReLU maps).
-DEN_EPS = 1e-12
-
-
-def expand_kv(x: Tensor, num_heads: int) -> Tensor:
-    """``(B, Hkv, T, D) -> (B, H, T, D)``: repeat each KV head for the query heads of its group."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+from .base import Kernel
+from .blocks import DEN_EPS, FeatureFn, expand_kv, hybrid_weights
 
 
 def hybrid_attention_naive(
@@ -52,15 +43,18 @@ def hybrid_attention_naive(
     in_window, in_linear = window_masks(window, pos, pos)  # (T, T)
 
     s = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale
-    s = s.masked_fill(~in_window, float("-inf"))
-    c = s.amax(dim=-1, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window (pure linear): no shift
-    g = torch.sigmoid(window_logits.float()).view(1, H, 1, 1)
-    a_window = g * torch.exp(s - c)
-
     fq, fk = phi_q(q).float(), phi_k(k).float()
-    a_linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk) * in_linear
-
-    a = a_window + a_linear
+    a = hybrid_weights(s, torch.einsum("bhnf,bhmf->bhnm", fq, fk), in_window, in_linear, window_logits)
     y = torch.einsum("bhnm,bhmd->bhnd", a, v.float()) / a.sum(dim=-1, keepdim=True).clamp_min(DEN_EPS)
     return y.to(q.dtype)
+
+
+class NaiveKernel(Kernel):
+    """The reference as a kernel: never chosen automatically (T x T memory), only by name (``naive``)."""
+
+    name = "naive"
+    priority = -1
+    sequence = staticmethod(hybrid_attention_naive)  # type: ignore[assignment]
+
+
+__all__ = ["DEN_EPS", "FeatureFn", "NaiveKernel", "expand_kv", "hybrid_attention_naive"]

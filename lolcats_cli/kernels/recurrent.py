@@ -1,4 +1,4 @@
-"""The recurrent (decode) form of hybrid attention: a prefill over the prompt, then steps of t >= 1 tokens.
+"""The recurrent (decode) form of hybrid attention: the state after a prompt and steps of t >= 1 tokens.
 
 Per sequence the state has a constant size whatever the length: the raw keys and values (after RoPE) of the
 last ``span`` positions, kept per KV head, and the linear-attention state ``S = sum phi_k(k) v^T``,
@@ -8,9 +8,10 @@ Sink keys (the first ``window.sinks`` positions) are kept raw in a buffer of the
 
 Invariant at length L: S and z hold exactly the non-sink keys before ``f(L) = clamp(window.start(L), 0, L)``; the
 buffer holds positions ``[L - span, L)`` (zeros before position 0), which covers ``[f(L), L)`` since a window
-spans at most ``span`` keys. A step is the chunked form's :func:`~.chunked.attend_chunks` on one chunk made of
-the buffer and the new tokens; then the keys in ``[f(L), f(L + t))`` are folded into S and z.
-No transformers dependency: a Cache wrapper lives elsewhere.
+spans at most ``span`` keys. A step is :func:`~.blocks.attend_chunks` on one chunk made of the buffer and the
+new tokens; then the keys in ``[f(L), f(L + t))`` are folded into S and z. The prefill that builds the first
+state lives with the form that attends the prompt (:func:`~.chunked.hybrid_prefill`; any kernel through
+:meth:`~.base.Kernel.prefill`). No transformers dependency: a Cache wrapper lives elsewhere.
 """
 
 from __future__ import annotations
@@ -22,17 +23,7 @@ import torch
 from torch import Tensor
 
 from ..api import Window
-from .chunked import (
-    DEFAULT_CHUNK,
-    attend_chunks,
-    check_inputs,
-    chunk_masks,
-    chunked_from_features,
-    kv_state,
-    not_sinks,
-    with_sinks,
-)
-from .naive import FeatureFn, expand_kv
+from .blocks import FeatureFn, attend_chunks, check_inputs, chunk_masks, expand_kv, kv_state, not_sinks, with_sinks
 
 
 @dataclasses.dataclass
@@ -111,47 +102,12 @@ def first_positions(x: Tensor, n: int) -> Tensor:
     return torch.cat([x, x.new_zeros(*x.shape[:2], n - T, x.shape[3])], dim=2)
 
 
-def _last(x: Tensor, n: int) -> Tensor:
+def last_positions(x: Tensor, n: int) -> Tensor:
     """The last ``n`` time steps of ``(B, h, T, X)``, zero-padded in front when ``T < n``."""
     T = x.shape[2]
     if T >= n:
         return x[:, :, T - n :].clone()  # a copy: a view would keep the whole prompt alive
     return torch.cat([x.new_zeros(*x.shape[:2], n - T, x.shape[3]), x], dim=2)
-
-
-def hybrid_prefill(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    phi_q: FeatureFn,
-    phi_k: FeatureFn,
-    window_logits: Tensor,
-    window: Window,
-    scale: float | None = None,
-) -> tuple[Tensor, HybridState]:
-    """The chunked form over a prompt that starts at position 0, plus the state after it.
-
-    q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` (T may be 0); phi maps
-    ``(B, H, T, D) -> (B, H, T, F)``; window_logits ``(H,)``. Returns ``(B, H, T, Dv)`` in q's dtype and
-    the :class:`HybridState` at length T.
-    """
-    check_inputs(q, k, v, window_logits)
-    B, H, T, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    fk = phi_k(expand_kv(k, H)).float()  # (B, H, T, F)
-    if T == 0:
-        y = q.new_zeros(B, H, 0, v.shape[-1])
-    else:
-        fq = phi_q(q).float()
-        y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, DEFAULT_CHUNK)
-    n_fold = folded_before(window, T)
-    sinks = window.sinks
-    fold = not_sinks(fk[:, :, :n_fold], torch.arange(n_fold, device=q.device), sinks)
-    S, z = kv_state(fold, v[:, :, :n_fold].float())
-    k_sink = first_positions(k, sinks) if sinks else None
-    v_sink = first_positions(v, sinks) if sinks else None
-    state = HybridState(_last(k, window.span), _last(v, window.span), S, z, T, k_sink, v_sink)
-    return y.to(q.dtype), state
 
 
 def _check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Window) -> None:
@@ -234,4 +190,4 @@ def hybrid_step(
     return y.to(q.dtype), new_state
 
 
-__all__ = ["HybridState", "hybrid_prefill", "hybrid_step"]
+__all__ = ["HybridState", "first_positions", "folded_before", "hybrid_step", "last_positions"]

@@ -27,7 +27,6 @@ from lolcats_cli.core.convert import (  # noqa: E402
 from lolcats_cli.core.linear_attention import softmax_attention  # noqa: E402
 from lolcats_cli.errors import ConfigError, ModelError  # noqa: E402
 from lolcats_cli.hf_compat import cache_kwarg  # noqa: E402
-from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
 
 T = 24
 SMALL = dict(
@@ -152,7 +151,7 @@ def test_student_chunked_matches_naive_kernel() -> None:
     with torch.no_grad():
         chunked = model(ids).logits
         for _, layer in linearized_layers(model):
-            layer.hybrid_fn = hybrid_attention_naive
+            layer.kernel = "naive"
         naive = model(ids).logits
     torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
 

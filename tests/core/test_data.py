@@ -162,3 +162,30 @@ def test_pydoc_with_the_smollm2_tokenizer(smollm2_gguf):
     total = train.stats["tokens"] + train.stats["dropped_tokens"] + held.stats["tokens"]
     assert 100_000 < total < 130_000  # about 113k tokens
     assert held.input_ids.shape == (4, 512) and len(train) >= recipe.transfer.max_steps
+
+
+def test_passkey_fraction_mixes_retrieval_prompts_with_only_the_answer_as_label(tiny_tokenizer):
+    from lolcats_cli.core.passkey import build_prompts
+
+    plain, held = build_datasets(DataConfig(dataset="pydoc", seq_len=256, holdout=3), tiny_tokenizer)
+    mixed, held2 = build_datasets(DataConfig(dataset="pydoc", seq_len=256, holdout=3, passkey_fraction=0.2),
+                                  tiny_tokenizer)
+    n = mixed.stats["passkey_sequences"]
+    assert n == round(len(plain) * 0.2 / 0.8) and len(mixed) == len(plain) + n
+    assert torch.equal(held.input_ids, held2.input_ids)  # the held-out text is untouched
+    question = tiny_tokenizer(" What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    rows = [i for i in range(len(mixed)) if (mixed.labels[i] != IGNORE).sum() < 20]
+    assert len(rows) == n  # exactly the passkey rows have (almost) no labels: only their answer
+    eval_keys = {p.key for p in build_prompts(tiny_tokenizer, 256, 20, seed=0)}
+    for i in rows:
+        answer = mixed.input_ids[i][mixed.labels[i] != IGNORE]
+        text = tiny_tokenizer.decode(mixed.input_ids[i])
+        key = tiny_tokenizer.decode(answer).strip()
+        assert key.isdigit() and f"The pass key is {key}." in text and key not in eval_keys
+        ids = mixed.input_ids[i].tolist()
+        start = int((mixed.labels[i] != IGNORE).nonzero()[0])
+        assert ids[start - len(question) : start] == question  # the answer follows the question
+    # the real sequences are all still there, in some order
+    assert sorted(map(tuple, mixed.input_ids.tolist())) == sorted(
+        map(tuple, plain.input_ids.tolist() + [mixed.input_ids[i].tolist() for i in rows])
+    )

@@ -16,17 +16,12 @@ from transformers import DynamicCache  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from lolcats_cli.core.convert import attention_parameters, convert_model, linearized_layers, set_mode  # noqa: E402
-from lolcats_cli.core.generation import (  # noqa: E402
-    HybridLayer,
-    LinearAttentionCache,
-    make_cache,
-    padded_prefill_state,
-    state_nbytes,
-)
+from lolcats_cli.core.cache import LinearAttentionCache, make_cache  # noqa: E402
+from lolcats_cli.core.generation import HybridLayer, state_nbytes  # noqa: E402
 from lolcats_cli.errors import ModelError  # noqa: E402
 from lolcats_cli.hf_compat import cache_kwarg, output_cache  # noqa: E402
-from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
-from lolcats_cli.kernels.recurrent import hybrid_prefill  # noqa: E402
+from lolcats_cli.kernels.chunked import hybrid_prefill  # noqa: E402
+from lolcats_cli.kernels.padded import padded_prefill_state  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 VOCAB = 128
@@ -122,7 +117,7 @@ def test_explicit_cache_and_naive_prefill_agree() -> None:
     assert isinstance(cache, LinearAttentionCache) and all(isinstance(layer, HybridLayer) for layer in cache.layers)
     torch.testing.assert_close(_decode(model, ids, [9] + [1] * 11, cache), full, **TOL)
     for _, layer in linearized_layers(model):
-        layer.hybrid_fn = hybrid_attention_naive
+        layer.kernel = "naive"
     torch.testing.assert_close(_decode(model, ids, [9, 4, 7]), full, **TOL)
 
 
@@ -131,7 +126,7 @@ def test_padded_prefill_state_without_pads_equals_kernel_state() -> None:
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, h, 19, 16, generator=gen) for h in (4, 2, 2))
     _, ref = hybrid_prefill(q, k, v, attn.feature_map_q, attn.feature_map_k, attn.window_logits, attn.window)
-    got = padded_prefill_state(k, v, torch.zeros(2, dtype=torch.long), 4, attn)
+    got = padded_prefill_state(k, v, attn.feature_map_k, attn.window, torch.zeros(2, dtype=torch.long), 4)
     for a, b in [(got.k_buf, ref.k_buf), (got.v_buf, ref.v_buf), (got.S, ref.S), (got.z, ref.z)]:
         torch.testing.assert_close(a, b, **TOL)
     assert got.length == ref.length == 19

@@ -15,11 +15,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lolcats_cli.api import Window, WindowParams
 from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
-from lolcats_cli.kernels import chunked, hybrid_attention
-from lolcats_cli.kernels.chunked import DEFAULT_CHUNK, hybrid_attention_chunked
+from lolcats_cli.kernels import ENV_VAR, KERNELS, chunked, hybrid_attention
+from lolcats_cli.kernels.chunked import DEFAULT_CHUNK, hybrid_attention_chunked, hybrid_prefill
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.naive import hybrid_attention_naive
-from lolcats_cli.kernels.recurrent import HybridState, hybrid_prefill, hybrid_step
+from lolcats_cli.kernels.recurrent import HybridState, hybrid_step
 
 B, H, HKV, D, DV, F_HALF = 2, 4, 2, 16, 8, 8
 FP32_TOL, BF16_TOL = 1e-5, 1e-2
@@ -234,10 +234,26 @@ def test_only_naive_builds_a_T_by_T_tensor(fn) -> None:  # noqa: ANN001
         assert spy.numel <= linear_bound, f"largest tensor: {spy.numel} elements, bound {linear_bound}"
 
 
-def test_dispatcher_uses_the_chunked_form() -> None:
+@pytest.mark.parametrize("env,expected", [(None, "chunked"), ("naive", "naive")], ids=["auto", "env-naive"])
+def test_dispatcher_runs_the_chosen_kernel(env: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hybrid_attention runs the chunked kernel on CPU by default, the naive one under LOLCATS_KERNEL=naive."""
+    if env is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, env)
+    ran: list[str] = []
+    for name, kernel in KERNELS.items():
+        def spy(*args, _name=name, _fn=kernel.sequence, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            ran.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "sequence", spy)
     x, window = make_inputs(65), WINDOWS["sliding5"]
     with torch.no_grad():
-        assert torch.equal(hybrid_attention(**x, window=window), hybrid_attention_chunked(**x, window=window))
+        out = hybrid_attention(**x, window=window)
+    assert ran == [expected]
+    ref = {"chunked": hybrid_attention_chunked, "naive": hybrid_attention_naive}[expected](**x, window=window)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize(
