@@ -2,7 +2,7 @@
 
 A *feature map* phi turns queries or keys into non-negative features for the linear-attention branch.
 A *window* says which recent keys each query attends to with softmax; every older key goes through the
-linear branch (METHOD.md section 1). Plugins subclass :class:`FeatureMap` or :class:`Window`, declare a
+linear branch (docs/method.md section 1). Plugins subclass :class:`FeatureMap` or :class:`Window`, declare a
 ``Params`` dataclass of typed fields with defaults, and register the class under the entry-point group
 ``lolcats.feature_maps`` or ``lolcats.windows``. The built-ins are registered exactly the same way.
 

@@ -1,4 +1,4 @@
-"""Built-in feature maps: hedgehog (the default), elu, taylor and t2r. See METHOD.md section 2.
+"""Built-in feature maps: hedgehog (the default), elu, taylor and t2r. See docs/method.md section 2.
 
 Every map holds its own per-head weights ``(H, D, F)`` (one instance for the queries, another for the keys),
 keeps them in whatever dtype the module is cast to, and computes in fp32: the input and the weights are

@@ -1,4 +1,4 @@
-"""Built-in windows: sliding, terrace and none (pure linear attention). See METHOD.md section 1."""
+"""Built-in windows: sliding, terrace and none (pure linear attention). See docs/method.md section 1."""
 
 from __future__ import annotations
 

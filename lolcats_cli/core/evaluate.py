@@ -1,6 +1,6 @@
 """Evaluate a linearized run (or any model) side by side with its softmax teacher and two baselines.
 
-Rows (METHOD.md section 5 lists the weaknesses they expose):
+Rows (docs/method.md section 5 lists the weaknesses they expose):
 
 * ``teacher``: the original softmax model (the converted model in teacher mode, LoRA adapters off);
 * ``sink_window``: training-free softmax over the last 64 keys plus the first 4 "sink" tokens (teacher mode
@@ -266,7 +266,7 @@ def perplexities(model: nn.Module, batches: dict[int, Tensor], device: torch.dev
 
 def attention_mse(model: nn.Module, ids: Tensor, device: torch.device) -> dict[int, float]:
     """Per-layer MSE of the (current variant of the) student's head outputs against the teacher's, on
-    ``ids`` ``(N, T)`` with exact teacher inputs at every layer (transfer mode, METHOD.md section 3)."""
+    ``ids`` ``(N, T)`` with exact teacher inputs at every layer (transfer mode, docs/method.md section 3)."""
     from .convert import linearized_layers, set_mode
     from .transfer import TransferObjective
 

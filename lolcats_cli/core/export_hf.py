@@ -228,7 +228,7 @@ MODELING_TEMPLATE = '''"""A LoLCATs-linearized {base_class}, written by `lolcats
 
 ``{model_class}`` is the base architecture's own causal LM: weights load under their usual names. At init,
 the attention of every converted decoder layer (``config.lolcats["layers"]``) is replaced by the bundled
-hybrid attention (a softmax window plus feature-map linear attention; see METHOD.md of lolcats), in
+hybrid attention (a softmax window plus feature-map linear attention; see docs/method.md of lolcats), in
 student mode. Decoding keeps a constant-size recurrent state per converted layer in whatever
 transformers cache ``generate()`` builds (the bundled ``HybridLayer``): O(window) work and memory per token.
 """

@@ -1,4 +1,4 @@
-"""Stage 2, low-rank adaptation (METHOD.md section 4).
+"""Stage 2, low-rank adaptation (docs/method.md section 4).
 
 Starts from a finished transfer run: the linearized model with its trained attentions, in student mode.
 LoRA (peft) goes on the recipe's targets (q, k, v, o projections by default); feature maps and window

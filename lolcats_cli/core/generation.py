@@ -1,7 +1,7 @@
 """Decoding converted models: a transformers ``Cache`` whose converted layers hold a constant-size recurrent state.
 
 Per converted layer (student mode) the cache keeps a :class:`~lolcats_cli.kernels.recurrent.HybridState`: the
-raw keys/values of the window (``span`` positions per KV head) plus the linear state ``S``, ``z`` (METHOD.md
+raw keys/values of the window (``span`` positions per KV head) plus the linear state ``S``, ``z`` (docs/method.md
 section 1, recurrent form). Its size does not depend on the context length. Layers left as softmax keep an
 ordinary growing ``DynamicLayer``.
 

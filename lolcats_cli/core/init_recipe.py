@@ -24,7 +24,7 @@ from . import registry
 if TYPE_CHECKING:
     from .recipe import Recipe
 
-PAPER_TOKENS = 20_000_000  # METHOD.md section 3-4: about 20M tokens per stage
+PAPER_TOKENS = 20_000_000  # docs/method.md section 3-4: about 20M tokens per stage
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 _TOKEN_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 

@@ -2,7 +2,7 @@
 
 :class:`LinearizedAttention` keeps the original projections (and Qwen3's q/k norms) under their original
 attribute names, so the base model's state-dict keys are unchanged and peft can target ``q_proj`` ...
-``o_proj``. It adds ``feature_map_q``, ``feature_map_k`` and ``window_logits`` (METHOD.md section 1) and runs in
+``o_proj``. It adds ``feature_map_q``, ``feature_map_k`` and ``window_logits`` (docs/method.md section 1) and runs in
 one of three modes:
 
 * ``teacher``: the original softmax attention through torch SDPA; reproduces the original model.
@@ -11,7 +11,7 @@ one of three modes:
   prompt, then, with a KV cache, the kernel's recurrent steps in constant memory (the cache layer is a
   :class:`~.generation.HybridLayer`; see :mod:`.generation`).
 * ``transfer``: both on frozen q/k/v; stores the per-layer ``transfer_loss`` (MSE of the pre-``o_proj`` head
-  outputs) and passes the teacher's output on, so every layer sees exact teacher inputs (METHOD.md section 3).
+  outputs) and passes the teacher's output on, so every layer sees exact teacher inputs (docs/method.md section 3).
 
 Masks: the teacher honours whatever mask the model built for its ``_attn_implementation`` (None, a 4-D bool
 or additive mask, or a 2-D padding mask from flash-attention models). The student is exact under left

@@ -1,6 +1,6 @@
 """Passkey retrieval: a 5-digit number hidden at a random depth in filler text, asked for at the end.
 
-Linearized models are known to lose this ability (METHOD.md section 5); the test is cheap and exact.
+Linearized models are known to lose this ability (docs/method.md section 5); the test is cheap and exact.
 A prompt of ``length`` tokens reads (in the style of Mohtashami and Jaggi's landmark-attention test)::
 
     There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. ...

@@ -1,6 +1,6 @@
 """Recipes: every setting of a lolcats run as nested typed dataclasses, loaded from YAML.
 
-Defaults are the paper's values (METHOD.md sections 3-4). Validation is generic (``core/typecheck.py``
+Defaults are the paper's values (docs/method.md sections 3-4). Validation is generic (``core/typecheck.py``
 reads the annotations) and reports every problem at once, each prefixed by its key path, in one
 :class:`~lolcats_cli.errors.ConfigError`. Plugin parameters (``attention.feature_map_params``,
 ``attention.window_params``) are only checked to be mappings here; the registry validates their contents.
@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class AttentionConfig:
-    """The hybrid attention that replaces softmax attention (METHOD.md sections 1-2).
+    """The hybrid attention that replaces softmax attention (docs/method.md sections 1-2).
 
     Attributes:
         feature_map: a registered feature map ("hedgehog", "elu", "taylor", "t2r" or a plugin's).
@@ -155,7 +155,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TransferConfig(TrainConfig):
-    """Stage 1, attention transfer (METHOD.md section 3); the fields of :class:`TrainConfig`, plus:
+    """Stage 1, attention transfer (docs/method.md section 3); the fields of :class:`TrainConfig`, plus:
 
     Attributes:
         mse_weight: the factor on the mean over layers of the per-head output MSE (paper: 1000).
@@ -183,7 +183,7 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig(TrainConfig):
-    """Stage 2, low-rank adaptation (METHOD.md section 4); the fields of :class:`TrainConfig`, plus:
+    """Stage 2, low-rank adaptation (docs/method.md section 4); the fields of :class:`TrainConfig`, plus:
 
     Attributes:
         lora: the adapters.  train_attention: also train the feature maps and window factors.

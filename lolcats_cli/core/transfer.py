@@ -1,4 +1,4 @@
-"""Stage 1, attention transfer (METHOD.md section 3).
+"""Stage 1, attention transfer (docs/method.md section 3).
 
 Every converted layer runs in ``transfer`` mode: the teacher's softmax output goes on into the residual
 stream while the student's hybrid output is scored against it (MSE before o_proj), so layers train

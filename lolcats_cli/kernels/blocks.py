@@ -1,7 +1,7 @@
 """The building blocks every form of hybrid attention shares.
 
 * :func:`hybrid_weights`: the window softmax (max shift over the window keys, exp, the per-head window
-  factor) plus the linear terms: the one implementation of METHOD.md section 1's weights, used by the naive,
+  factor) plus the linear terms: the one implementation of docs/method.md section 1's weights, used by the naive,
   chunked, recurrent and padded forms and by the attention cross-entropy of transfer training;
 * :func:`attend_chunks`: hybrid attention of query chunks over their local keys plus a prefix linear state,
   with :func:`chunk_masks`, :func:`with_sinks` and :func:`kv_state` (the chunked form runs it on many chunks,

@@ -1,6 +1,6 @@
 """The naive O(T^2) hybrid attention: the reference every other form is tested against.
 
-Semantics (METHOD.md section 1), per head h and query n, with s_ni = q_n . k_i * scale in fp32:
+Semantics (docs/method.md section 1), per head h and query n, with s_ni = q_n . k_i * scale in fp32:
 
     c_n = max_{i in W(n)} s_ni                       (window max; the linear branch is not shifted)
     num = g_h sum_{W(n)} exp(s_ni - c_n) v_i + sum_{L(n)} (phi_q(q_n) . phi_k(k_j)) v_j
