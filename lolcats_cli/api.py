@@ -61,6 +61,7 @@ class FeatureMap(nn.Module):
 
     Params: ClassVar[type[FeatureMapParams]] = FeatureMapParams
     nonnegative: ClassVar[bool] = True
+    plugin_api_version: ClassVar[int] = PLUGIN_API_VERSION  # set it to the version you wrote against
 
     def __init__(self, num_heads: int, head_dim: int, params: FeatureMapParams | None = None) -> None:
         super().__init__()
@@ -114,6 +115,7 @@ class Window:
     """
 
     Params: ClassVar[type[WindowParams]] = WindowParams
+    plugin_api_version: ClassVar[int] = PLUGIN_API_VERSION  # set it to the version you wrote against
 
     def __init__(self, params: WindowParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
