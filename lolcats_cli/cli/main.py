@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,6 +165,8 @@ def _report(err: BaseException, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lolcats`` script; the one place errors become panels and exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in args:  # deprecation notices about transformers' and peft's own internals, not the user's
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)(\.|$)")
     try:
         app(args=args, prog_name="lolcats", standalone_mode=True)
     except SystemExit:
