@@ -142,7 +142,8 @@ def test_kl_gradient_moves_lora_towards_the_teacher(transfer_run):
     from peft import get_peft_model
 
     from lolcats_cli.core.data import build_datasets
-    from lolcats_cli.core.finetune import distill_kl, lora_config, teacher_view
+    from lolcats_cli.core.convert import teacher_view
+    from lolcats_cli.core.finetune import distill_kl, lora_config
 
     recipe, model, tokenizer = open_run(transfer_run, "cpu", mode="student")
     for p in model.parameters():

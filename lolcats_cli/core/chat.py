@@ -319,19 +319,12 @@ def _original_model(model: Any, generate_kwargs: dict[str, Any]) -> Iterator[Non
     """Softmax attention (``teacher`` mode) with any LoRA adapter disabled, restored afterwards; the
     original attention needs every past key, so generation gets a plain DynamicCache."""
     from ..hf_compat import DynamicCache, cache_kwarg
+    from .convert import teacher_view
 
-    layers = require_original(model)
-    modes = [m.mode for _, m in layers]
-    disable = getattr(model, "disable_adapter", None)  # peft: the original weights, without the LoRA delta
+    layers = require_original(model)  # ours, or an hf export's bundled copies
     generate_kwargs[cache_kwarg(model)] = DynamicCache()
-    try:
-        for _, m in layers:
-            m.mode = "teacher"
-        with disable() if disable is not None else nullcontext():
-            yield
-    finally:
-        for (_, m), mode in zip(layers, modes, strict=True):
-            m.mode = mode
+    with teacher_view(model, layers):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -14,8 +14,9 @@ Plugins are built by name through the registry (entry points); architectures com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -143,6 +144,24 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def teacher_view(model: nn.Module, layers: Sequence[tuple[int, Any]] | None = None) -> Iterator[None]:
+    """Within the block ``model`` is its own teacher: the original softmax attention in every converted layer
+    (``layers``, default :func:`linearized_layers`) and any peft adapter disabled; the layers' modes and the
+    adapter come back afterwards. No second copy of the weights is made."""
+    layers = linearized_layers(model) if layers is None else list(layers)
+    modes = [m.mode for _, m in layers]
+    disable = getattr(model, "disable_adapter", None)  # peft: the original weights, without the LoRA delta
+    try:
+        for _, m in layers:
+            m.mode = "teacher"
+        with disable() if disable is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for (_, m), mode in zip(layers, modes, strict=True):
+            m.mode = mode
+
+
 def attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Feature-map weights and window logits of every converted layer, by their state-dict names in ``model``."""
     out: dict[str, nn.Parameter] = {}
@@ -231,4 +250,5 @@ __all__ = [
     "attention_state_dict",
     "load_attention_state_dict",
     "describe",
+    "teacher_view",
 ]

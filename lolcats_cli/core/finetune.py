@@ -12,12 +12,10 @@ adapter_model.safetensors), ``metrics.json`` and ``checkpoints/``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import shutil
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ from .evaluate import mean_token_nll as heldout_loss
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
+from .convert import teacher_view
 from .precision import autocast_for
 from .transfer import ATTENTION_WEIGHTS, METRICS
 from .workspace import RESOLVED_RECIPE, new_run_dir, open_run, pick_device, record_run
@@ -76,25 +75,6 @@ def heldout_kl(model: Any, input_ids: torch.Tensor, labels: torch.Tensor | None,
             total += float(distill_kl(model(input_ids=ids, use_cache=False).logits, teacher, lab))
         count += 1
     return total / max(count, 1)
-
-
-@contextlib.contextmanager
-def teacher_view(model: Any) -> Iterator[None]:
-    """Within the block ``model`` is its own teacher: original softmax attention in every converted layer
-    and any peft adapter disabled; student mode and the adapter come back afterwards."""
-    from .convert import linearized_layers
-
-    layers = linearized_layers(model)
-    modes = [m.mode for _, m in layers]
-    disable = getattr(model, "disable_adapter", None)
-    try:
-        for _, m in layers:
-            m.mode = "teacher"
-        with disable() if disable is not None else contextlib.nullcontext():
-            yield
-    finally:
-        for (_, m), mode in zip(layers, modes, strict=True):
-            m.mode = mode
 
 
 def lora_config(recipe: Recipe):
@@ -207,4 +187,4 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     return result
 
 
-__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss", "distill_kl", "teacher_view"]
+__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss", "distill_kl", "heldout_kl"]
