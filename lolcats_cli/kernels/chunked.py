@@ -26,7 +26,8 @@ from torch import Tensor
 from ..api import Window
 from .base import Kernel
 from .blocks import FeatureFn, attend_chunks, check_inputs, chunk_masks, expand_kv, kv_state, not_sinks, with_sinks
-from .recurrent import HybridState, first_positions, folded_before, last_positions
+from .padded import padded_prefill_state
+from .recurrent import HybridState
 
 # Queries per chunk by default. On CPU (H=9, D=64, F=128, T=4096) 64 beat 32, 96 and 128 for spans of 64
 # and 128; local keys per chunk are then 64 + span.
@@ -165,14 +166,8 @@ def hybrid_prefill(
     else:
         fq = phi_q(q).float()
         y = chunked_from_features(q, k, v, fq, fk, window_logits, window, scale, DEFAULT_CHUNK)
-    n_fold = folded_before(window, T)
-    sinks = window.sinks
-    fold = not_sinks(fk[:, :, :n_fold], torch.arange(n_fold, device=q.device), sinks)
-    S, z = kv_state(fold, v[:, :, :n_fold].float())
-    k_sink = first_positions(k, sinks) if sinks else None
-    v_sink = first_positions(v, sinks) if sinks else None
-    state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S, z, T, k_sink, v_sink)
-    return y.to(q.dtype), state
+    no_pads = torch.zeros(B, dtype=torch.long, device=q.device)
+    return y.to(q.dtype), padded_prefill_state(k, v, phi_k, window, no_pads, H, fk=fk)  # phi_k not run twice
 
 
 class ChunkedKernel(Kernel):

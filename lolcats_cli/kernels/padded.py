@@ -59,20 +59,23 @@ def padded_attention(
 
 
 def padded_prefill_state(
-    k: Tensor, v: Tensor, phi_k: FeatureFn, window: Window, pads: Tensor, num_heads: int
+    k: Tensor, v: Tensor, phi_k: FeatureFn, window: Window, pads: Tensor, num_heads: int, fk: Tensor | None = None
 ) -> HybridState:
     """The decode state after left-padded prompts: k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, pads ``(B,)``.
 
     Row b has ``n_b = T - pads[b]`` real tokens; S and z hold its real non-sink keys before ``f(n_b)``; the
     buffers hold the last ``span`` positions of the padded layout (pads in them are masked out by
-    :func:`padded_step`); the sink buffers hold each row's first ``sinks`` real tokens.
+    :func:`padded_step`); the sink buffers hold each row's first ``sinks`` real tokens. ``fk`` ``(B, H, T, F)``:
+    phi_k of the keys expanded to the query heads, when the caller has it already (pad positions are ignored).
     """
     T = k.shape[2]
     rel = torch.arange(T, device=k.device)[None] - pads[:, None]  # (B, T) position within the row
     real = rel >= 0
     k, v = _keep(k, real), _keep(v, real)
     fold = real & (rel < folded_before_rows(window, T - pads)[:, None])  # (B, T)
-    fk = _keep(not_sinks(phi_k(expand_kv(k, num_heads)).float(), rel, window.sinks), fold)
+    if fk is None:
+        fk = phi_k(expand_kv(k, num_heads))
+    fk = _keep(not_sinks(fk.float(), rel, window.sinks), fold)
     S, z = kv_state(fk, v.float())
     span = window.span
     k_sink, v_sink = _row_sinks(k, pads, window.sinks), _row_sinks(v, pads, window.sinks)

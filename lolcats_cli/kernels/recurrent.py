@@ -94,14 +94,6 @@ def folded_before(window: Window, length: int) -> int:
     return min(max(start, 0), length)
 
 
-def first_positions(x: Tensor, n: int) -> Tensor:
-    """The first ``n`` time steps of ``(B, h, T, X)`` (a copy), zero-padded at the end when ``T < n``."""
-    T = x.shape[2]
-    if T >= n:
-        return x[:, :, :n].clone()
-    return torch.cat([x, x.new_zeros(*x.shape[:2], n - T, x.shape[3])], dim=2)
-
-
 def last_positions(x: Tensor, n: int) -> Tensor:
     """The last ``n`` time steps of ``(B, h, T, X)``, zero-padded in front when ``T < n``."""
     T = x.shape[2]
@@ -190,4 +182,4 @@ def hybrid_step(
     return y.to(q.dtype), new_state
 
 
-__all__ = ["HybridState", "first_positions", "folded_before", "hybrid_step", "last_positions"]
+__all__ = ["HybridState", "folded_before", "hybrid_step", "last_positions"]
