@@ -18,7 +18,7 @@ import importlib
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -103,14 +103,27 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands that run a model: they pick torch's thread count (core/threads.py) and say which, once.
+COMPUTE_COMMANDS = {"transfer", "finetune", "eval", "chat", "export"}
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads for torch (default: $LOLCATS_THREADS, else the cores free now).",
+        show_default=False,
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA."""
+    if ctx.invoked_subcommand in COMPUTE_COMMANDS:
+        from ..core.threads import apply_threads
+
+        stderr.print(f"[dim]{escape(apply_threads(threads))}[/dim]", highlight=False)
 
 
 def _unavailable(target: typer.Typer, name: str, module: str, exc: BaseException) -> None:
