@@ -15,6 +15,7 @@ from lolcats_cli.cli.main import register_commands
 from lolcats_cli.core import lm_eval_bridge
 from lolcats_cli.core.evaluate import ROWS, as_row, evaluate_run, sink_mask, zero_linear_branch
 from lolcats_cli.core.passkey import build_prompts
+from lolcats_cli.core.progress import NullReporter
 from lolcats_cli.core.transfer import run_transfer
 from lolcats_cli.errors import ConfigError, DataError, LolcatsError
 
@@ -45,10 +46,36 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+class Recorder(NullReporter):
+    """A reporter that keeps every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, title, total_steps, done_steps):
+        self.calls.append(("start", title, total_steps, done_steps))
+
+    def step(self, info):
+        self.calls.append(("step", info.step, info.total_steps, info.tokens))
+
+    def log(self, message):
+        self.calls.append(("log", message))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
 @pytest.fixture(scope="module")
-def report(run_dir, text_file):
-    return evaluate_run(run_dir, text_file=text_file, contexts=CONTEXTS, passkey_lengths=(256,), passkey_n=3,
-                        max_tokens=MAX_TOKENS, device="cpu")
+def recorded(run_dir, text_file) -> tuple:
+    progress = Recorder()
+    report = evaluate_run(run_dir, text_file=text_file, contexts=CONTEXTS, passkey_lengths=(256,), passkey_n=3,
+                          max_tokens=MAX_TOKENS, device="cpu", reporter=progress)
+    return report, progress
+
+
+@pytest.fixture(scope="module")
+def report(recorded):
+    return recorded[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +125,21 @@ def test_every_row_has_every_metric_and_values_are_finite(report):
     assert report.rows["teacher"].attention_mse is None
     data = json.loads(json.dumps(report.to_dict()))
     assert data["rows"]["linearized"]["perplexity"]["1100"] == report.rows["linearized"].perplexity[1100]
+
+
+def test_progress_has_one_step_per_row_and_context_or_passkey_length(recorded):
+    _, progress = recorded
+    # per row: 2 contexts + 1 passkey length, and the attention MSE for the 2 linearized rows
+    units = len(ROWS) * (len(CONTEXTS) + 1) + 2
+    assert progress.calls[0] == ("start", "eval", units, 0) and progress.calls[-1] == ("finish",)
+    steps = [c for c in progress.calls if c[0] == "step"]
+    assert [c[1] for c in steps] == list(range(1, units + 1)) and all(c[2] == units for c in steps)
+    tokens = [c[3] for c in steps]
+    assert tokens == sorted(tokens) and tokens[0] == 68 * (MAX_TOKENS // 68)  # teacher, perplexity at 68
+    logs = [c[1] for c in progress.calls if c[0] == "log"]
+    assert logs[:3] == ["teacher: perplexity at 68 tokens", "teacher: perplexity at 1100 tokens",
+                        "teacher: passkey retrieval, 3 prompts at 256 tokens"]
+    assert "linearized: attention MSE per layer at 1100 tokens" in logs
 
 
 def test_teacher_perplexity_is_the_original_model(report, tiny_model_dir, text_file):

@@ -28,7 +28,8 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import LolcatsError
-from .reporting import make_console, show_library_warnings
+from ..core.progress import set_phase_handler
+from .reporting import make_console, show_library_warnings, status
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
 COMMANDS: list[tuple[str, str]] = [
@@ -95,6 +96,7 @@ app = typer.Typer(
 )
 stderr = make_console(stderr=True)
 show_library_warnings()  # registry warnings (a LOLCATS_PLUGINS name nobody installed, ...) on stderr
+set_phase_handler(status)  # long steps without steps of their own (first GGUF load, step-0 evaluation): a spinner
 
 
 def _version(value: bool) -> None:

@@ -3,15 +3,18 @@ and warnings that library code logs (``logging.getLogger("lolcats_cli...")``), p
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -64,8 +67,69 @@ def layer_table(layers: list[dict[str, Any]], title: str, now_key: str = "mse") 
     return table
 
 
+ETA_WINDOW = 20  # steps in the moving window of step times
+
+
+def estimate_eta(step_seconds: Sequence[float], evals: Sequence[tuple[int, float]], done: int, total: int,
+                 window: int = ETA_WINDOW) -> float | None:
+    """Seconds left after step ``done``: ``total - done`` steps at the mean of the last ``window`` step
+    times, plus the evaluations at steps ``done`` to ``total`` (the one at ``done`` runs right after its
+    step) at the mean cost of the last three measured ones.
+
+    ``step_seconds``: wall time of each training step (evaluations excluded); ``evals``: ``(step, seconds)``
+    of the evaluations measured so far. The trainer evaluates every ``eval_every`` steps and at the last
+    step; ``eval_every`` is read off the evaluated steps (their greatest common divisor, the last step left
+    out), so until the first evaluation the ETA counts training steps only. None before any step.
+    """
+    if not step_seconds or total <= done:
+        return None if not step_seconds else 0.0
+    recent = list(step_seconds)[-window:]
+    eta = (total - done) * sum(recent) / len(recent)
+    steps = [s for s, _ in evals if 0 < s < total]
+    if steps:
+        every = math.gcd(*steps)
+        left = total // every - (done - 1) // every + (1 if total % every else 0)  # the one at ``done`` is next
+        costs = [t for _, t in evals][-3:]
+        eta += left * sum(costs) / len(costs)
+    return eta
+
+
+def format_eta(seconds: float | None) -> str:
+    """``0:04:36``; ``-:--:--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def status(message: str, console: Console | None = None) -> Iterator[None]:
+    """A spinner with ``message`` on a terminal while the block runs (a plain line in logs and pipes)."""
+    from rich.errors import LiveError
+
+    console = console or stderr
+    spinner = console.status(escape(message), spinner="dots") if console.is_terminal else None
+    try:
+        if spinner is not None:
+            spinner.__enter__()
+    except LiveError:  # a progress bar is live already: say it in a line instead
+        spinner = None
+    if spinner is None:
+        console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
+    try:
+        yield
+    finally:
+        if spinner is not None:
+            spinner.__exit__(None, None, None)
+
+
 class RichReporter:
-    """Progress (step, tokens, tokens/s, loss, ETA) and evaluation tables, all on stderr."""
+    """Progress (step, tokens, tokens/s, loss, ETA) and evaluation tables, all on stderr.
+
+    The ETA is :func:`estimate_eta` over the measured step and evaluation times (Rich's own remaining-time
+    column is blank for slow steps and ignores the evaluations). An evaluation runs between the ``step()``
+    of its step and ``evaluated()``; a training step between the previous call and its ``step()``.
+    """
 
     def __init__(self, console: Console | None = None, show_tables: bool = True) -> None:
         self.console = console or stderr
@@ -73,35 +137,54 @@ class RichReporter:
         self.progress: Progress | None = None
         self.task: Any = None
         self._last_line = 0.0  # when not on a terminal: time of the last plain progress line
-
+        self._mark: float | None = None  # end of the last step, evaluation or start
+        self._step_at: tuple[int, float] | None = None  # (step, when its step() came)
+        self.step_seconds: list[float] = []
+        self.evals: list[tuple[int, float]] = []
 
     def start(self, title: str, total_steps: int, done_steps: int) -> None:
         self.progress = Progress(
             TextColumn(f"[bold]{title}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[tokens]:>9,} tok  {task.fields[tps]:>7.0f} tok/s  loss {task.fields[loss]:.4g}"),
+            TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             console=self.console,
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task(title, total=total_steps, completed=done_steps, tokens=0, tps=0.0, loss=float("nan"))
+        self.task = self.progress.add_task(title, total=total_steps, completed=done_steps, stats="", eta=format_eta(None))
+        self._mark = time.monotonic()
+
+    def eta(self, done: int, total: int) -> float | None:
+        return estimate_eta(self.step_seconds, self.evals, done, total)
 
     def step(self, info) -> None:
+        now = time.monotonic()
+        if self._mark is not None:
+            self.step_seconds.append(now - self._mark)
+            del self.step_seconds[:-ETA_WINDOW]
+        self._mark, self._step_at = now, (info.step, now)
+        eta = format_eta(self.eta(info.step, info.total_steps))
+        stats = f"{info.tokens:>9,} tok  {info.tokens_per_s:>7.0f} tok/s"
+        if math.isfinite(info.loss):
+            stats += f"  loss {info.loss:.4g}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=info.step, tokens=info.tokens, tps=info.tokens_per_s, loss=info.loss)
+            self.progress.update(self.task, completed=info.step, stats=stats, eta=eta)
         if not self.console.is_terminal and (time.monotonic() - self._last_line > 30 or info.step == info.total_steps):
             # Logs and CI have no live bar: a plain line at most every 30 s.
             self._last_line = time.monotonic()
-            self.console.print(
-                f"step {info.step}/{info.total_steps} · {info.tokens:,} tok · {info.tokens_per_s:.0f} tok/s · "
-                f"loss {info.loss:.4g} · lr {info.lr:.2g}"
-            )
+            loss = f" · loss {info.loss:.4g}" if math.isfinite(info.loss) else ""
+            lr = f" · lr {info.lr:.2g}" if info.lr else ""
+            self.console.print(f"step {info.step}/{info.total_steps} · {info.tokens:,} tok · {info.tokens_per_s:.0f} tok/s"
+                               f"{loss}{lr} · ETA {eta}", highlight=False)
 
     def evaluated(self, info) -> None:
+        now = time.monotonic()
+        if self._step_at is not None and self._step_at[0] == info.step:
+            self.evals.append((info.step, now - self._step_at[1]))
+        self._mark = now
         layers = info.details.get("layers")
         mark = " (best)" if info.best else ""
         if layers and self.show_tables and info.step > 0:

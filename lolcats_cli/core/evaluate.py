@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, LolcatsError, did_you_mean
 from ..hf_compat import peek_attention_cache
-from .progress import NullReporter, Reporter
+from .progress import NullReporter, Reporter, StepInfo
 
 ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed")
 SOFTMAX_ROWS: tuple[str, ...] = ("teacher", "sink_window")
@@ -395,6 +395,64 @@ def _load(run_dir: str | Path | None, model_id: str | None, device: torch.device
     return model, None, tokenizer, DataConfig(dataset="pydoc")
 
 
+def eval_units(rows: Sequence[str], contexts: Sequence[int], mse_context: int | None, passkey_lengths: Sequence[int],
+               tasks: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """The units of work of an evaluation, in order, one progress step each: ``(row, kind, what)`` with kind
+    ``perplexity`` (a context length), ``mse`` (its context), ``passkey`` (a prompt length) or ``lm-eval``
+    (a task)."""
+    units: list[tuple[str, str, Any]] = []
+    for row in rows:
+        units += [(row, "perplexity", c) for c in contexts]
+        if mse_context is not None and row not in SOFTMAX_ROWS:
+            units.append((row, "mse", mse_context))
+        units += [(row, "passkey", n) for n in passkey_lengths]
+        units += [(row, "lm-eval", t) for t in tasks]
+    return units
+
+
+def _run_rows(hf_model: nn.Module, peft_model: Any, tokenizer: Any, device: torch.device, rows: Sequence[str],
+              batches: dict[int, Tensor], mse_context: int | None, prompts: dict[int, list[Any]], taskset: Any,
+              reporter: Reporter, **options: Any) -> dict[str, RowResult]:
+    """Every unit of :func:`eval_units`, with one progress step (tokens, tokens/s) per unit."""
+    from .passkey import passkey_accuracy
+
+    tasks = list(taskset.names) if taskset is not None else []
+    units = eval_units(rows, list(batches), mse_context, list(prompts), tasks)
+    results = {row: RowResult(row) for row in rows}
+    start, tokens = time.perf_counter(), 0
+    reporter.start("eval", len(units), 0)
+    try:
+        for done, (row, kind, what) in enumerate(units, 1):
+            result = results[row]
+            with as_row(hf_model, row, peft_model=peft_model, sink_window=options["sink_window"], sinks=options["sinks"]):
+                if kind == "perplexity":
+                    reporter.log(f"{row}: perplexity at {what} tokens")
+                    ppl, past = perplexities(hf_model, {what: batches[what]}, device)
+                    result.perplexity.update(ppl)
+                    result.perplexity_past_1024.update(past)
+                    tokens += batches[what].numel()
+                elif kind == "mse":
+                    reporter.log(f"{row}: attention MSE per layer at {what} tokens")
+                    result.attention_mse = attention_mse(hf_model, batches[what], device)
+                    tokens += batches[what].numel()
+                elif kind == "passkey":
+                    reporter.log(f"{row}: passkey retrieval, {len(prompts[what])} prompts at {what} tokens")
+                    result.passkey.update(passkey_accuracy(hf_model, {what: prompts[what]}, device))
+                    tokens += sum(len(p.prompt_ids) for p in prompts[what])
+                else:
+                    from .lm_eval_bridge import run_tasks
+
+                    reporter.log(f"{row}: lm-eval {what}")
+                    one = dataclasses.replace(taskset, names=(what,))
+                    result.lm_eval.update(run_tasks(hf_model, tokenizer, one, num_fewshot=options["num_fewshot"],
+                                                    limit=options["limit"], seed=options["seed"]))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            reporter.step(StepInfo(done, len(units), tokens, tokens / elapsed, float("nan"), 0.0))
+    finally:
+        reporter.finish()
+    return results
+
+
 def evaluate_run(
     run_dir: str | Path | None = None,
     model_id: str | None = None,
@@ -451,24 +509,9 @@ def evaluate_run(
     prompts = {n: build_prompts(tokenizer, n, passkey_n, seed) for n in passkey_lengths}
     mse_context = max(contexts) if contexts and converted_run else None
 
-    results: dict[str, RowResult] = {}
-    for row in chosen:
-        result = results[row] = RowResult(row)
-        with as_row(hf_model, row, peft_model=peft_model, sink_window=sink_window, sinks=sink_tokens):
-            if batches:
-                reporter.log(f"{row}: perplexity at {', '.join(map(str, batches))} tokens")
-                result.perplexity, result.perplexity_past_1024 = perplexities(hf_model, batches, device)
-            if mse_context is not None and row not in SOFTMAX_ROWS:
-                reporter.log(f"{row}: attention MSE per layer at {mse_context} tokens")
-                result.attention_mse = attention_mse(hf_model, batches[mse_context], device)
-            if prompts:
-                reporter.log(f"{row}: passkey retrieval, {passkey_n} prompts at {', '.join(map(str, prompts))} tokens")
-                result.passkey = passkey_accuracy(hf_model, prompts, device)
-            if taskset is not None:
-                from .lm_eval_bridge import run_tasks
-
-                reporter.log(f"{row}: lm-eval {', '.join(taskset.names)}")
-                result.lm_eval = run_tasks(hf_model, tokenizer, taskset, num_fewshot=num_fewshot, limit=limit, seed=seed)
+    results = _run_rows(hf_model, peft_model, tokenizer, device, chosen, batches, mse_context, prompts, taskset,
+                        reporter, num_fewshot=num_fewshot, limit=limit, seed=seed, sink_window=sink_window,
+                        sinks=sink_tokens)  # fmt: skip
 
     return EvalReport(
         source=str(run_dir if run_dir is not None else model_id), kind="run" if converted_run else "model",

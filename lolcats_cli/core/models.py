@@ -13,17 +13,19 @@ libraries' own 20 to 50 seconds of retries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 
 from ..errors import ConfigError, ModelError, did_you_mean
 from . import gguf_cache, hub
+from .progress import phase
 
 # name -> (python package that ships the file, file name, pip command)
 EMBEDDED: dict[str, tuple[str, str, str]] = {
@@ -196,6 +198,16 @@ def _load_gguf(src: ModelSource, dtype: torch.dtype, trust: bool, tokenizer: Any
     return model, str(folder) if folder else None
 
 
+def _first_gguf_load(gguf: Path) -> ContextManager[Any]:
+    """A :func:`~.progress.phase` for reading and dequantizing a GGUF that is not cached yet (a minute or more
+    of parsing on a CPU), else nothing."""
+    if gguf_cache.lookup(gguf) is not None:
+        return contextlib.nullcontext()
+    size = gguf.stat().st_size / 2**20
+    cached = " and caching it (later loads take seconds)" if gguf_cache.enabled() else ""
+    return phase(f"reading {gguf.name} ({size:,.0f} MB) and dequantizing it to fp32{cached}")
+
+
 def _forget_quantizer(model: Any) -> None:
     """Dequantized GGUF weights: drop the quantizer so that ``save_pretrained`` works."""
     model.hf_quantizer = None
@@ -214,12 +226,14 @@ def load_model(model_cfg: Any, device: str | torch.device | None = None) -> tupl
     device = pick_device(device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
-    tokenizer = load_tokenizer(model_cfg, src)
     trust = model_cfg.trust_remote_code
     cache = None
     if src.gguf_file and src.kind != "hub":
-        model, cache = _load_gguf(src, dtype, trust, tokenizer)
+        with _first_gguf_load(Path(src.path) / src.gguf_file):
+            tokenizer = load_tokenizer(model_cfg, src)
+            model, cache = _load_gguf(src, dtype, trust, tokenizer)
     else:
+        tokenizer = load_tokenizer(model_cfg, src)
         model = _causal_lm(src, src.path, dtype, trust, **src.pretrained_kwargs())
         if src.gguf_file:
             _forget_quantizer(model)

@@ -2,12 +2,38 @@
 
 The core never imports rich: it calls a :class:`Reporter`; the CLI passes one that draws Rich progress bars
 and tables on stderr, tests pass :class:`NullReporter` or a recording one.
+
+A long step with no steps of its own (dequantizing a GGUF the first time, the evaluation before training)
+runs inside ``with phase("what it does"):``; the CLI shows a spinner with that text (:func:`set_phase_handler`),
+a library user sees nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
+
+_phase_handler: Callable[[str], ContextManager[Any]] | None = None
+
+
+def set_phase_handler(handler: Callable[[str], ContextManager[Any]] | None) -> Callable[[str], ContextManager[Any]] | None:
+    """Show every :func:`phase` with ``handler(message)`` (a context manager); None shows nothing. Returns
+    the handler it replaces."""
+    global _phase_handler
+    before, _phase_handler = _phase_handler, handler
+    return before
+
+
+@contextlib.contextmanager
+def phase(message: str) -> Iterator[None]:
+    """Run the block as a named phase (a spinner in the CLI, nothing in the library)."""
+    if _phase_handler is None:
+        yield
+        return
+    with _phase_handler(message):
+        yield
 
 
 @dataclass

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import TrainingError
 from .checkpoint import load_json, load_tensors, save_json, save_tensors
-from .progress import EvalInfo, NullReporter, Reporter, StepInfo
+from .progress import EvalInfo, NullReporter, Reporter, StepInfo, phase
 
 log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the CLI prints these on stderr
 
@@ -373,7 +373,8 @@ class Trainer:
             self.reporter.log(f"resuming {self.title} at step {step}/{self.total_steps}")
         else:
             step, tokens, elapsed, history, best = 0, 0, 0.0, [], None
-            best = self._evaluate(0, best, history)
+            with phase(f"step 0: evaluating {self.title} on the held-out sequences before training"):
+                best = self._evaluate(0, best, history)
             self._save(self._state(step, tokens, elapsed, best, history))
 
         self._step = step
