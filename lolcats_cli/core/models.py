@@ -187,6 +187,7 @@ def _load_gguf(src: ModelSource, dtype: torch.dtype, trust: bool, tokenizer: Any
     cached = gguf_cache.lookup(gguf)
     if cached is not None:
         return _causal_lm(src, str(cached), dtype, trust), str(cached)
+    gguf_cache.limits()  # a malformed LOLCATS_GGUF_CACHE_* fails now, not after the dequantize
     model = _causal_lm(src, src.path, torch.float32, trust, **src.pretrained_kwargs())
     _forget_quantizer(model)
     folder = gguf_cache.store(gguf, model, tokenizer)
