@@ -15,6 +15,9 @@ Variants (``--variants``, comma-separated, in this order):
   paper        the paper's method: no sinks, linear branch weight 1
   sinks        4 sinks, linear weight 1
   sinks_gate   4 sinks and the gated linear branch (starts closed): the shipped default
+  sinks_gate_decay      the shipped default plus the learnable decay of the linear branch (64 to 4096 tokens)
+  sinks_gate_decay_2k   the same on 2048-token sequences (batch 4: the same tokens per step and in all)
+  sinks_gate_decay_2k_passkey  the same with 5% synthetic passkey sequences in both stages
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
 """
@@ -33,6 +36,12 @@ VARIANTS: dict[str, list[str]] = {
     "paper": ["attention.window_params.sinks=0", "attention.linear_gate=false"],
     "sinks": ["attention.window_params.sinks=4", "attention.linear_gate=false"],
     "sinks_gate": ["attention.window_params.sinks=4", "attention.linear_gate=true"],
+    "sinks_gate_decay": ["attention.window_params.sinks=4", "attention.linear_gate=true", "attention.decay=true"],
+    "sinks_gate_decay_2k": ["attention.window_params.sinks=4", "attention.linear_gate=true", "attention.decay=true",
+                            "data.seq_len=2048", "transfer.batch_size=4", "finetune.batch_size=4"],
+    "sinks_gate_decay_2k_passkey": ["attention.window_params.sinks=4", "attention.linear_gate=true",
+                                    "attention.decay=true", "data.seq_len=2048", "transfer.batch_size=4",
+                                    "finetune.batch_size=4", "data.passkey_fraction=0.05"],
     "window_lora": ["attention.window_params.sinks=4", "attention.linear_gate=true", "transfer.max_steps=1",
                     "transfer.lr=1e-9", "transfer.max_tokens=null"],
 }

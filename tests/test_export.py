@@ -35,8 +35,8 @@ def _recipe(model_dir: Path) -> Recipe:
         f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=96", "data.holdout=4",
         "data.num_eval_sequences=1", "data.max_samples=12", "transfer.batch_size=1", "transfer.grad_accum=1",
         "transfer.max_steps=2", "transfer.eval_every=2", "transfer.lr=0.01", "attention.window_params.size=8",
-        "attention.window_params.sinks=2",
-    ]  # a window of 8 keys and 2 sinks: most of every 96-token sequence goes through the linear branch
+        "attention.window_params.sinks=2", "attention.decay=true",
+    ]  # a window of 8 keys and 2 sinks: most of every 96-token sequence goes through the (decayed) linear branch
     return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
 
 

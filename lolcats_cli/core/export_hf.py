@@ -269,7 +269,9 @@ def _decoder_layers(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module
 
 class {model_class}({base_class}):
     config_class = {config_class}
-    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logits", "linear_logits"]  # fp32
+    _keep_in_fp32_modules_strict = [  # fp32, as trained
+        "feature_map_q", "feature_map_k", "window_logits", "linear_logits", "log_horizon"
+    ]
 
     def __init__(self, config: {config_class}) -> None:
         super().__init__(config)
@@ -291,6 +293,7 @@ class {model_class}({base_class}):
                 plugins={{"feature_map": fm["name"], "feature_map_params": fm["params"],
                           "window": win["name"], "window_params": win["params"]}},
                 linear_gate=bool(settings.get("linear_gate", False)),
+                decay=bool(settings.get("decay", False)),
             )
             setattr(layers[i], settings["attention_attr"], module)
 
@@ -408,6 +411,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         "window": {"name": info["window"], "params": info["window_params"]},
         "layers": info["layers"],
         "linear_gate": info["linear_gate"],
+        "decay": info["decay"],
         "teacher_sliding_windows": [m.sliding_window for _, m in converted],
         "decoder_layers": list(spec.layers),
         "attention_attr": spec.attention,
@@ -426,8 +430,9 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         module.feature_map_q.float()
         module.feature_map_k.float()
         module.window_logits.data = module.window_logits.data.float()
-        if module.linear_logits is not None:
-            module.linear_logits.data = module.linear_logits.data.float()
+        for extra in (module.linear_logits, module.log_horizon):
+            if extra is not None:
+                extra.data = extra.data.float()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -49,6 +49,10 @@ class HybridAttentionModule(Protocol):
 
     def phi_q(self, x: Tensor) -> Tensor: ...  # query features, linear gate included
 
+    def kernel_args(self) -> tuple[Any, ...]: ...  # (phi_q, phi_k, window_logits, window)
+
+    def log_decay(self) -> Tensor | None: ...  # (H,) per-position log decay of the linear branch, or None
+
 
 # ----------------------------------------------------------------------------------------- pads from masks
 
@@ -126,11 +130,11 @@ class HybridLayer(CacheLayerMixin):
         if t == 0:
             return q.new_zeros(B, H, 0, v.shape[-1])
         pads = self._pads_after(mask, B, t, L, q.device)
-        kernel, args = attn.kernel, (q, k, v, attn.phi_q, attn.feature_map_k, attn.window_logits, attn.window)
+        kernel, args, log_decay = attn.kernel, (q, k, v, *attn.kernel_args()), attn.log_decay()
         if self.state is None:
-            y, state = kernel.prefill(*args, scale=attn.scaling, pads=pads)
+            y, state = kernel.prefill(*args, scale=attn.scaling, pads=pads, log_decay=log_decay)
         else:
-            y, state = kernel.step(*args, self.state, scale=attn.scaling, pads=pads)
+            y, state = kernel.step(*args, self.state, scale=attn.scaling, pads=pads, log_decay=log_decay)
         self.state, self.pads, self.is_initialized = state, pads, True
         return y
 

@@ -258,6 +258,8 @@ KEY_NOTES: dict[str, str] = {
     "attention.kernel": "the attention kernel (chunked, naive, ...); null = the best available for the device",
     "attention.linear_gate": "a learnable per-head weight on the linear branch, starting near 0: the untrained model\n"
                              "is the softmax window with its sinks; false = the paper's method (linear weight 1)",
+    "attention.decay": "a learnable per-head decay of the linear branch (heads start at horizons of 64 to 4096\n"
+                       "tokens); false = no decay (the paper's method)",
     "data.dataset": "pydoc (CPython's help pages, offline), a hub dataset id (yahma/alpaca-cleaned) or a local\n"
                     ".json / .jsonl / .parquet / .txt file",
     "data.split": "the hub dataset split to read (ignored for local files and pydoc)",
@@ -286,6 +288,7 @@ KEY_NOTES: dict[str, str] = {
     "transfer.attn_ce_weight": "factor on the attention-weight cross-entropy (0 at 8B / 70B, 1 at 405B)",
     "transfer.attn_ce_queries": "queries per sequence sampled for that cross-entropy",
     "transfer.block_size": "null = train all layers jointly; k = block-wise transfer in blocks of k layers",
+    "transfer.block_cache_dtype": "how block-wise transfer stores each block's inputs: bfloat16 (2 bytes a value) or float32",
     "finetune.train_attention": "also train the feature maps and window factors in stage 2",
     "finetune.mask_prompt": "no loss on the prompt tokens of instruction data",
     "finetune.lora.rank": "rank of each adapter",

@@ -34,7 +34,7 @@ from ..api import FeatureMap, Window, window_masks
 from ..errors import ConfigError, ModelError, did_you_mean
 from ..hf_compat import attention_cache, check_cache
 from ..kernels.base import Kernel
-from ..kernels.blocks import DEN_EPS, expand_kv, hybrid_weights
+from ..kernels.blocks import DEN_EPS, decay_matrix, expand_kv, hybrid_weights
 from ..kernels.registry import get_kernel, select_kernel
 from .generation import hybrid_cache_layer, leading_pads, real_tokens
 
@@ -45,6 +45,19 @@ WINDOW_FACTOR_INIT = 0.1  # g_h = sigmoid(w_h) starts at 0.1: w_h = logit(0.1) =
 # lets Adam (steps of about lr in u) move it by LINEAR_GATE_SCALE * lr in the exponent per step.
 LINEAR_GATE_SCALE = 10.0
 LINEAR_GATE_INIT = -1.6
+# The optional decay of the linear branch: the term of key j at query n weighs d_h^(n - j) with
+# d_h = exp(-1 / tau_h). The parameter is log tau_h (Adam moves it by about lr per step: a few percent of the
+# horizon at stage 1's lr, where a sigmoid parameterisation near 1 hardly moves); the heads start spread
+# log-uniformly over horizons DECAY_HORIZONS tokens, as in RetNet / GLA.
+DECAY_HORIZONS = (64.0, 4096.0)
+
+
+def initial_log_horizons(num_heads: int, horizons: tuple[float, float] = DECAY_HORIZONS) -> Tensor:
+    """log tau ``(H,)`` fp32, spread evenly in log space from ``horizons[0]`` to ``horizons[1]`` tokens."""
+    lo, hi = math.log(horizons[0]), math.log(horizons[1])
+    if num_heads == 1:
+        return torch.tensor([(lo + hi) / 2])
+    return torch.linspace(lo, hi, num_heads)
 
 
 def check_mode(mode: str) -> str:
@@ -158,6 +171,7 @@ class LinearizedAttention(nn.Module):
         mode: str = "student",
         plugins: dict[str, Any] | None = None,
         linear_gate: bool = False,
+        decay: bool = False,
     ) -> None:
         super().__init__()
         config = original.config
@@ -196,6 +210,11 @@ class LinearizedAttention(nn.Module):
             self.linear_logits = nn.Parameter(
                 torch.full((self.num_heads,), LINEAR_GATE_INIT, dtype=torch.float32, device=device)
             )
+        # Optional per-head decay of the linear branch (None: no decay, the paper's method).
+        self.decay = bool(decay)
+        self.log_horizon: nn.Parameter | None = None
+        if self.decay:
+            self.log_horizon = nn.Parameter(initial_log_horizons(self.num_heads).to(device))
 
         self.mode = check_mode(mode)
         self._kernel: Kernel | None = None  # None: the registry's choice for the device (see `kernel`)
@@ -205,7 +224,7 @@ class LinearizedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}, "
-                f"linear_gate={self.linear_gate}")
+                f"linear_gate={self.linear_gate}, decay={self.decay}")
 
     @property
     def kernel(self) -> Kernel:
@@ -226,6 +245,17 @@ class LinearizedAttention(nn.Module):
         if self.linear_logits is None:
             return None
         return F.softplus(LINEAR_GATE_SCALE * self.linear_logits.float())
+
+    def log_decay(self) -> Tensor | None:
+        """log d_h = -1 / tau_h ``(H,)`` fp32, the per-position log decay of the linear branch; None without."""
+        if self.log_horizon is None:
+            return None
+        return -torch.exp(-self.log_horizon.float())
+
+    def kernel_args(self) -> tuple[Any, ...]:
+        """The learned arguments every form of the op takes after q, k, v: ``(phi_q, phi_k, window_logits,
+        window)``; pass ``log_decay=self.log_decay()`` beside them."""
+        return (self.phi_q, self.feature_map_k, self.window_logits, self.window)
 
     def phi_q(self, x: Tensor) -> Tensor:
         """The query features the kernels use: ``feature_map_q(x)`` ``(B, H, T, F)`` times the linear gate.
@@ -306,8 +336,9 @@ class LinearizedAttention(nn.Module):
         if real is not None:
             pads = leading_pads(real)
             if bool(pads.any()):
-                args = (self.phi_q, self.feature_map_k, self.window_logits, self.window)
-                return self.kernel.attention(q, k, v, *args, scale=self.scaling, pads=pads)
+                return self.kernel.attention(
+                    q, k, v, *self.kernel_args(), scale=self.scaling, pads=pads, log_decay=self.log_decay()
+                )
         return self._hybrid(q, k, v)
 
     def _hybrid(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -320,9 +351,7 @@ class LinearizedAttention(nn.Module):
         offset = k.shape[2] - q.shape[2]
         if offset > 0:
             q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
-        y = self.kernel.attention(
-            q, k, v, self.phi_q, self.feature_map_k, self.window_logits, self.window, scale=self.scaling
-        )
+        y = self.kernel.attention(q, k, v, *self.kernel_args(), scale=self.scaling, log_decay=self.log_decay())
         return y[:, :, offset:]
 
     def _transfer(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
@@ -357,6 +386,9 @@ class LinearizedAttention(nn.Module):
         in_window, in_linear = window_masks(self.window, pos, torch.arange(Tkv, device=q.device))
         fq, fk = self.phi_q(q_rows).float(), self.feature_map_k(k).float()
         linear = torch.einsum("bhnf,bhmf->bhnm", fq, fk)
+        decay = decay_matrix(self.log_decay(), pos[:, 0], torch.arange(Tkv, device=q.device)[None].expand(B, -1))
+        if decay is not None:
+            linear = linear * decay
         a = hybrid_weights(s, linear, in_window, in_linear, self.window_logits)  # the kernels' weights
         p_student = a / a.sum(dim=-1, keepdim=True).clamp_min(DEN_EPS)
         return -(p_teacher * p_student.clamp_min(1e-12).log()).sum(dim=-1).mean()
@@ -370,7 +402,9 @@ class LinearizedAttention(nn.Module):
         out["window_logits"] = self.window_logits
         if self.linear_logits is not None:
             out["linear_logits"] = self.linear_logits
+        if self.log_horizon is not None:
+            out["log_horizon"] = self.log_horizon
         return out
 
 
-__all__ = ["LinearizedAttention", "MODES", "check_mode", "softmax_attention", "sdpa_mask", "causal_window_mask"]
+__all__ = ["DECAY_HORIZONS", "LinearizedAttention", "MODES", "initial_log_horizons", "check_mode", "softmax_attention", "sdpa_mask", "causal_window_mask"]

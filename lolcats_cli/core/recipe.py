@@ -63,6 +63,8 @@ class AttentionConfig:
         linear_gate: a learnable per-head weight on the linear branch, starting near 0, so the untrained
             model is the softmax window with its sinks and training opens the linear branch only where it
             lowers the loss (false: the paper's method, linear weight 1).
+        decay: a learnable per-head decay of the linear branch (key j weighs d_h^(n - j) at query n), the
+            heads starting spread over horizons of 64 to 4096 tokens (false: no decay, the paper's method).
         kernel: the attention kernel every converted layer runs ("chunked", "naive", or one registered in
             lolcats_cli/kernels/registry.py); None = the best available for the device (LOLCATS_KERNEL
             overrides that automatic choice).
@@ -77,6 +79,7 @@ class AttentionConfig:
     window_params: dict[str, Any] = option({"size": 64})
     layers: Literal["all"] | list[int] = option("all", min_len=1, items={"ge": 0})
     linear_gate: bool = False
+    decay: bool = False
     kernel: str | None = None
 
 
@@ -161,13 +164,17 @@ class TransferConfig(TrainConfig):
         mse_weight: the factor on the mean over layers of the per-head output MSE (paper: 1000).
         attn_ce_weight: the factor on the attention-weight cross-entropy (0 at 8B / 70B, 1 at 405B).
         attn_ce_queries: queries per sequence sampled for that cross-entropy (keeps it O(N)).
-        block_size: None = train all layers jointly; k = block-wise transfer in blocks of k layers.
+        block_size: None = train all layers jointly; k = block-wise transfer in blocks of k layers, each
+            trained on its own from its stored residual-stream inputs (spread over torchrun ranks).
+        block_cache_dtype: how block-wise transfer stores the blocks' inputs on disk ("bfloat16": 2 bytes
+            x tokens x hidden size per block; "float32": twice that, exact).
     """
 
     mse_weight: float = option(1000.0, ge=0)
     attn_ce_weight: float = option(0.0, ge=0)
     attn_ce_queries: int = option(64, ge=1)
     block_size: int | None = option(None, ge=1)
+    block_cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
 @dataclasses.dataclass

@@ -31,15 +31,16 @@ def hybrid_attention(
     scale: float | None = None,
     *,
     pads: Tensor | None = None,
+    log_decay: Tensor | None = None,
 ) -> Tensor:
     """Hybrid attention over whole sequences through the kernel :func:`~.registry.select_kernel` picks for
     q's device (``LOLCATS_KERNEL``, else the automatic choice).
 
     q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``; pads ``(B,)`` leading pad tokens or None;
-    returns ``(B, H, T, Dv)`` in q's dtype.
+    log_decay ``(H,)`` or None; returns ``(B, H, T, Dv)`` in q's dtype.
     """
     kernel = select_kernel(None, q.device)
-    return kernel.attention(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads)
+    return kernel.attention(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ Every form takes the same arguments, in this order::
     window_logits (H,), window                            the window factor's logits and the Window
     [state]                                               step only: the HybridState before these tokens
     *, scale=None (D ** -0.5), pads=None                  pads (B,): leading pad tokens of each row
+    log_decay=None                                        (H,) <= 0: the linear term of key j at query n
+                                                          is multiplied by exp(log_decay[h] * (n - j))
 
 and returns ``(B, H, T, Dv)`` in q's dtype (prefill and step: with the :class:`~.recurrent.HybridState` after).
 A left-padded row (``pads``) gives exactly the output of its real tokens alone.
@@ -44,40 +46,43 @@ class Kernel:
 
     def sequence(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
-        window: Window, scale: float | None = None,
+        window: Window, scale: float | None = None, *, log_decay: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Hybrid attention over whole unpadded sequences that start at position 0: ``(B, H, T, Dv)``."""
         raise NotImplementedError(f"kernel {self.name!r} does not implement sequence()")
 
     def attention(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
-        window: Window, *, scale: float | None = None, pads: Tensor | None = None,
+        window: Window, *, scale: float | None = None, pads: Tensor | None = None, log_decay: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Hybrid attention over whole sequences (training, evaluation, a forward without cache).
 
         Returns ``(B, H, T, Dv)``; rows with ``pads`` ``(B,)`` go through :func:`~.padded.padded_attention`
         (pad rows of the output are 0)."""
         if pads is None:
-            return self.sequence(q, k, v, phi_q, phi_k, window_logits, window, scale)
-        return padded_attention(self.sequence, q, k, v, phi_q, phi_k, window_logits, window, pads, scale)
+            return self.sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay=log_decay)
+        return padded_attention(
+            self.sequence, q, k, v, phi_q, phi_k, window_logits, window, pads, scale, log_decay=log_decay
+        )
 
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
-        window: Window, *, scale: float | None = None, pads: Tensor | None = None,
+        window: Window, *, scale: float | None = None, pads: Tensor | None = None, log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
         """:meth:`attention` over prompts plus the decode state after them: ``(B, H, T, Dv)`` and the state."""
-        y = self.attention(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads)
+        y = self.attention(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay)
         rows = pads if pads is not None else torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return y, padded_prefill_state(k, v, phi_k, window, rows, q.shape[1])
+        return y, padded_prefill_state(k, v, phi_k, window, rows, q.shape[1], log_decay=log_decay)
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
         window: Window, state: HybridState, *, scale: float | None = None, pads: Tensor | None = None,
+        log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
         """Attend t >= 1 new tokens after ``state`` and advance it: ``(B, H, t, Dv)`` and the new state."""
         if pads is None:
-            return hybrid_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale)
-        return padded_step(q, k, v, phi_q, phi_k, window_logits, window, state, pads, scale)
+            return hybrid_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay)
+        return padded_step(q, k, v, phi_q, phi_k, window_logits, window, state, pads, scale, log_decay=log_decay)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

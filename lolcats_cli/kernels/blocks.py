@@ -6,6 +6,10 @@
 * :func:`attend_chunks`: hybrid attention of query chunks over their local keys plus a prefix linear state,
   with :func:`chunk_masks`, :func:`with_sinks` and :func:`kv_state` (the chunked form runs it on many chunks,
   the recurrent step on one chunk made of the window buffer and the new tokens);
+* the optional per-head decay of the linear branch (:func:`decay_matrix`, :func:`decay_scales`,
+  :func:`decay_weights`): the linear term of key j at query n is multiplied by ``exp(log_decay[h] * (n - j))``;
+  a prefix state is kept *decayed to a position* (its chunk start, or the state's length), so every factor
+  is ``exp`` of a non-positive number;
 * grouped-query helpers (:func:`expand_kv`, :func:`grouped`) and the input checks.
 
 Keys and values stay at KV-head count: each KV head serves its group of query heads through grouped einsums.
@@ -26,9 +30,9 @@ FeatureFn = Callable[[Tensor], Tensor]  # (B, H, T, D) -> (B, H, T, F)
 DEN_EPS = 1e-12
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, window_logits: Tensor) -> None:
-    """Raise ``ValueError`` unless q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)`` and
-    window_logits ``(H,)`` fit together, with H a multiple of Hkv."""
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, window_logits: Tensor, log_decay: Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless q ``(B, H, T, D)``, k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``,
+    window_logits ``(H,)`` and log_decay (None or ``(H,)``) fit together, with H a multiple of Hkv."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, heads, T, dim); got shape {tuple(x.shape)}")
@@ -42,6 +46,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, window_logits: Tensor) -> None
         raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
     if tuple(window_logits.shape) != (H,):
         raise ValueError(f"window_logits must have shape (H,) = ({H},); got {tuple(window_logits.shape)}")
+    if log_decay is not None and tuple(log_decay.shape) != (H,):
+        raise ValueError(f"log_decay must be None or have shape (H,) = ({H},); got {tuple(log_decay.shape)}")
 
 
 def expand_kv(x: Tensor, num_heads: int) -> Tensor:
@@ -68,6 +74,47 @@ def hybrid_weights(s: Tensor, linear: Tensor, in_window: Tensor, in_linear: Tens
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # no window key: no shift
     g = torch.sigmoid(window_logits.float()).view(1, -1, *([1] * (s.dim() - 2)))
     return g * torch.exp(s - c) + linear * in_linear
+
+
+def _per_head(log_decay: Tensor, dims_after: int) -> Tensor:
+    """log_decay ``(H,)`` as fp32 ``(1, H, 1, ..., 1)`` with ``dims_after`` trailing singleton dims."""
+    return log_decay.float().view(1, -1, *([1] * dims_after))
+
+
+def decay_matrix(log_decay: Tensor | None, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+    """``exp(log_decay[h] * (q - k))`` for query positions q_pos ``(Bq, ..., C)`` and key positions k_pos
+    ``(Bq, ..., K)`` (Bq is 1 or the batch): ``(Bq, H, ..., C, K)`` fp32, the factor of each linear term.
+    Differences below 0 (non-causal keys, never in the linear branch) count as 0, so every factor is in
+    (0, 1]. None when log_decay is None."""
+    if log_decay is None:
+        return None
+    diff = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).clamp_min(0).float().unsqueeze(1)  # (Bq, 1, ..., C, K)
+    return torch.exp(_per_head(log_decay, diff.dim() - 2) * diff)
+
+
+def decay_scales(log_decay: Tensor | None, q_pos: Tensor, start: Tensor) -> Tensor | None:
+    """``exp(log_decay[h] * (q - start))``: the factor on a prefix state decayed to position start
+    ``(Bq, ...)`` for queries q_pos ``(Bq, ..., C)``: ``(Bq, H, ..., C)`` fp32, or None without decay."""
+    if log_decay is None:
+        return None
+    diff = (q_pos - start.unsqueeze(-1)).clamp_min(0).float().unsqueeze(1)  # (Bq, 1, ..., C)
+    return torch.exp(_per_head(log_decay, diff.dim() - 2) * diff)
+
+
+def decay_weights(log_decay: Tensor | None, steps: Tensor) -> Tensor | None:
+    """``exp(log_decay[h] * steps)`` for ``steps`` ``(Bq, ..., T)`` >= 0 (how far each key is decayed into a
+    state): ``(Bq, H, ..., T, 1)`` fp32, ready to multiply features ``(B, H, ..., T, F)``; None without decay."""
+    if log_decay is None:
+        return None
+    diff = steps.clamp_min(0).float().unsqueeze(1)  # (Bq, 1, ..., T)
+    return torch.exp(_per_head(log_decay, diff.dim() - 2) * diff).unsqueeze(-1)
+
+
+def decay_state(x: Tensor, log_decay: Tensor | None, steps: int) -> Tensor:
+    """A state ``(B, H, ...)`` (S or z) moved ``steps`` positions on: times ``exp(log_decay[h] * steps)``."""
+    if log_decay is None or steps == 0:
+        return x
+    return x * torch.exp(_per_head(log_decay, x.dim() - 2) * steps)
 
 
 def kv_state(fk: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,21 +150,28 @@ def attend_chunks(
     in_linear: Tensor,
     window_logits: Tensor,
     scale: float,
+    lin_decay: Tensor | None = None,
+    prefix_decay: Tensor | None = None,
 ) -> Tensor:
     """Hybrid attention of N query chunks over their local keys plus their prefix states, all fp32.
 
     q ``(B, H, N, C, D)``, fq ``(B, H, N, C, F)``; local k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``,
     fk ``(B, H, N, K, F)``; prefix S ``(B, H, N, F, Dv)``, z ``(B, H, N, F)``; masks ``(N, C, K)`` (or with
-    leading batch dims that broadcast); window_logits ``(H,)``. Returns ``(B, H, N, C, Dv)``.
+    leading batch dims that broadcast); window_logits ``(H,)``. With a decay: lin_decay ``(Bq, H, N, C, K)``
+    multiplies the local linear terms (:func:`decay_matrix`) and prefix_decay ``(Bq, H, N, C)`` the prefix
+    state's terms (:func:`decay_scales`, the state being decayed to the chunk's start). Returns ``(B, H, N, C, Dv)``.
     """
     Hkv = k.shape[1]
     s = torch.einsum("bhgncd,bhnkd->bhgnck", grouped(q, Hkv), k).flatten(1, 2) * scale
     linear = torch.einsum("bhncf,bhnkf->bhnck", fq, fk)
+    if lin_decay is not None:
+        linear = linear * lin_decay
     a = hybrid_weights(s, linear, in_window, in_linear, window_logits)  # (B, H, N, C, K)
 
+    fq_prefix = fq if prefix_decay is None else fq * prefix_decay.unsqueeze(-1)
     num = torch.einsum("bhgnck,bhnkd->bhgncd", grouped(a, Hkv), v).flatten(1, 2)
-    num = num + torch.einsum("bhncf,bhnfd->bhncd", fq, S)
-    den = a.sum(dim=-1) + torch.einsum("bhncf,bhnf->bhnc", fq, z)
+    num = num + torch.einsum("bhncf,bhnfd->bhncd", fq_prefix, S)
+    den = a.sum(dim=-1) + torch.einsum("bhncf,bhnf->bhnc", fq_prefix, z)
     return num / den.clamp_min(DEN_EPS).unsqueeze(-1)
 
 
@@ -165,6 +219,10 @@ __all__ = [
     "attend_chunks",
     "check_inputs",
     "chunk_masks",
+    "decay_matrix",
+    "decay_scales",
+    "decay_state",
+    "decay_weights",
     "expand_kv",
     "grouped",
     "hybrid_weights",

@@ -16,10 +16,22 @@ import torch
 from torch import Tensor
 
 from ..api import Window, window_masks
-from .blocks import FeatureFn, attend_chunks, expand_kv, kv_state, not_sinks, with_sinks
+from .blocks import (
+    FeatureFn,
+    attend_chunks,
+    decay_matrix,
+    decay_scales,
+    decay_state,
+    decay_weights,
+    expand_kv,
+    kv_state,
+    not_sinks,
+    with_sinks,
+)
 from .recurrent import HybridState, last_positions
 
-SequenceFn = Callable[..., Tensor]  # Kernel.sequence: (q, k, v, phi_q, phi_k, window_logits, window, scale)
+# Kernel.sequence: (q, k, v, phi_q, phi_k, window_logits, window, scale, *, log_decay)
+SequenceFn = Callable[..., Tensor]
 
 
 def _shift_rows(x: Tensor, shift: Tensor) -> Tensor:
@@ -41,7 +53,7 @@ def folded_before_rows(window: Window, lengths: Tensor) -> Tensor:
 
 def padded_attention(
     sequence: SequenceFn, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn,
-    window_logits: Tensor, window: Window, pads: Tensor, scale: float | None = None,
+    window_logits: Tensor, window: Window, pads: Tensor, scale: float | None = None, log_decay: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Hybrid attention over whole left-padded sequences through ``sequence`` (a kernel's unpadded form).
 
@@ -53,20 +65,23 @@ def padded_attention(
     real = torch.arange(T, device=q.device)[None] >= pads[:, None]  # (B, T)
     q, k, v = _keep(q, real), _keep(k, real), _keep(v, real)
     y = sequence(
-        _shift_rows(q, pads), _shift_rows(k, pads), _shift_rows(v, pads), phi_q, phi_k, window_logits, window, scale
-    )
+        _shift_rows(q, pads), _shift_rows(k, pads), _shift_rows(v, pads), phi_q, phi_k, window_logits, window, scale,
+        log_decay=log_decay,
+    )  # fmt: skip
     return _keep(_shift_rows(y, (T - pads) % T), real)
 
 
 def padded_prefill_state(
-    k: Tensor, v: Tensor, phi_k: FeatureFn, window: Window, pads: Tensor, num_heads: int, fk: Tensor | None = None
-) -> HybridState:
+    k: Tensor, v: Tensor, phi_k: FeatureFn, window: Window, pads: Tensor, num_heads: int, fk: Tensor | None = None,
+    log_decay: Tensor | None = None,
+) -> HybridState:  # fmt: skip
     """The decode state after left-padded prompts: k ``(B, Hkv, T, D)``, v ``(B, Hkv, T, Dv)``, pads ``(B,)``.
 
     Row b has ``n_b = T - pads[b]`` real tokens; S and z hold its real non-sink keys before ``f(n_b)``; the
     buffers hold the last ``span`` positions of the padded layout (pads in them are masked out by
     :func:`padded_step`); the sink buffers hold each row's first ``sinks`` real tokens. ``fk`` ``(B, H, T, F)``:
     phi_k of the keys expanded to the query heads, when the caller has it already (pad positions are ignored).
+    With ``log_decay`` S and z are decayed to the row's length: key at padded position t weighs ``d^(T - t)``.
     """
     T = k.shape[2]
     rel = torch.arange(T, device=k.device)[None] - pads[:, None]  # (B, T) position within the row
@@ -76,6 +91,8 @@ def padded_prefill_state(
     if fk is None:
         fk = phi_k(expand_kv(k, num_heads))
     fk = _keep(not_sinks(fk.float(), rel, window.sinks), fold)
+    if log_decay is not None:
+        fk = fk * decay_weights(log_decay, (T - torch.arange(T, device=k.device))[None])
     S, z = kv_state(fk, v.float())
     span = window.span
     k_sink, v_sink = _row_sinks(k, pads, window.sinks), _row_sinks(v, pads, window.sinks)
@@ -88,14 +105,16 @@ def _row_sinks(x: Tensor, pads: Tensor, sinks: int) -> Tensor | None:
     if not sinks:
         return None
     T = x.shape[2]
+    if T == 0:  # an empty prompt: no sink seen yet
+        return x.new_zeros(x.shape[0], x.shape[1], sinks, x.shape[3])
     idx = pads[:, None] + torch.arange(sinks, device=x.device)[None]  # (B, sinks) padded positions
-    got = x.gather(2, idx.clamp_max(max(T - 1, 0))[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-    return _keep(got, idx < T) if T else x.new_zeros(x.shape[0], x.shape[1], sinks, x.shape[3])
+    got = x.gather(2, idx.clamp_max(T - 1)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+    return _keep(got, idx < T)
 
 
 def padded_step(
     q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor, window: Window,
-    state: HybridState, pads: Tensor, scale: float | None = None,
+    state: HybridState, pads: Tensor, scale: float | None = None, log_decay: Tensor | None = None,
 ) -> tuple[Tensor, HybridState]:  # fmt: skip
     """:func:`~.recurrent.hybrid_step` for rows that started with ``pads`` ``(B,)`` pad tokens.
 
@@ -120,6 +139,10 @@ def padded_step(
 
     fk = not_sinks(phi_k(expand_kv(k_all, H)).float(), rel_k, window.sinks)  # (B, H, P + t, F)
     k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
+    # decay depends on position differences only: the padded positions give the rows' own
+    pos = torch.arange(L - P, L + t, device=q.device)
+    lin_decay = decay_matrix(log_decay, pos[None, None, P:], pos[None, None])  # (1, H, 1, t, P + t)
+    prefix_decay = decay_scales(log_decay, pos[None, None, P:], torch.full((1, 1), L, device=q.device))
     k_sink, v_sink = state.k_sink, state.v_sink
     if k_sink is not None and v_sink is not None:
         # a row's sink j comes from the sink buffer once it is older than the row's fresh keys (from lo)
@@ -128,18 +151,23 @@ def padded_step(
         k_loc, v_loc, fk_loc, masks[0], masks[1] = with_sinks(
             k_loc, v_loc, fk_loc, masks[0], masks[1], k_sink.float(), v_sink.float(), sink_window
         )
+        if lin_decay is not None:  # sinks are never linear keys: any factor will do
+            lin_decay = torch.cat([lin_decay.new_ones(*lin_decay.shape[:-1], window.sinks), lin_decay], dim=-1)
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
         state.S.unsqueeze(2), state.z.unsqueeze(2), masks[0], masks[1], window_logits, scale,
+        lin_decay, prefix_decay,
     ).squeeze(2)  # fmt: skip
 
     leaving = real_k & (rel_k >= lo[:, None]) & (rel_k < hi[:, None])  # (B, P + t): keys that leave the window
-    dS, dz = kv_state(_keep(fk, leaving), v_all.float())
+    fk_in = _keep(fk, leaving)
+    if log_decay is not None:  # keys enter decayed to the new length
+        fk_in = fk_in * decay_weights(log_decay, (L + t - pos)[None])
+    dS, dz = kv_state(fk_in, v_all.float())
     if k_sink is not None and v_sink is not None:  # rows still in their first tokens: fill their sinks
         k_sink, v_sink = _fill_sinks(k_sink, k, rel_q), _fill_sinks(v_sink, v, rel_q)
-    new = HybridState(
-        k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t, k_sink, v_sink
-    )
+    S, z = decay_state(state.S, log_decay, t) + dS, decay_state(state.z, log_decay, t) + dz
+    new = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink)
     return y.to(q.dtype), new
 
 

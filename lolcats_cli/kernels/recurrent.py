@@ -5,6 +5,8 @@ last ``span`` positions, kept per KV head, and the linear-attention state ``S = 
 ``z = sum phi_k(k)`` over every key that has left the window (at query-head count, fp32).
 
 Sink keys (the first ``window.sinks`` positions) are kept raw in a buffer of their own and never enter S and z.
+With a decay (``log_decay``), S and z are kept decayed to the state's length: key j enters with weight
+``d^(L - j)`` and the state is multiplied by ``d^t`` when t tokens are consumed.
 
 Invariant at length L: S and z hold exactly the non-sink keys before ``f(L) = clamp(window.start(L), 0, L)``; the
 buffer holds positions ``[L - span, L)`` (zeros before position 0), which covers ``[f(L), L)`` since a window
@@ -23,7 +25,20 @@ import torch
 from torch import Tensor
 
 from ..api import Window
-from .blocks import FeatureFn, attend_chunks, check_inputs, chunk_masks, expand_kv, kv_state, not_sinks, with_sinks
+from .blocks import (
+    FeatureFn,
+    attend_chunks,
+    check_inputs,
+    chunk_masks,
+    decay_matrix,
+    decay_scales,
+    decay_state,
+    decay_weights,
+    expand_kv,
+    kv_state,
+    not_sinks,
+    with_sinks,
+)
 
 
 @dataclasses.dataclass
@@ -131,13 +146,15 @@ def hybrid_step(
     window: Window,
     state: HybridState,
     scale: float | None = None,
+    *,
+    log_decay: Tensor | None = None,
 ) -> tuple[Tensor, HybridState]:
     """Attend t >= 1 new tokens at positions ``state.length .. state.length + t - 1`` and advance the state.
 
-    q ``(B, H, t, D)``, k ``(B, Hkv, t, D)``, v ``(B, Hkv, t, Dv)``, after RoPE. Returns ``(B, H, t, Dv)``
-    in q's dtype and the new state (``state`` itself is not modified).
+    q ``(B, H, t, D)``, k ``(B, Hkv, t, D)``, v ``(B, Hkv, t, Dv)``, after RoPE; log_decay None or ``(H,)``.
+    Returns ``(B, H, t, Dv)`` in q's dtype and the new state (``state`` itself is not modified).
     """
-    check_inputs(q, k, v, window_logits)
+    check_inputs(q, k, v, window_logits, log_decay)
     _check_state(q, k, v, state, window)
     H, t, D = q.shape[1], q.shape[2], q.shape[3]
     P, L = window.span, state.length
@@ -158,27 +175,34 @@ def hybrid_step(
         fk[:, :, leaving] = not_sinks(fk_leaving, k_pos[leaving], window.sinks)
     in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
     k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
+    lin_decay = decay_matrix(log_decay, q_pos[None, None], k_pos[None, None])  # (1, H, 1, t, P + t)
+    prefix_decay = decay_scales(log_decay, q_pos[None, None], torch.full((1, 1), L, device=q.device))
     if state.k_sink is not None and state.v_sink is not None:
         # sink j comes from the sink buffer once it is older than the fresh local keys [lo, L + t)
         sink_window = (torch.arange(window.sinks, device=q.device) < lo)[None, None, :].expand(1, t, -1)
         k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
             k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
         )
+        if lin_decay is not None:  # sinks are never linear keys: any factor will do
+            lin_decay = torch.cat([lin_decay.new_ones(*lin_decay.shape[:-1], window.sinks), lin_decay], dim=-1)
 
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
         state.S.unsqueeze(2), state.z.unsqueeze(2), in_window, in_linear, window_logits, scale,
+        lin_decay, prefix_decay,
     ).squeeze(2)  # fmt: skip
 
-    dS, dz = kv_state(fk[:, :, leaving], v_all[:, :, leaving].float())
+    fk_in = fk[:, :, leaving]
+    if log_decay is not None:  # keys enter decayed to the new length L + t
+        fk_in = fk_in * decay_weights(log_decay, (L + t - k_pos[leaving])[None])
+    dS, dz = kv_state(fk_in, v_all[:, :, leaving].float())
     k_sink, v_sink = state.k_sink, state.v_sink
     if k_sink is not None and v_sink is not None and L < window.sinks:  # the first tokens: fill the sinks
         n = min(L + t, window.sinks) - L
         k_sink, v_sink = k_sink.clone(), v_sink.clone()
         k_sink[:, :, L : L + n], v_sink[:, :, L : L + n] = k[:, :, :n], v[:, :, :n]
-    new_state = HybridState(
-        k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), state.S + dS, state.z + dz, L + t, k_sink, v_sink
-    )
+    S, z = decay_state(state.S, log_decay, t) + dS, decay_state(state.z, log_decay, t) + dz
+    new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink)
     return y.to(q.dtype), new_state
 
 

@@ -19,7 +19,6 @@ from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace  # noqa: E40
 from lolcats_cli.core.convert import (  # noqa: E402
     attention_parameters,
     attention_state_dict,
-    convert_model,
     freeze_for_transfer,
     linearized_layers,
     load_attention_state_dict,
@@ -32,11 +31,9 @@ from lolcats_cli.kernels.chunked import hybrid_attention_chunked  # noqa: E402
 from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
 from lolcats_cli.testing import recurrent_form  # noqa: E402
 
+from tiny_converted import converted_model  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
-    vocab_size=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=None, eos_token_id=None,
-)  # fmt: skip
 
 
 def _maps(H: int = 4, D: int = 16, seed: int = 0):
@@ -91,13 +88,7 @@ def test_sinks_are_validated() -> None:
 
 
 def _converted(sinks: int, gate: bool, size: int = 8, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**SMALL)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    convert_model(model, feature_map="hedgehog", feature_map_params={"feature_dim": 16}, window="sliding",
-                  window_params={"size": size, "sinks": sinks}, linear_gate=gate, mode="student")  # fmt: skip
-    return model
+    return converted_model(sinks, gate, size, seed)
 
 
 def test_untrained_gated_model_is_the_eval_sink_window_row() -> None:
