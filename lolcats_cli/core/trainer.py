@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +38,9 @@ from .progress import EvalInfo, NullReporter, Reporter, StepInfo, phase
 
 log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the CLI prints these on stderr
 
-# loss_fn(input_ids (b, L), labels (b, L) | None) -> scalar loss; it may raise TrainingError itself to
-# name the culprit (a layer, say) of a non-finite loss.
+# loss_fn(inputs (b, L, ...), labels (b, L) | None) -> scalar loss; it may raise TrainingError itself to
+# name the culprit (a layer, say) of a non-finite loss. The inputs are token ids, or whatever rows the
+# trainer's RowSource gives (stored hidden states for block-wise transfer).
 LossFn = Callable[[Tensor, "Tensor | None"], Tensor]
 # eval_fn() -> (held-out loss, details for the reporter and the history)
 EvalFn = Callable[[], "tuple[float, dict[str, Any]]"]
@@ -68,6 +69,29 @@ class TrainSettings:
         """Take the fields of this class from a recipe section (a dataclass or a mapping)."""
         data = section if isinstance(section, Mapping) else vars(section)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+class RowSource(Protocol):
+    """Training rows the trainer draws micro-batches from: ``num_rows`` sequences of ``seq_len`` tokens each;
+    ``take(rows)`` gives the inputs of those rows (a ``(len(rows), seq_len, ...)`` tensor, on any device)."""
+
+    num_rows: int
+    seq_len: int
+
+    def take(self, rows: Tensor) -> Tensor: ...
+
+
+class TensorRows:
+    """A :class:`RowSource` over a tensor held in memory (token ids ``(N, L)``, say)."""
+
+    def __init__(self, data: Tensor) -> None:
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise TrainingError(f"no training sequences (got input_ids of shape {tuple(data.shape)})")
+        self.data = data
+        self.num_rows, self.seq_len = int(data.shape[0]), int(data.shape[1])
+
+    def take(self, rows: Tensor) -> Tensor:
+        return self.data[rows]
 
 
 CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
@@ -168,13 +192,14 @@ class FitResult:
 
 
 class Trainer:
-    """Trains ``params`` (name -> Parameter) on ``input_ids`` ``(N, L)`` (+ optional ``labels``)."""
+    """Trains ``params`` (name -> Parameter) on ``input_ids`` ``(N, L)`` or any :class:`RowSource` (+ optional
+    ``labels`` ``(N, L)``)."""
 
     def __init__(
         self,
         params: Mapping[str, nn.Parameter],
         settings: TrainSettings,
-        input_ids: Tensor,
+        input_ids: Tensor | RowSource,
         loss_fn: LossFn,
         eval_fn: EvalFn,
         ckpt_dir: Path,
@@ -184,11 +209,12 @@ class Trainer:
         title: str = "training",
         device: torch.device | str = "cpu",
     ) -> None:
-        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
-            raise TrainingError(f"no training sequences (got input_ids of shape {tuple(input_ids.shape)})")
+        rows = TensorRows(input_ids) if isinstance(input_ids, Tensor) else input_ids
+        if rows.num_rows == 0:
+            raise TrainingError("no training sequences (the row source is empty)")
         self.params = dict(params)
         self.s = settings
-        self.input_ids, self.labels = input_ids, labels
+        self.rows, self.labels = rows, labels
         self.loss_fn, self.eval_fn = loss_fn, eval_fn
         self.ckpt_dir = Path(ckpt_dir)
         self.reporter = reporter or NullReporter()
@@ -202,7 +228,7 @@ class Trainer:
             if settings.scheduler == "plateau"
             else None
         )
-        n = input_ids.shape[0]
+        n = rows.num_rows
         self.micro_per_epoch = math.ceil(n / settings.batch_size)
         self.total_micro = settings.epochs * self.micro_per_epoch
         self.total_steps = self._plan_steps()
@@ -217,16 +243,16 @@ class Trainer:
         if s.max_steps is not None:
             steps = min(steps, s.max_steps)
         if s.max_tokens is not None:
-            per_step = s.grad_accum * s.batch_size * self.input_ids.shape[1]
+            per_step = s.grad_accum * s.batch_size * self.rows.seq_len
             steps = min(steps, max(1, math.ceil(s.max_tokens / per_step)))
         return max(steps, 1)
 
     def _micro_batch(self, i: int) -> tuple[Tensor, Tensor | None]:
         """Micro-batch ``i`` of the stream: the epochs one after another, each in its own seeded order."""
         epoch, j = divmod(i % self.total_micro, self.micro_per_epoch)
-        order = torch.randperm(self.input_ids.shape[0], generator=torch.Generator().manual_seed(self.s.seed + epoch))
+        order = torch.randperm(self.rows.num_rows, generator=torch.Generator().manual_seed(self.s.seed + epoch))
         rows = order[j * self.s.batch_size : (j + 1) * self.s.batch_size]
-        ids = self.input_ids[rows].to(self.device)
+        ids = self.rows.take(rows).to(self.device)
         labels = None if self.labels is None else self.labels[rows].to(self.device)
         return ids, labels
 
@@ -426,7 +452,7 @@ class Trainer:
                 )
             (loss / len(micro)).backward()
             total += loss.item() / len(micro)
-            tokens += ids.numel()
+            tokens += ids.shape[0] * self.rows.seq_len
         if self.s.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.s.grad_clip)
             if not torch.isfinite(norm):
