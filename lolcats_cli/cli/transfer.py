@@ -28,9 +28,10 @@ EXAMPLES = """
 
 
 def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optional[str], overrides: list[str]):
-    """The recipe to run: --recipe if given; else the shipped recipe named after --model, if any, or the
-    paper's defaults; with neither, the embedded default. Overrides apply last."""
-    from ..core.init_recipe import base_recipe
+    """The recipe to run: --recipe if given; else for --model the shipped recipe named after it or made for
+    what it is (its architecture and size), else the paper's defaults, saying which on stderr; with neither,
+    the embedded default. Overrides apply last."""
+    from ..core.init_recipe import recipe_for_model
     from ..core.recipe import Recipe, apply_overrides, load_recipe
 
     extra = list(overrides)
@@ -40,7 +41,11 @@ def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optiona
         extra.append(f"model.revision={json.dumps(revision)}")
     if recipe is not None:
         return load_recipe(recipe, extra)
-    base = load_recipe("smollm2-135m") if model is None else base_recipe(model)
+    if model is None:
+        base = load_recipe("smollm2-135m")
+    else:
+        base, why = recipe_for_model(model)
+        stderr.print(f"recipe: {why}", style="dim", markup=False, highlight=False, soft_wrap=True)
     return Recipe.from_dict(apply_overrides(base.to_dict(), extra))
 
 

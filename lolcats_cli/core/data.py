@@ -195,8 +195,11 @@ def build_datasets(data_cfg: Any, tokenizer: Any) -> tuple[PackedData, PackedDat
     if stream_source(source):
         ids, labels = tokenize(examples, tokenizer)
         cut = holdout * seq_len
+        most = (len(ids) - seq_len) // seq_len  # the most held-out sequences that leave one to train on
         _need(len(ids) - cut, seq_len, f"{source!r} gives {len(ids):,} tokens; after holding out {holdout} "
-              f"sequences ({cut:,} tokens) that leaves", "lower data.holdout or data.seq_len, or add text")
+              f"sequences ({cut:,} tokens) that leaves",
+              (f"lower data.holdout (data.holdout={min(most, 16)} leaves {len(ids) // seq_len - min(most, 16):,} "
+               "training sequences)" if most >= 1 else "lower data.holdout") + " or data.seq_len, or add text")
         held = pack(ids[:cut], labels[:cut], seq_len, holdout_by="sequences")
         train = pack(ids[cut:], labels[cut:], seq_len, examples=len(examples), holdout_by="sequences")
         if cap is not None:
@@ -249,6 +252,36 @@ def mix_passkeys(train: PackedData, tokenizer: Any, fraction: float, seed: int) 
     return PackedData(ids, labels, {**train.stats, "passkey_sequences": n})
 
 
+def check_data_budget(recipe: Any, stage: str = "transfer", tokenizer: Any = None) -> PackedData:
+    """Before any weights load: pack the recipe's data with the model's tokenizer (only the tokenizer is
+    read), so that a dataset too small for the held-out part plus one training sequence fails now, with
+    :func:`build_datasets`'s DataError. When the training sequences cannot fill the updates that
+    ``<stage>.max_steps`` / ``max_tokens`` ask for, warn with the numbers: the run would stop early.
+    Returns the training sequences."""
+    import logging
+    import math
+
+    from .models import load_tokenizer
+
+    train, _ = build_datasets(recipe.data, tokenizer if tokenizer is not None else load_tokenizer(recipe.model))
+    cfg, seq_len = getattr(recipe, stage), recipe.data.seq_len
+    per_step = cfg.batch_size * cfg.grad_accum
+    asked = [n for n in (cfg.max_steps, None if cfg.max_tokens is None else
+                         math.ceil(cfg.max_tokens / (per_step * seq_len))) if n is not None]
+    can = math.ceil(cfg.epochs * math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
+    if asked and can < min(asked):
+        want = min(asked)
+        key = f"{stage}.max_steps={cfg.max_steps}" if cfg.max_steps == want else f"{stage}.max_tokens={cfg.max_tokens:,}"
+        epochs = math.ceil(want * per_step / max(len(train), 1))
+        logging.getLogger(__name__).warning(
+            f"data: {key} asks for {want} updates of {per_step} x {seq_len} tokens ({want * per_step:,} sequences), "
+            f"but {recipe.data.dataset!r} gives {len(train):,} training sequences after the held-out ones, so "
+            f"{stage}.epochs={cfg.epochs} passes make {can} updates and the run stops there; for all {want}, "
+            f"set {stage}.epochs={epochs}, lower data.seq_len, or use more text (data.dataset)"
+        )
+    return train
+
+
 def _need(tokens: int, seq_len: int, what: str, fix: str) -> None:
     if tokens < seq_len:
         raise DataError(
@@ -259,5 +292,5 @@ def _need(tokens: int, seq_len: int, what: str, fix: str) -> None:
 
 __all__ = [
     "Example", "PackedData", "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE", "load_texts",
-    "resolve_template", "tokenize", "pack", "build_datasets", "passkey_sequences", "mix_passkeys",
+    "resolve_template", "tokenize", "pack", "build_datasets", "passkey_sequences", "mix_passkeys", "check_data_budget",
 ]

@@ -62,14 +62,28 @@ def run_name(model: str) -> str:
 
 
 def base_recipe(model: str) -> Recipe:
-    """The recipe ``lolcats transfer --model MODEL`` would run: the shipped recipe named after the model if
-    there is one, else the paper's defaults; ``model.name`` set to ``model``."""
+    """The recipe ``lolcats transfer --model MODEL`` would run (:func:`recipe_for_model`)."""
+    return recipe_for_model(model)[0]
+
+
+def recipe_for_model(model: str) -> tuple[Recipe, str]:
+    """``(recipe, why)``: the shipped recipe named after ``model`` if there is one; else the shipped recipe for
+    what the model is (its architecture and size, read from its GGUF header or config.json without loading
+    weights, see ``core/model_facts.py``); else the paper's defaults. ``model.name`` is set to ``model``."""
+    from .model_facts import match_recipe, read_model_facts
     from .recipe import Recipe, load_recipe, shipped_recipes  # noqa: F811
 
-    name = run_name(model)
-    recipe = load_recipe(name) if name in shipped_recipes() else Recipe()
+    name, shipped = run_name(model), shipped_recipes()
+    if name in shipped:
+        recipe, why = load_recipe(name), f"the shipped recipe {name}, named after the model"
+    elif (facts := read_model_facts(model)) is not None:
+        chosen, reason = match_recipe(facts, set(shipped))
+        recipe, why = load_recipe(chosen), f"the shipped recipe {chosen}: {reason}"
+    else:
+        recipe = Recipe()
+        why = "the paper's defaults: no shipped recipe is named after the model and its config could not be read"
     recipe.model.name = model
-    return recipe
+    return recipe, why
 
 
 def stage_tokens(stage: Any, seq_len: int) -> int | None:
@@ -373,6 +387,6 @@ def _header(title: str, version: str, commands: list[str], recipe_path: str | Pa
     ]
 
 
-__all__ = ["InitAnswers", "PAPER_TOKENS", "base_recipe", "resolve_answers", "parse_tokens", "format_tokens",
+__all__ = ["InitAnswers", "PAPER_TOKENS", "base_recipe", "recipe_for_model", "resolve_answers", "parse_tokens", "format_tokens",
            "check_answers", "check_positive_int", "build_recipe_dict", "render_recipe", "next_commands",
            "write_recipe", "run_name"]

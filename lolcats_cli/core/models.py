@@ -14,6 +14,7 @@ libraries' own 20 to 50 seconds of retries.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import re
@@ -33,6 +34,7 @@ EMBEDDED: dict[str, tuple[str, str, str]] = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError)
+_TOKENIZERS: dict[tuple[Any, ...], Any] = {}  # the last tokenizer read from a GGUF file (see load_tokenizer)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,12 +165,18 @@ def load_tokenizer(model_cfg: Any, source: ModelSource | None = None):
     src = source or resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
     cached = gguf_cache.lookup(Path(src.path) / src.gguf_file) if src.gguf_file and src.kind != "hub" else None
     path, kwargs = (str(cached), {}) if cached else (src.path, src.pretrained_kwargs())
+    key = (src, path, model_cfg.trust_remote_code)
+    if key in _TOKENIZERS:  # read once per process: from a GGUF not yet cached that takes 30 s or more
+        return copy.deepcopy(_TOKENIZERS[key])
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load the tokenizer of {src.name!r}: {_short(e)}", _load_hint(src)) from e
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+    if not cached and src.gguf_file:  # only the slow reads are kept (a copy is handed out each time)
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = copy.deepcopy(tok)
     return tok
 
 

@@ -46,12 +46,13 @@ def run_transfer(
             raise ConfigError("no recipe given", "pass --recipe or --model")
         check_plugins(recipe)  # before anything is written
         check_window_fits(recipe)
-        check_data_budget(recipe)  # the tokenizer only: a dataset too small fails before any weights load
     with session(device) as dist:
         if not dist.is_main:
             dist.barrier()  # rank 0 has prepared the folder
             return _transfer(recipe, Path(run_dir), resume, reporter, dist.device(device), dist)
         with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
+            if not resume:
+                check_data_budget(recipe)  # the tokenizer only: a dataset too small fails before any weights load
             dist.barrier()
             return _transfer(recipe, run_dir, resume, reporter, dist.device(device), dist)
 
