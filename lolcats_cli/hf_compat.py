@@ -17,9 +17,11 @@ bounds say the same).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import transformers
@@ -51,6 +53,7 @@ __all__ = [
     "check_replaceable_layer",
     "output_cache",
     "peek_attention_cache",
+    "quiet_progress_bars",
     "rotary_function",
     "transformers_version",
 ]
@@ -196,3 +199,34 @@ def rotary_function(module: str, name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise TransformersCompatError(f"{module}.{name} is not a function", hint=_fix())
     return fn
+
+
+# ------------------------------------------------------------------------------------------ progress bars
+
+# transformers' own tqdm bars while it reads a model: "Loading weights" and "Writing model shards" go through
+# transformers.utils.logging.tqdm (switched by its module flag ``_tqdm_active``; its public
+# ``disable_progress_bar`` would also hide the hub's download bars, which stay), "Converting and de-quantizing
+# GGUF tensors" through a plain tqdm the GGUF loader imports (replaced for the duration). Cosmetic: what is not
+# found is left alone.
+GGUF_LOADER_MODULE = "transformers.modeling_gguf_pytorch_utils"
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Hide transformers' loading bars while the block runs (lolcats shows its own spinner instead)."""
+    from transformers.utils import logging as hf_logging
+
+    gguf_loader = importlib.import_module(GGUF_LOADER_MODULE)
+    bar = getattr(gguf_loader, "tqdm", None)
+    shown = getattr(hf_logging, "_tqdm_active", None)
+    if shown is not None:
+        hf_logging._tqdm_active = False
+    if bar is not None:
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
+        if shown is not None:
+            hf_logging._tqdm_active = shown

@@ -95,3 +95,27 @@ def phase_none():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_transformers_loading_bars_hide_unless_debug(tiny_model_dir, capfd) -> None:
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+    from lolcats_cli.core.models import load_model
+    from lolcats_cli.core.progress import show_library_bars
+    from lolcats_cli.core.recipe import ModelConfig
+    from lolcats_cli.hf_compat import quiet_progress_bars
+
+    bar = gguf_loader.tqdm
+    try:
+        show_library_bars(False)  # what `lolcats ...` does without --debug
+        capfd.readouterr()
+        load_model(ModelConfig(name=str(tiny_model_dir)), device="cpu")
+        assert "Loading weights" not in capfd.readouterr().err
+        show_library_bars(True)  # --debug, and the library's default
+        load_model(ModelConfig(name=str(tiny_model_dir)), device="cpu")
+        assert "Loading weights" in capfd.readouterr().err
+    finally:
+        show_library_bars(True)
+    with quiet_progress_bars():
+        assert gguf_loader.tqdm is not bar and gguf_loader.tqdm.keywords == {"disable": True}
+    assert gguf_loader.tqdm is bar

@@ -28,7 +28,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import LolcatsError
-from ..core.progress import set_phase_handler
+from ..core.progress import set_phase_handler, show_library_bars
 from .reporting import make_console, show_library_warnings, status
 
 # One line per command, in the order ``lolcats --help`` lists them: (command name, module in lolcats_cli.cli).
@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" not in args:  # deprecation notices about transformers' and peft's own internals, not the user's
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)(\.|$)")
+    show_library_bars("--debug" in args)  # transformers' loading bars: our spinner says what is happening
     try:
         app(args=args, prog_name="lolcats", standalone_mode=True)
     except SystemExit:

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConfigError, ModelError, did_you_mean
 from . import gguf_cache, hub
-from .progress import phase
+from .progress import library_bars, phase
 
 # name -> (python package that ships the file, file name, pip command)
 EMBEDDED: dict[str, tuple[str, str, str]] = {
@@ -237,15 +237,16 @@ def load_model(model_cfg: Any, device: str | torch.device | None = None) -> tupl
     src = resolve_model_source(model_cfg.name, model_cfg.revision, model_cfg.gguf_file)
     trust = model_cfg.trust_remote_code
     cache = None
-    if src.gguf_file and src.kind != "hub":
-        with _first_gguf_load(Path(src.path) / src.gguf_file):
+    with library_bars():  # transformers' own bars only with --debug: the CLI shows a spinner
+        if src.gguf_file and src.kind != "hub":
+            with _first_gguf_load(Path(src.path) / src.gguf_file):
+                tokenizer = load_tokenizer(model_cfg, src)
+                model, cache = _load_gguf(src, dtype, trust, tokenizer)
+        else:
             tokenizer = load_tokenizer(model_cfg, src)
-            model, cache = _load_gguf(src, dtype, trust, tokenizer)
-    else:
-        tokenizer = load_tokenizer(model_cfg, src)
-        model = _causal_lm(src, src.path, dtype, trust, **src.pretrained_kwargs())
-        if src.gguf_file:
-            _forget_quantizer(model)
+            model = _causal_lm(src, src.path, dtype, trust, **src.pretrained_kwargs())
+            if src.gguf_file:
+                _forget_quantizer(model)
     model.to(device)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -16,6 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol
 
 _phase_handler: Callable[[str], ContextManager[Any]] | None = None
+_library_bars = True  # transformers' own progress bars while lolcats loads a model (the CLI hides them)
+
+
+def show_library_bars(show: bool) -> None:
+    """Whether transformers' own progress bars show while lolcats loads and caches models (the CLI turns
+    them off unless --debug: its spinner says what is happening)."""
+    global _library_bars
+    _library_bars = show
+
+
+def library_bars() -> ContextManager[Any]:
+    """The context lolcats loads a model in: transformers' bars hidden unless :func:`show_library_bars`."""
+    if _library_bars:
+        return contextlib.nullcontext()
+    from ..hf_compat import quiet_progress_bars
+
+    return quiet_progress_bars()
 
 
 def set_phase_handler(handler: Callable[[str], ContextManager[Any]] | None) -> Callable[[str], ContextManager[Any]] | None:
