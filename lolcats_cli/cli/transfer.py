@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,10 @@ EXAMPLES = """
 
   [dim]# continue a run that was interrupted[/dim]
   lolcats transfer --output runs/smollm2-135m --resume
+
+  [dim]# block-wise transfer, blocks of 9 layers spread over 8 GPUs (torchrun underneath)[/dim]
+  lolcats transfer --recipe recipes/llama-3.1-405b.yaml --gpus 8
+  torchrun --nproc-per-node 8 -m lolcats_cli transfer --recipe recipes/llama-3.1-405b.yaml
 """
 
 
@@ -59,10 +65,18 @@ def transfer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", min=1, help="Block-wise transfer in blocks of this many layers (transfer.block_size)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Run on this many GPUs of this machine (starts torchrun; block-wise transfer)."),
 ) -> None:
     """Stage 1: swap every softmax attention for a hybrid linear one and train it to mimic the original."""
+    from ..core.progress import NullReporter
     from ..core.transfer import run_transfer
 
+    if block_size is not None:
+        overrides = [*(overrides or []), f"transfer.block_size={block_size}"]
+    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(gpus)
+    rank = int(os.environ.get("RANK", "0") or 0)
     if resume:
         if output is None:
             raise typer.BadParameter("--resume needs the --output folder of the run to continue", param_hint="--output")
@@ -73,22 +87,59 @@ def transfer(
             from ..core.init_recipe import run_name
 
             output = Path(rec.output.dir) if rec.output.dir else Path("runs") / run_name(rec.model.name)
-    stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
+    if rank == 0:
+        stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
+    reporter = RichReporter() if rank == 0 else NullReporter()  # one progress display, from rank 0
     try:
-        result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
+        result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=reporter, device=device)
     except KeyboardInterrupt as stop:
         again = ["lolcats", "transfer", "--output", str(output), "--resume", *(["--device", device] if device else [])]
+        if gpus is not None and gpus > 1:
+            again += ["--gpus", str(gpus)]
         report_interrupt(stop, output, again)
+    if rank != 0:
+        return
     if as_json:
         stdout.print_json(data={
             "run_dir": str(result.run_dir), "layers": result.layers, "steps": result.steps,
             "tokens_seen": result.tokens_seen, "wall_time_s": result.wall_time_s, "best_step": result.best_step,
         })
         return
-    stdout.print(layer_table(result.layers, f"attention transfer: held-out MSE per layer (best step {result.best_step})", "mse_after"))
+    how = f"best step {result.best_step}" if result.best_step is not None else "block-wise, the best step of each block"
+    stdout.print(layer_table(result.layers, f"attention transfer: held-out MSE per layer ({how})", "mse_after"))
     improved = sum(r["mse_after"] < r["mse_before"] for r in result.layers)
     stdout.print(
         f"{improved}/{len(result.layers)} layers improved · {result.steps} steps · {result.tokens_seen:,} tokens · "
         f"{result.wall_time_s / 60:.1f} min\nrun directory: {result.run_dir}\n"
         f"next: lolcats finetune {result.run_dir}   or   lolcats eval {result.run_dir}"
     )
+
+
+def _relaunch_under_torchrun(gpus: int) -> None:
+    """``--gpus N``: run this same command as N processes under torchrun (``torch.distributed.run``)."""
+    import torch
+
+    from ..errors import ConfigError
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > found:
+        raise ConfigError(
+            f"--gpus {gpus}: this machine has {found} CUDA GPU{'s' if found != 1 else ''}",
+            f"pass --gpus {found} or fewer" if found else
+            "on CPUs start the processes yourself: torchrun --nproc-per-node N -m lolcats_cli transfer ... (gloo)",
+        )
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+               "-m", "lolcats_cli", *args]
+    stderr.print(f"[dim]starting {gpus} processes: {' '.join(command[1:])}[/dim]", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+

@@ -27,7 +27,7 @@ from .recipe import Recipe, load_recipe, save_resolved, write_versions
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 # Everything a run writes at the top of its directory; only these are ever removed from a folder.
 RUN_ENTRIES = (RESOLVED_RECIPE, "versions.json", "source.json", "attention.safetensors", "metrics.json",
-               "checkpoints", "adapter", ".write-test")
+               "checkpoints", "adapter", "blocks", ".write-test")
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ def _is_run_entry(name: str) -> bool:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint (complete or damaged) that ``--resume`` would use."""
+    """Whether ``run_dir`` holds a checkpoint (complete or damaged) that ``--resume`` would use: a step folder,
+    one of a block-wise run's blocks (``checkpoints/block-*/``), or block inputs its teacher pass stored."""
     ckpt = Path(run_dir) / "checkpoints"
-    return (ckpt / "latest.json").exists() or any(ckpt.glob("step-*/state.json"))
+    return ((ckpt / "latest.json").exists() or any(ckpt.glob("step-*/state.json"))
+            or any(ckpt.glob("block-*/step-*/state.json")) or any(Path(run_dir).glob("blocks/**/*.safetensors")))
 
 
 def stopped_before_first_checkpoint(path: Path) -> bool:

@@ -12,19 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...errors import ConfigError
 from ..recipe import Recipe
+from .blockwise import run_blockwise
 from .common import TransferJob, TransferResult
 from .joint import run_joint
-
-
-def run_blockwise(job: TransferJob) -> TransferResult:
-    size = job.recipe.transfer.block_size
-    raise ConfigError(
-        f"transfer.block_size: block-wise transfer (block_size={size}) is not implemented yet",
-        "set transfer.block_size=null to train all layers jointly",
-    )
-
 
 MODES: dict[str, Callable[[TransferJob], TransferResult]] = {"joint": run_joint, "blockwise": run_blockwise}
 

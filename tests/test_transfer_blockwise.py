@@ -1,0 +1,151 @@
+"""Block-wise attention transfer (issue 14) on tiny random Llamas: it matches joint transfer with one block,
+stores raw residual inputs, resumes at the unfinished block, refuses a too-small disk with the numbers, and
+spreads its blocks over two gloo ranks (torchrun) with the same result as one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.errors import TrainingError
+from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BLOCKS_OF_ONE = ("transfer.block_size=1", "transfer.block_cache_dtype=float32", "transfer.max_steps=4",
+                 "transfer.eval_every=2")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny 2-layer random Llama with peaky attention (larger init), so there is something to learn."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("peaky-blocks"), tiny_tokenizer, initializer_range=0.25)
+
+
+@pytest.fixture(scope="module")
+def blocks_of_one(model_dir, tmp_path_factory) -> Path:
+    """An uninterrupted one-process block-wise run with one layer per block."""
+    run = tmp_path_factory.mktemp("blocks") / "run"
+    run_transfer(tiny_recipe(model_dir, *BLOCKS_OF_ONE), run, device="cpu")
+    return run
+
+
+def _same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = load_file(a / "attention.safetensors"), load_file(b / "attention.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol)
+
+
+def test_one_block_of_every_layer_matches_joint_transfer(model_dir, tmp_path):
+    common = ("transfer.max_steps=4", "transfer.eval_every=2")
+    joint = run_transfer(tiny_recipe(model_dir, *common), tmp_path / "joint", device="cpu")
+    block = run_transfer(tiny_recipe(model_dir, *common, "transfer.block_size=2", "transfer.block_cache_dtype=float32"),
+                         tmp_path / "block", device="cpu")
+    _same_weights(tmp_path / "joint", tmp_path / "block")
+    assert [r["mse_after"] for r in block.layers] == pytest.approx([r["mse_after"] for r in joint.layers], rel=1e-5)
+    assert [r["mse_before"] for r in block.layers] == pytest.approx([r["mse_before"] for r in joint.layers], rel=1e-5)
+    assert (block.mode, block.steps, block.tokens_seen) == ("blockwise", joint.steps, joint.tokens_seen)
+    metrics = json.loads((tmp_path / "block" / "metrics.json").read_text())
+    assert [b["block"] for b in metrics["blocks"]] == ["block-000"]
+    # the trained blocks' inputs are deleted; their weights, summaries and the manifest stay
+    assert not list((tmp_path / "block" / "blocks" / "inputs").glob("*/*.safetensors"))
+    assert (tmp_path / "block" / "blocks" / "inputs" / "manifest.json").exists()
+
+
+def test_the_stored_block_input_is_the_raw_residual_stream(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.transfer_modes.blockwise import teacher_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # (embeddings, after layer 0, ...)
+    convert_model(model, mode="teacher")
+    got = teacher_inputs(model, ids, [0, 1], torch.device("cpu"))
+    torch.testing.assert_close(got[0], hidden[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], hidden[1], rtol=1e-5, atol=1e-6)
+    normalised = model.model.layers[1].input_layernorm(hidden[1])
+    assert not torch.allclose(got[1], normalised, atol=1e-2)
+
+
+class InterruptIn:
+    """Records every fit's (title, first step) and presses Ctrl-C after update ``at`` of the ``nth`` fit."""
+
+    def __init__(self, nth: int | None = None, at: int = 0) -> None:
+        self.nth, self.at, self.starts = nth, at, []
+
+    def start(self, title, total_steps, done_steps) -> None:
+        self.starts.append((title, done_steps))
+
+    def step(self, info) -> None:
+        if len(self.starts) == self.nth and info.step == self.at:
+            raise KeyboardInterrupt
+
+    def evaluated(self, info) -> None: ...
+    def log(self, message) -> None: ...
+    def finish(self) -> None: ...
+
+
+def test_a_killed_run_resumes_at_the_unfinished_block(model_dir, blocks_of_one, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_transfer(tiny_recipe(model_dir, *BLOCKS_OF_ONE, "transfer.save_every=1"), run,
+                     reporter=InterruptIn(nth=2, at=3), device="cpu")
+    assert "block 2 (layer 1)" in stop.value.title and stop.value.checkpoint_step == 2
+    first = (run / "blocks" / "block-000.safetensors").stat().st_mtime_ns
+    assert not (run / "blocks" / "block-001.safetensors").exists()
+
+    again = InterruptIn()
+    result = run_transfer(None, run, resume=True, reporter=again, device="cpu")
+    assert [(t.split(" (")[0], step) for t, step in again.starts] == [("attention transfer, block 2", 2)]
+    assert (run / "blocks" / "block-000.safetensors").stat().st_mtime_ns == first  # block 1 was not redone
+    _same_weights(blocks_of_one, run)
+    ref = json.loads((blocks_of_one / "metrics.json").read_text())["layers"]
+    assert [r["mse_after"] for r in result.layers] == pytest.approx([r["mse_after"] for r in ref], rel=1e-5)
+
+
+def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(model_dir, tmp_path, monkeypatch):
+    from lolcats_cli.core.transfer_modes import block_cache
+
+    monkeypatch.setattr(block_cache, "free_bytes", lambda path: 10_000)
+    with pytest.raises(TrainingError) as err:
+        run_transfer(tiny_recipe(model_dir, "transfer.block_size=1"), tmp_path / "run", device="cpu")
+    # 40 training + 2 held-out sequences of 96 tokens, hidden size 64, bf16, 2 blocks
+    tokens = 42 * 96
+    need = 2 * tokens * 64 * 2
+    message = str(err.value)
+    assert f"2 bytes x {tokens:,} tokens x 64 hidden x 2 blocks" in message
+    assert block_cache.human_bytes(need) in message and "10.0 KB" in message
+    assert "transfer.block_size" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_gloo_ranks_under_torchrun_match_one_rank(model_dir, blocks_of_one, tmp_path):
+    from lolcats_cli.core.recipe import save_resolved
+
+    run = tmp_path / "run"
+    recipe = save_resolved(tiny_recipe(model_dir, *BLOCKS_OF_ONE), tmp_path / "recipe")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "lolcats_cli", "transfer", "--recipe", str(recipe), "--output", str(run), "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _same_weights(blocks_of_one, run, atol=1e-5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [(b["block"], b["rank"]) for b in metrics["blocks"]] == [("block-000", 0), ("block-001", 1)]
+    assert metrics["world_size"] == 2
+    assert proc.stdout.count("held-out MSE per layer") == 1  # rank 0 prints the table, once
