@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -174,6 +175,20 @@ def attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def attention_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The persistent buffers of every converted layer's feature maps (a plugin's fixed random features,
+    say), by their state-dict names in ``model``: they travel with the parameters (runs, checkpoints,
+    exports) but never train."""
+    out: dict[str, Tensor] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, LinearizedAttention):
+            for role in ("feature_map_q", "feature_map_k"):
+                fm = getattr(module, role)
+                params = {n for n, _ in fm.named_parameters()}
+                out.update({f"{prefix}.{role}.{n}": t for n, t in fm.state_dict(keep_vars=True).items() if n not in params})
+    return out
+
+
 def freeze_for_transfer(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every parameter, then unfreeze (and return) the attention parameters only."""
     _require_converted(model)
@@ -190,19 +205,29 @@ def _canonical(name: str) -> str:
 
 
 def attention_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The new parameters only, detached, by state-dict name without any peft ``base_model.model.`` prefix."""
+    """The new parameters and the feature maps' persistent buffers (:func:`attention_buffers`), detached, by
+    state-dict name without any peft ``base_model.model.`` prefix."""
     _require_converted(model)
-    return {_canonical(name): p.detach() for name, p in attention_parameters(model).items()}
+    tensors = {**attention_parameters(model), **attention_buffers(model)}
+    return {_canonical(name): t.detach() for name, t in tensors.items()}
 
 
 def load_attention_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Copy ``state_dict`` (from :func:`attention_state_dict`) into the converted model; strict.
+    """Copy ``state_dict`` (from :func:`attention_state_dict`) into the converted model; strict, except that
+    buffers missing from weights saved before lolcats saved buffers keep their values (with a warning).
 
     ModelError naming the missing, unexpected and mis-shaped keys when it does not fit exactly.
     """
     _require_converted(model)
+    buffers = {_canonical(name): b for name, b in attention_buffers(model).items()}
     params = {_canonical(name): p for name, p in attention_parameters(model).items()}
     given = {_canonical(name): t for name, t in state_dict.items()}
+    old = sorted(set(buffers) - set(given))
+    if old:
+        logging.getLogger(__name__).warning(
+            f"these weights hold no value for {len(old)} feature-map buffer(s) ({', '.join(old[:3])}"
+            f"{', ...' if len(old) > 3 else ''}): they keep the values the conversion gave them")
+    params.update({n: b for n, b in buffers.items() if n in given})
     missing = sorted(set(params) - set(given))
     unexpected = sorted(set(given) - set(params))
     shapes = [
@@ -250,6 +275,7 @@ __all__ = [
     "set_mode",
     "linearized_layers",
     "attention_parameters",
+    "attention_buffers",
     "freeze_for_transfer",
     "attention_state_dict",
     "load_attention_state_dict",

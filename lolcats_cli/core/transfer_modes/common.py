@@ -15,7 +15,7 @@ import torch
 
 from ...errors import TrainingError
 from ..checkpoint import save_json, save_tensors
-from ..convert import attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
+from ..convert import attention_buffers, attention_parameters, attention_state_dict, freeze_for_transfer, linearized_layers
 from ..precision import autocast_for
 from ..progress import Reporter
 from ..recipe import Recipe
@@ -150,6 +150,7 @@ def fit_layers(job: TransferJob, objective: TransferObjective, params: dict[str,
                rows: torch.Tensor | RowSource, ckpt_dir: Path, title: str, *, resume: bool) -> Fitted:
     """Train ``params`` on ``rows`` with ``objective`` (with ``resume``, from the newest checkpoint in
     ``ckpt_dir``), keep the best, and evaluate it once more for the final per-layer table."""
+    params = {**params, **attention_buffers(objective.model)}  # buffers never train, but checkpoints keep them
     trainer = Trainer(params, TrainSettings.from_section(job.recipe.transfer), rows, objective.loss,
                       objective.evaluate, ckpt_dir, reporter=job.reporter, title=title, device=job.device)
     if resume:  # the "before" numbers come from the first evaluation of this set of layers
