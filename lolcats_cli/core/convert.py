@@ -27,7 +27,7 @@ from ..api import PLUGIN_API_VERSION
 from ..errors import ConfigError, ModelError
 from .architectures import arch_spec
 from .linear_attention import MODES, LinearizedAttention, check_mode
-from .registry import build_feature_map, build_window
+from .registry import build_feature_map, build_window, check_feature_map_output
 
 # peft wraps a model as base_model.model.<original names>; attention state dicts drop that prefix so a
 # checkpoint saved before LoRA loads after it and the other way round.
@@ -101,6 +101,8 @@ def convert_model(
         heads, head_dim = config.num_attention_heads, original.head_dim
         fm_q = build_feature_map(feature_map, heads, head_dim, feature_map_params, where=fm_where)
         fm_k = build_feature_map(feature_map, heads, head_dim, feature_map_params, where=fm_where)
+        if i == indices[0]:  # once: a wrong output shape names the plugin here, not deep in a kernel
+            check_feature_map_output(fm_q, feature_map)
         win = build_window(window, window_params, where=win_where)
         plugins = {
             "feature_map": feature_map,

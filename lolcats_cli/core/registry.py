@@ -380,6 +380,41 @@ def build_feature_map(
     return cls(num_heads, head_dim, build_params(cls, params, where))
 
 
+def check_feature_map_output(feature_map: FeatureMap, name: str) -> None:
+    """Run ``feature_map`` (built as ``name``) once on a small probe and raise PluginError, naming the plugin
+    and its distribution, unless it returns ``(B, H, T, feature_dim)`` features for ``(B, H, T, head_dim)``
+    inputs. Conversion calls it once, so a wrong shape fails there, not deep in a kernel (or, with T equal to
+    the head size, not at all: the run would train on garbage)."""
+    import torch
+
+    heads, dim = feature_map.num_heads, feature_map.head_dim
+    try:
+        fdim = feature_map.feature_dim
+    except Exception:  # noqa: BLE001 -- reported below as a shape nothing can match
+        fdim = None
+    seq = next(t for t in (5, 7, 11, 13, 17) if t not in (heads, dim, fdim))  # no size the plugin could mix up
+    want = (2, heads, seq, fdim)
+    try:
+        where = next(feature_map.parameters(), None)
+        probe = torch.randn(2, heads, seq, dim, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(where.device) if where is not None else probe
+        with torch.no_grad():
+            out = feature_map(probe)
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    except Exception as e:  # noqa: BLE001 -- whatever the plugin raises, name the plugin
+        got = f"an error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    if got == want:
+        return
+    info = find_plugin(name, "feature_map")
+    raise PluginError(
+        f"feature map {name!r} (distribution {info.distribution} {info.version}, {info.target}) returns {got} for "
+        f"inputs of shape {(2, heads, seq, dim)}; expected {want}, i.e. (batch, heads, positions, "
+        f"feature_dim={fdim})",
+        hint=f"fix its forward (check it with lolcats_cli.testing.check_feature_map), report it to the "
+        f"{info.distribution} authors, or choose another feature map (lolcats plugins lists them)",
+    )
+
+
 def build_window(
     name: str, params: Mapping[str, Any] | PluginParams | None = None, where: str = "attention.window_params"
 ) -> Window:
@@ -389,4 +424,5 @@ def build_window(
 
 
 __all__ = ["PluginInfo", "list_plugins", "clashes", "find_plugin", "load", "get_feature_map", "get_window", "refresh",
-           "build_params", "param_fields", "describe_params", "build_feature_map", "build_window"]
+           "build_params", "param_fields", "describe_params", "build_feature_map", "build_window",
+           "check_feature_map_output"]
