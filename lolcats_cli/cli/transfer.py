@@ -27,6 +27,9 @@ EXAMPLES = """
   [dim]# continue a run that was interrupted[/dim]
   lolcats transfer --output runs/smollm2-135m --resume
 
+  [dim]# what a recipe would need (GPU memory, disk, time) on this machine, without loading weights[/dim]
+  lolcats transfer --recipe recipes/llama-3.1-405b.yaml --dry-run
+
   [dim]# block-wise transfer, blocks of 9 layers spread over 8 GPUs (torchrun underneath)[/dim]
   lolcats transfer --recipe recipes/llama-3.1-405b.yaml --gpus 8
   torchrun --nproc-per-node 8 -m lolcats_cli transfer --recipe recipes/llama-3.1-405b.yaml
@@ -67,6 +70,7 @@ def transfer(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     block_size: Optional[int] = typer.Option(None, "--block-size", min=1, help="Block-wise transfer in blocks of this many layers (transfer.block_size)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Run on this many GPUs of this machine (starts torchrun; block-wise transfer)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the GPU memory, disk and time the recipe needs here, and its mode; load no weights."),
 ) -> None:
     """Stage 1: swap every softmax attention for a hybrid linear one and train it to mimic the original."""
     from ..core.progress import NullReporter
@@ -74,6 +78,9 @@ def transfer(
 
     if block_size is not None:
         overrides = [*(overrides or []), f"transfer.block_size={block_size}"]
+    if dry_run:
+        _dry_run(model, recipe, revision, overrides or [], output, resume, gpus, as_json)
+        return
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(gpus)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -143,3 +150,21 @@ def _relaunch_under_torchrun(gpus: int) -> None:
     sys.stderr.flush()
     os.execv(sys.executable, command)
 
+
+def _dry_run(model, recipe, revision, overrides, output, resume, gpus, as_json) -> None:
+    """``--dry-run``: the plan of the recipe (or of the run in --output with --resume) on this machine."""
+    from ..core.recipe import load_recipe
+    from ..core.transfer_modes.plan import plan_transfer, render_plan
+    from ..core.workspace import RESOLVED_RECIPE
+
+    if resume:
+        if output is None:
+            raise typer.BadParameter("--resume needs the --output folder of the run to continue", param_hint="--output")
+        rec = load_recipe(output / RESOLVED_RECIPE, overrides)
+    else:
+        rec = choose_recipe(model, recipe, revision, overrides)
+    plan = plan_transfer(rec, processes=gpus, output=output)
+    if as_json:
+        stdout.print_json(data=plan.to_dict())
+    else:
+        stdout.print(render_plan(plan))

@@ -20,7 +20,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..architectures import arch_spec
 from ..checkpoint import load_json, load_tensors, save_json, save_tensors
-from ..convert import linearized_layers, load_attention_state_dict, set_mode
+from ..convert import attention_state_dict, linearized_layers, load_attention_state_dict, set_mode
 from ..data import build_datasets
 from ..models import load_tokenizer, read_base_config
 from ..precision import autocast_for
@@ -102,7 +102,9 @@ def teacher_inputs(model: nn.Module, ids: torch.Tensor, starts: list[int], devic
     return got
 
 
-def _converted(recipe: Any, num_layers: int) -> list[int]:
+def converted_layers(recipe: Any, num_layers: int) -> list[int]:
+    """The decoder layers ``recipe.attention.layers`` converts, in a model of ``num_layers`` (bad indices are
+    left to the conversion, which names them)."""
     layers = recipe.attention.layers
     return list(range(num_layers)) if layers == "all" else sorted(i for i in layers if 0 <= i < num_layers)
 
@@ -119,7 +121,7 @@ def run_blockwise(job: TransferJob) -> TransferResult:
         raise ConfigError("data.holdout: no held-out sequences to evaluate on", "raise data.holdout")
     config = read_base_config(recipe.model)
     num_layers = config.num_hidden_layers
-    blocks = plan_blocks(num_layers, k, _converted(recipe, num_layers))
+    blocks = plan_blocks(num_layers, k, converted_layers(recipe, num_layers))
     cache = BlockCache(run_dir / "blocks", blocks, seq_len=recipe.data.seq_len, hidden=config.hidden_size,
                        dtype=recipe.transfer.block_cache_dtype,
                        rows={"train": int(train.input_ids.shape[0]), "heldout": int(eval_ids.shape[0])})
@@ -194,7 +196,7 @@ def _train_block(job: TransferJob, model: nn.Module, cache: BlockCache, block: B
     done = fit_layers(job, objective, params, cache.stored("train", block), ckpt, title,
                       resume=latest_checkpoint(ckpt) is not None)
     fit = done.fit
-    save_tensors(cache.weights_path(block), {n: p.detach() for n, p in params.items()},
+    save_tensors(cache.weights_path(block), block_state_dict(model, layers),
                  metadata={"format": "lolcats-attention", "block": block.name})
     save_json(cache.summary_path(block), {
         "block": block.name, "layers_range": [block.start, block.stop], "rank": job.dist.rank,
@@ -202,6 +204,13 @@ def _train_block(job: TransferJob, model: nn.Module, cache: BlockCache, block: B
         "best_step": fit.best_step, "best_eval_loss": fit.best_loss, "eval_history": fit.history,
     })
     cache.drop_inputs(block)
+
+
+def block_state_dict(model: nn.Module, layers: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+    """The part of :func:`attention_state_dict` (parameters and any plugin buffers) that belongs to ``layers``."""
+    mine = {id(m) for _, m in layers}
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if id(m) in mine)
+    return {n: t for n, t in attention_state_dict(model).items() if n.startswith(prefixes)}
 
 
 def _stitch(job: TransferJob, model: nn.Module, cache: BlockCache, blocks: list[Block], wall_s: float,
@@ -237,4 +246,4 @@ def _stitch(job: TransferJob, model: nn.Module, cache: BlockCache, blocks: list[
     })
 
 
-__all__ = ["run_blockwise", "block_forward", "teacher_inputs"]
+__all__ = ["run_blockwise", "block_forward", "teacher_inputs", "block_state_dict", "converted_layers"]
