@@ -1,12 +1,14 @@
 """Decode speed and cache memory against context length: a converted (hybrid) model vs the same model in softmax.
 
 A benchmark, not a test: it prints a table. For each context length it prefills that many random tokens (in
-chunks, through the cache), then times greedy decode steps of one token per sequence: wall time, and on a
+chunks of ``--prefill-chunk``, through the cache, computing logits for the last position only), then times greedy decode steps of one token per sequence: wall time, and on a
 GPU the kernel time per step (profiler), since a small model's wall time is mostly host-side launch
 overhead. The hybrid model keeps a constant-size state per layer (``core/generation.py``); the softmax
 baseline is the same weights in teacher mode with an ordinary growing KV cache. Examples:
 
     python benchmarks/generation.py                                   # SmolLM2-135M shapes, random weights
+    python benchmarks/generation.py --preset llama-3.1-8b --device cuda   # Llama 3.1 8B shapes, random weights
+    python benchmarks/generation.py --preset llama-3.1-8b --layers 2  # its first 2 layers (fits a laptop's RAM)
     python benchmarks/generation.py --model smollm2-135m              # the real embedded model
     python benchmarks/generation.py --device cuda --contexts 1024 8192 32768 --batch-size 8
     python benchmarks/generation.py --window sliding --window-size 64 --layers 4 --contexts 256 2048
@@ -21,16 +23,40 @@ from typing import Any
 
 import torch
 
-# SmolLM2-135M's architecture, so no hub access is needed for the default random-weight run.
-SMOLLM2_135M = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True,
-)  # fmt: skip
+# Model shapes for random-weight runs (no hub access needed): ``--preset NAME`` -> (model_type, config).
+# Speed and memory depend on the shapes only; RoPE scaling and the like are left out.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "smollm2-135m": ("llama", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, max_position_embeddings=65536, rope_theta=100000.0, tie_word_embeddings=True)),
+    "llama-3.1-8b": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False)),
+    "mistral-7b": ("mistral", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=32000, max_position_embeddings=32768, rope_theta=10000.0, sliding_window=None,
+        tie_word_embeddings=False)),
+    "qwen2.5-0.5b": ("qwen2", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True)),
+}  # fmt: skip
+
+
+def preset_config(name: str, layers: int | None = None) -> Any:
+    """The transformers config of preset ``name`` (its first ``layers`` layers if given)."""
+    from transformers import AutoConfig
+
+    if name not in PRESETS:
+        raise SystemExit(f"--preset {name!r}: unknown; choose one of {', '.join(PRESETS)}")
+    model_type, cfg = PRESETS[name]
+    config = AutoConfig.for_model(model_type, **{**cfg, **({"num_hidden_layers": layers} if layers else {})})
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
-    """The real model (``--model``) or SmolLM2-135M-shaped random weights, on ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """The real model (``--model``) or random weights of ``--preset``'s shapes, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM
 
     if args.model:
         from lolcats_cli.core.models import load_model
@@ -39,11 +65,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={args.model}"]))
         model, _, _ = load_model(recipe.model, device=device)
         return model.to(dtype).eval()
-    cfg = dict(SMOLLM2_135M)
-    if args.layers:
-        cfg["num_hidden_layers"] = args.layers
-    config = LlamaConfig(**cfg)
-    config._attn_implementation = "sdpa"
+    config = preset_config(args.preset, args.layers)
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -69,6 +91,20 @@ def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
+def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed ``ids`` ``(B, T)`` into ``cache`` in chunks of ``chunk`` tokens; the logits of the last position
+    ``(B, 1, vocab)`` (every call computes the last position's logits only, not ``T x vocab``)."""
+    from lolcats_cli.hf_compat import cache_kwarg, last_logits_kwargs
+
+    if chunk < 1:
+        raise SystemExit(f"--prefill-chunk {chunk}: must be at least 1")
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
+    for a in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, a : a + chunk], **kwargs).logits
+    return logits[:, -1:]
+
+
+@torch.no_grad()
 def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Prefill ``context`` random tokens into ``cache``, then time ``args.steps`` greedy one-token steps."""
     from lolcats_cli.core.generation import state_nbytes
@@ -77,8 +113,7 @@ def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, devi
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch_size, context), device=device)
     t = time.perf_counter()
-    for a in range(0, context, args.prefill_chunk):
-        logits = model(ids[:, a : a + args.prefill_chunk], **{cache_kwarg(model): cache}, use_cache=True).logits
+    logits = prefill(model, cache, ids, args.prefill_chunk)
     sync(device)
     prefill_s = time.perf_counter() - t
     nxt = logits[:, -1:].argmax(dim=-1)
@@ -107,6 +142,8 @@ def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, devi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a real model: smollm2-135m, a local folder or a .gguf (default: random weights)")
+    ap.add_argument("--preset", default="smollm2-135m", choices=list(PRESETS),
+                    help="the shapes of the random-weight model (default: smollm2-135m)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (random weights only)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default: by device)")
     ap.add_argument("--batch-size", type=int, default=1)
@@ -137,7 +174,7 @@ def main() -> None:
                   window_params={"size": args.window_size}, mode="student")  # fmt: skip
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model: {args.model or 'SmolLM2-135M shapes, random weights'}, {model.config.num_hidden_layers} layers, "
+    print(f"model: {args.model or args.preset + ' shapes, random weights'}, {model.config.num_hidden_layers} layers, "
           f"{args.feature_map} + {args.window}({args.window_size}); {where}, {str(dtype).removeprefix('torch.')}, "
           f"batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
     head = f"{'context':>8} | {'hybrid tok/s':>12} {'ms/step':>8} {'GPU ms':>7} {'state MiB':>10}"

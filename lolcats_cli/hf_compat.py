@@ -52,6 +52,7 @@ __all__ = [
     "check_cache",
     "check_replaceable_layer",
     "output_cache",
+    "last_logits_kwargs",
     "peek_attention_cache",
     "quiet_progress_bars",
     "rotary_function",
@@ -199,6 +200,19 @@ def rotary_function(module: str, name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise TransformersCompatError(f"{module}.{name} is not a function", hint=_fix())
     return fn
+
+
+# ------------------------------------------------------------------------------------------------- logits
+
+# Names transformers has given the causal LMs' argument that computes logits for the last N positions only.
+LOGITS_TO_KEEP_ARGS: tuple[str, ...] = ("logits_to_keep", "num_logits_to_keep")
+
+
+def last_logits_kwargs(model: Any) -> dict[str, int]:
+    """Keyword arguments that make ``model``'s forward compute logits for the last position only (a prefill
+    then skips a ``(T, vocab)`` matmul); ``{}`` for a model whose forward takes none of the known names."""
+    params = inspect.signature(type(model).forward).parameters
+    return next(({name: 1} for name in LOGITS_TO_KEEP_ARGS if name in params), {})
 
 
 # ------------------------------------------------------------------------------------------ progress bars
