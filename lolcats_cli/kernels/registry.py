@@ -19,9 +19,10 @@ from ..errors import ConfigError, did_you_mean
 from .base import Kernel
 from .chunked import ChunkedKernel
 from .naive import NaiveKernel
+from .triton_hybrid import TritonKernel
 
 ENV_VAR = "LOLCATS_KERNEL"
-KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (ChunkedKernel(), NaiveKernel())}
+KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (ChunkedKernel(), NaiveKernel(), TritonKernel())}
 _auto: dict[str, Kernel] = {}  # device type -> the automatic choice
 
 
