@@ -46,7 +46,8 @@ def test_paper_recipes_match_the_paper():
     r = load_recipe("llama-3.1-8b")
     assert (r.attention.feature_map, r.attention.feature_map_params, r.attention.window) == ("hedgehog", {"feature_dim": 64}, "terrace")
     assert r.attention.window_params == {"size": 64, "sinks": 4}  # the paper's window plus 4 attention sinks
-    assert r.attention.linear_gate is False  # the paper's linear branch (weight 1)
+    # the paper's hedgehog + terrace, plus what benchmarks/quality.py showed works: the gated, decaying branch
+    assert (r.attention.linear_gate, r.attention.decay) == (True, True)
     assert (r.transfer.lr, r.transfer.mse_weight, r.transfer.batch_size, r.transfer.grad_accum, r.transfer.epochs) == (1e-2, 1000.0, 1, 8, 2)
     assert (r.transfer.scheduler, r.transfer.plateau_factor, r.transfer.plateau_patience, r.transfer.eval_every) == ("plateau", 0.1, 10, 100)
     assert (r.data.dataset, r.data.template, r.data.seq_len, r.data.holdout) == ("yahma/alpaca-cleaned", "alpaca", 1024, 200)
@@ -56,7 +57,12 @@ def test_paper_recipes_match_the_paper():
     assert load_recipe("llama-3.1-70b").transfer.block_size is None
     small = load_recipe("smollm2-135m")
     assert (small.model.name, small.data.dataset, small.data.seq_len, small.transfer.max_steps) == ("smollm2-135m", "pydoc", 512, 200)
-    assert (small.attention.window_params, small.attention.linear_gate) == ({"size": 64, "sinks": 4}, True)
+    assert (small.attention.window_params, small.attention.linear_gate, small.attention.decay) == (
+        {"size": 64, "sinks": 4}, True, True
+    )
+    gpu = load_recipe("smollm2-135m-gpu")
+    assert (gpu.data.seq_len, gpu.transfer.batch_size, gpu.attention.decay) == (2048, 4, True)
+    assert Recipe().attention.decay is False  # a recipe without the key: the paper's branch, no decay
 
 
 def test_defaults_are_the_papers():
