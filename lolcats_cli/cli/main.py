@@ -125,7 +125,7 @@ def _global_options(
     if ctx.invoked_subcommand in COMPUTE_COMMANDS:
         from ..core.threads import apply_threads
 
-        stderr.print(f"[dim]{escape(apply_threads(threads))}[/dim]", highlight=False)
+        stderr.print(f"[dim]{escape(apply_threads(threads))}[/dim]", highlight=False, soft_wrap=True)
 
 
 def _unavailable(target: typer.Typer, name: str, module: str, exc: BaseException) -> None:
