@@ -282,6 +282,115 @@ def test_an_abandoned_reply_leaves_no_trace(tiny_chat):
     assert session.history == []
 
 
+# ------------------------------------------------------------------ the state kept between turns
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="module")
+def letter_chat(tmp_path_factory):
+    """A converted tiny Llama (window 8 + 2 sinks, decay) and a byte-level tokenizer without merges whose greedy
+    replies are letters only: every row of lm_head is 0 but those of a..z, which come in pairs (w, -w), so
+    some letter always scores above 0. A reply's text then tokenizes back to exactly the generated tokens,
+    and the chat template's next rendering extends what the state has read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from lolcats_cli.core.convert import convert_model
+
+    folder = tmp_path_factory.mktemp("letters")
+    tokenizer = build_tiny_tokenizer(folder, vocab_size=200)  # the byte alphabet + 3 specials: no merges
+    build_tiny_model(folder, tokenizer, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    convert_model(model, window="sliding", window_params={"size": 8, "sinks": 2}, decay=True)
+    ids = tokenizer.convert_tokens_to_ids(list(LETTERS))
+    with torch.no_grad():
+        w = torch.randn(13, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        head = torch.zeros_like(model.lm_head.weight)
+        head[ids[:13]], head[ids[13:]] = w, -w
+        model.lm_head.weight.copy_(head)
+    return model, tokenizer
+
+
+def _greedy(model, tokenizer, **kwargs) -> ChatSession:
+    return ChatSession(model, tokenizer, max_new_tokens=6, temperature=0, **kwargs)
+
+
+def test_the_state_is_kept_between_turns_and_only_the_new_turn_is_read(letter_chat):
+    model, tokenizer = letter_chat
+    kept, reread = _greedy(model, tokenizer, system="Be brief."), _greedy(model, tokenizer, system="Be brief.", keep_state=False)
+    first = "".join(kept.reply("hello"))
+    assert first == "".join(reread.reply("hello")) and len(first) == 6 and set(first) <= set(LETTERS)
+    one = kept.last_stats
+    assert one.read_tokens == one.prompt_tokens and one.state_tokens == one.tokens - 1  # the last token is not fed
+    assert kept.state_tokens == one.state_tokens
+
+    second = "".join(kept.reply("and then?"))
+    assert second == "".join(reread.reply("and then?"))  # same greedy tokens as reading it all again
+    two, again = kept.last_stats, reread.last_stats
+    conversation = len(tokenizer(kept._last_prompt, add_special_tokens=False)["input_ids"])
+    assert two.prompt_tokens == again.prompt_tokens == conversation
+    assert two.read_tokens == conversation - one.state_tokens  # only the tokens after the state's
+    assert again.read_tokens == again.prompt_tokens
+    assert two.state_tokens == one.state_tokens + two.read_tokens + two.new_tokens - 1
+    assert two.state_bytes == one.state_bytes  # constant size
+    stats = kept.stats_text()
+    assert f"prompt {conversation} tokens ({two.read_tokens} read now, {one.state_tokens} kept in the state)" in stats
+    assert f"the state holds {two.state_tokens} tokens in {two.state_bytes} bytes (constant in length)" in stats
+    assert "first token after " in stats and "tok/s" in stats
+
+
+def test_the_kept_state_gives_the_logits_of_a_whole_reread(letter_chat):
+    import torch
+
+    from lolcats_cli.hf_compat import cache_kwarg
+
+    model, tokenizer = letter_chat
+    session = _greedy(model, tokenizer)
+    "".join(session.reply("hello"))
+    cache, seen = session._cache, list(session._consumed)
+    ids = tokenizer(session.prompt("next one"), add_special_tokens=False)["input_ids"]
+    assert ids[: len(seen)] == seen and len(ids) > len(seen)
+    with torch.inference_mode():
+        suffix = torch.tensor([ids[len(seen):]])
+        position_ids = torch.arange(len(seen), len(ids))[None]
+        kept = model(suffix, position_ids=position_ids, use_cache=True, **{cache_kwarg(model): cache}).logits
+        whole = model(torch.tensor([ids]), use_cache=False).logits[:, len(seen):]
+    torch.testing.assert_close(kept, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_a_rerendered_history_falls_back_to_a_whole_reread(letter_chat, caplog):
+    model, tokenizer = letter_chat
+    session = _greedy(model, tokenizer)
+    "".join(session.reply("hello"))
+    session.set_system("Now a pirate.")  # the template renders the start of the conversation differently
+    with caplog.at_level("DEBUG", logger="lolcats_cli.core.chat"):
+        reply = "".join(session.reply("ahoy"))
+    assert "reading the whole conversation again" in caplog.text
+    stats = session.last_stats
+    assert stats.read_tokens == stats.prompt_tokens and "all read now" in session.stats_text()
+    assert stats.state_tokens == stats.tokens - 1
+    fresh = _greedy(model, tokenizer, system="Now a pirate.", keep_state=False)
+    fresh.history = list(session.history[:2])
+    assert "".join(fresh.reply("ahoy")) == reply
+
+
+def test_an_interrupted_reply_or_a_reset_drops_the_state(letter_chat):
+    model, tokenizer = letter_chat
+    session = _greedy(model, tokenizer)
+    "".join(session.reply("hello"))
+    assert session.state_tokens > 0
+    stream = session.reply("stop")
+    next(stream, None)
+    stream.close()
+    assert session.state_tokens == 0 and len(session.history) == 2
+    "".join(session.reply("again"))
+    assert session.last_stats.read_tokens == session.last_stats.prompt_tokens
+    session.reset()
+    assert session.state_tokens == 0
+
+
 def test_the_loop_with_a_real_session_resets_its_history(tiny_chat):
     model, tokenizer = tiny_chat
     session = ChatSession(model, tokenizer, max_new_tokens=3, temperature=0)

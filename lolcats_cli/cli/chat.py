@@ -44,10 +44,13 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     compare: bool = typer.Option(False, "--compare", help="Also show the original model's reply (softmax attention, LoRA off)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    reread: bool = typer.Option(False, "--reread", help="Read the whole conversation again every turn instead of keeping the state between turns."),
 ) -> None:
     """Chat with a linearized model: streamed replies in constant memory per sequence.
 
-    Inside the chat: /help, /reset, /system TEXT, /stats (speed, state memory vs a softmax KV cache), /quit.
+    The state survives between turns: each turn reads only its new tokens.
+    Inside the chat: /help, /reset, /system TEXT, /stats (speed, time to first token, tokens and memory in the
+    state vs a softmax KV cache), /quit.
     For several lines, end a line with a backslash, or open and close a block with three double quotes.
     """
     from ..core.chat import ChatSession, load_chat_model, original_caveat, require_original
@@ -63,7 +66,8 @@ def chat(
         require_original(model)
         if caveat := original_caveat(model):
             stderr.print(f"[yellow]{caveat}[/yellow]")
-    session = ChatSession(model, tokenizer, system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    session = ChatSession(model, tokenizer, system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          keep_state=not reread)
     device_name = next(model.parameters()).device
     stderr.print(f"[dim]{description} on {device_name}, ready in {time.perf_counter() - start:.1f} s[/dim]")
     if not session.has_template:

@@ -5,7 +5,7 @@ stats) and :func:`load_chat_model`; the loop, :func:`~.repl.run_repl`, lives in 
     session = ChatSession(model, tokenizer, system="Be brief.")
     for piece in session.reply("What is a cat?"):
         print(piece, end="", flush=True)
-    print(session.stats_text())          # tokens/s, state MiB, what a softmax KV cache would need
+    print(session.stats_text())          # tokens/s, first token, tokens and MiB in the state
     run_repl(input, sys.stdout.write, session)
 
 No typer or rich here: the CLI renders.
@@ -14,6 +14,7 @@ No typer or rich here: the CLI renders.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from typing import Any
 
 from ..errors import LolcatsError, ModelError
 from .repl import HELP, Conversation, read_message, run_repl  # the loop, re-exported: chat's public names
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------- stats
 
@@ -73,6 +76,8 @@ class ReplyStats:
     state_bytes: int  # what the generation cache held at the end (generation.state_nbytes)
     softmax_kv_bytes: int  # what a softmax KV cache would hold at the same length
     cache: str  # describe_cache() of the generation cache
+    read_tokens: int = -1  # prompt tokens read this turn (the rest was in the kept state); -1: all of them
+    state_tokens: int = 0  # tokens the state has consumed at the end (the last new token is not fed back)
 
     @property
     def tokens(self) -> int:
@@ -90,14 +95,22 @@ class ReplyStats:
     def softmax_kv_mib(self) -> float:
         return self.softmax_kv_bytes / 2**20
 
+    @property
+    def prompt_read(self) -> int:
+        """Prompt tokens read this turn."""
+        return self.prompt_tokens if self.read_tokens < 0 else self.read_tokens
+
     def summary(self, label: str = "last reply") -> str:
-        """Two lines for ``/stats``."""
+        """Three lines for ``/stats``."""
         first = f", first token after {self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else ""
+        kept = self.prompt_tokens - self.prompt_read
+        read = f"{self.prompt_read} read now, {kept} kept in the state" if kept else "all read now"
         return (
             f"{label}: {self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_s:.1f} tok/s{first}); "
-            f"prompt {self.prompt_tokens} tokens\n"
+            f"prompt {self.prompt_tokens} tokens ({read})\n"
             f"  state memory {self.state_mib:.2f} MiB ({self.cache}); a softmax KV cache at {self.tokens} tokens: "
-            f"{self.softmax_kv_mib:.2f} MiB"
+            f"{self.softmax_kv_mib:.2f} MiB\n"
+            f"  the state holds {self.state_tokens} tokens in {self.state_bytes} bytes (constant in length)"
         )
 
 
@@ -107,10 +120,16 @@ class ReplyStats:
 class ChatSession:
     """A conversation with ``model``: the history, the chat template, and streamed generation.
 
-    Each reply re-encodes the whole conversation (system prompt, every turn, the new message) with the
+    Each reply renders the whole conversation (system prompt, every turn, the new message) with the
     tokenizer's chat template (a plain ``User:``/``Assistant:`` transcript when it has none) and generates
     with ``model.generate`` in a thread, yielding text as it is decoded. ``temperature`` 0 is greedy.
     A reply enters the history only once it is complete (an interrupted one leaves no trace).
+
+    With ``keep_state`` (the default) the generation cache (a constant-size state per converted layer)
+    survives between turns: when the new conversation's tokens start with exactly the tokens the state has
+    consumed, only the rest is read, which gives the same tokens and logits as reading it all again. When the
+    template renders earlier turns differently (or a reply was interrupted, or the system prompt changed) the
+    whole conversation is read again from a fresh cache, and a debug log says why.
     """
 
     def __init__(
@@ -121,6 +140,7 @@ class ChatSession:
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.9,
+        keep_state: bool = True,
     ) -> None:
         if max_new_tokens < 1:
             raise LolcatsError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}",
@@ -138,6 +158,9 @@ class ChatSession:
         self.last_stats: ReplyStats | None = None
         self.last_original_stats: ReplyStats | None = None
         self._last_prompt: str | None = None
+        self.keep_state = keep_state
+        self._cache: Any = None  # the generation cache kept between turns (None: start afresh)
+        self._consumed: list[int] = []  # the tokens that cache has read, in order
 
     @property
     def has_template(self) -> bool:
@@ -161,6 +184,16 @@ class ChatSession:
         """Forget every turn (the system prompt stays)."""
         self.history.clear()
         self.last_stats = self.last_original_stats = self._last_prompt = None
+        self.drop_state()
+
+    def drop_state(self) -> None:
+        """Forget the kept generation state: the next reply reads the whole conversation."""
+        self._cache, self._consumed = None, []
+
+    @property
+    def state_tokens(self) -> int:
+        """How many tokens the kept state has consumed (0 when none is kept)."""
+        return len(self._consumed)
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt (None or "" removes it); the history stays."""
@@ -196,6 +229,8 @@ class ChatSession:
 
     def _generate(self, prompt: str, original: bool) -> Iterator[str]:
         """Run ``model.generate`` in a thread and yield decoded text; stats land in ``last_*stats``."""
+        from ..hf_compat import cache_kwarg, output_cache
+
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         device = next(self.model.parameters()).device
         input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -206,6 +241,12 @@ class ChatSession:
             input_ids=input_ids, attention_mask=mask, streamer=streamer, max_new_tokens=self.max_new_tokens,
             stopping_criteria=_stop_when(stop), return_dict_in_generate=True, pad_token_id=pad,
         )  # fmt: skip
+        kept = 0
+        if not original:
+            cache, kept = self._state_for(input_ids[0].tolist())
+            self.drop_state()  # generate() changes the cache: it is kept again only if the reply completes
+            if cache is not None:
+                kwargs[cache_kwarg(self.model)] = cache
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
@@ -238,10 +279,12 @@ class ChatSession:
                     continue
         if "error" in result:
             raise result["error"]
-        from ..hf_compat import output_cache
-
         out, prompt_len = result["out"], input_ids.shape[1]
         total = int(out.sequences.shape[1])
+        cache = output_cache(out)
+        consumed = _consumed_tokens(cache, out.sequences[0])
+        if self.keep_state and not original and consumed is not None:
+            self._cache, self._consumed = cache, consumed
         stats = ReplyStats(
             prompt_tokens=prompt_len,
             new_tokens=total - prompt_len,
@@ -250,11 +293,44 @@ class ChatSession:
             state_bytes=state_bytes(output_cache(out)),
             softmax_kv_bytes=softmax_kv_bytes(self.model.config, total, _dtype_bytes(self.model)),
             cache=describe_cache(output_cache(out)),
+            read_tokens=prompt_len - kept,
+            state_tokens=len(consumed) if consumed is not None else 0,
         )
         if original:
             self.last_original_stats = stats
         else:
             self.last_stats, self.last_original_stats = stats, None
+
+
+    def _state_for(self, ids: list[int]) -> tuple[Any, int]:
+        """``(cache, tokens it holds)`` to generate a reply to the conversation ``ids``: the kept cache when its
+        tokens are exactly a prefix of ``ids`` (generate() then reads only the rest), else a fresh one."""
+        from ..hf_compat import DynamicCache
+
+        if not self.keep_state:
+            return None, 0
+        seen = self._consumed
+        if self._cache is not None and seen:
+            if len(seen) < len(ids) and ids[: len(seen)] == seen:
+                log.debug("chat: %d tokens are in the kept state; reading the %d new ones", len(seen), len(ids) - len(seen))
+                return self._cache, len(seen)
+            at = next((i for i, (a, b) in enumerate(zip(seen, ids)) if a != b), min(len(seen), len(ids)))
+            log.debug(
+                "chat: the conversation's tokens do not extend the kept state's %d (they differ from token %d of "
+                "%d: the template rendered earlier turns differently, or the system prompt changed); reading the "
+                "whole conversation again", len(seen), at, len(ids),
+            )  # fmt: skip
+        return DynamicCache(), 0
+
+
+def _consumed_tokens(cache: Any, sequence: Any) -> list[int] | None:
+    """The tokens ``cache`` has read: the first ``cache.get_seq_length()`` of ``sequence`` (prompt + reply;
+    the last token generated is never fed back), or None for a cache that cannot say."""
+    length = getattr(cache, "get_seq_length", None)
+    if cache is None or length is None:
+        return None
+    n = int(length())
+    return sequence[:n].tolist() if 0 < n <= int(sequence.shape[0]) else None
 
 
 def _timed_streamer(tokenizer: Any) -> Any:

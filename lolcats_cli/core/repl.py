@@ -30,7 +30,7 @@ commands:
   /help           this list
   /reset          forget the conversation (the system prompt stays)
   /system TEXT    set the system prompt (the conversation stays); /system alone removes it
-  /stats          speed and memory of the last reply
+  /stats          speed, time to first token, tokens and memory in the state
   /quit           leave (also /exit, Ctrl-D, or Ctrl-C at the prompt)
 input:
   end a line with \\ to continue on the next line
