@@ -35,8 +35,8 @@ Design (blocks of ``BLOCK = 64`` positions; query block i covers ``[64 i, 64 i +
   has the factor ``exp(log_decay (n - j))``, so ``d/d log_decay`` is the sum of ``(n - j)`` times its
   share, which this telescoping form gives from the feature gradients).
 
-Dtypes: the matrix products take the inputs' dtype (bf16 / fp16 / fp32; fq and fk are cast to q's dtype)
-and accumulate in fp32; softmax statistics, the linear states and every gradient accumulator are fp32;
+Dtypes: the matrix products take q's dtype (bf16 / fp16 / fp32; under CUDA autocast the autocast dtype; k,
+v, fq and fk are cast to it) and accumulate in fp32; softmax statistics, the linear states and every gradient accumulator are fp32;
 products with the fp32 states run in tf32 for bf16 / fp16 inputs and in full fp32 for fp32 inputs.
 Output in q's dtype; gradients in each input's dtype.
 
@@ -709,8 +709,9 @@ def triton_hybrid_attention(
     log_decay: Tensor | None = None,
 ) -> Tensor:
     """The fused op given the features: fq ``(B, H, T, F)`` = phi_q(q), fk ``(B, H, T, F)`` = phi_k of the
-    keys expanded to the query heads. Returns ``(B, H, T, Dv)`` in q's dtype; differentiable in every
-    tensor argument. Raises ``ValueError`` for inputs the kernel does not support (see :func:`unsupported`).
+    keys expanded to the query heads. The products run in q's dtype (under CUDA autocast: the autocast
+    dtype), accumulating in fp32. Returns ``(B, H, T, Dv)`` in q's dtype; differentiable in every tensor
+    argument. Raises ``ValueError`` for inputs the kernel does not support (see :func:`unsupported`).
     """
     check_inputs(q, k, v, window_logits)
     why = unsupported(q, k, v, window, fq.shape[-1])
@@ -724,10 +725,13 @@ def triton_hybrid_attention(
     if T == 0:
         return q.new_zeros(B, H, 0, v.shape[-1])
     scale = D**-0.5 if scale is None else float(scale)
-    dt = q.dtype
+    dt = q.dtype  # the compute dtype of the products: q's, or the autocast dtype under CUDA autocast
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
     args = [x.to(dt).contiguous() for x in (q, k, v, fq, fk)]
     ld = None if log_decay is None else log_decay.float().contiguous()
-    return HybridFn.apply(*args, window_logits.float().contiguous(), ld, window, scale)
+    y = HybridFn.apply(*args, window_logits.float().contiguous(), ld, window, scale)
+    return y.to(q.dtype)
 
 
 def _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay):

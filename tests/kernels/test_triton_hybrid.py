@@ -192,20 +192,26 @@ def test_short_sequences_match_naive(T: int) -> None:
         assert rel_rms(got_g[name], ref) < GRAD_TOL or (got_g[name] - ref).abs().max() < 1e-5, name
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 / fp16 inputs: compiled kernels on a GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_inputs_on_gpu(dtype: torch.dtype) -> None:
+# The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16; fp16 is exact), so bf16 runs on a GPU only.
+HALF = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=[str(d).split(".")[-1] for d in HALF])
+def test_half_precision_inputs(dtype: torch.dtype) -> None:
     """bf16 / fp16 inputs (fp32 accumulation) against the fp32 reference of the same rounded inputs."""
     window = WINDOWS["terrace64-sinks4"]
-    x = make_inputs(2, 2100, 128)
+    x = make_inputs(2, 2100, 128) if ON_GPU else make_inputs(1, 150, 64)
     x16 = dict(x, q=x["q"].to(dtype), k=x["k"].to(dtype), v=x["v"].to(dtype))
     x32 = dict(x, q=x16["q"].float(), k=x16["k"].float(), v=x16["v"].float())
     ref_y, ref_g = values_and_grads(reference, x32, window, True)
     got_y, got_g = values_and_grads(fused, x16, window, True)
+    # Rounding of the output (8 bits of mantissa in bf16, 11 in fp16); the window logits' gradient is a long
+    # sum with cancellations through dy . y, with y rounded to the input dtype (as in flash attention).
+    tol, grad_tol = (2e-3, 2e-2) if dtype == torch.float16 else (1.5e-2, 1e-1)
     assert got_y.dtype == dtype
-    assert rel_rms(got_y, ref_y) < 2e-2
+    assert rel_rms(got_y, ref_y) < tol, f"values: rel rms {rel_rms(got_y, ref_y):.2e}"
     for name, ref in ref_g.items():
-        assert rel_rms(got_g[name], ref) < 5e-2, name
+        assert rel_rms(got_g[name], ref) < grad_tol, f"d {name}: rel rms {rel_rms(got_g[name], ref):.2e}"
 
 
 def test_kernel_is_registered_above_chunked_and_falls_back() -> None:
