@@ -319,7 +319,8 @@ def _greedy(model, tokenizer, **kwargs) -> ChatSession:
 
 def test_the_state_is_kept_between_turns_and_only_the_new_turn_is_read(letter_chat):
     model, tokenizer = letter_chat
-    kept, reread = _greedy(model, tokenizer, system="Be brief."), _greedy(model, tokenizer, system="Be brief.", keep_state=False)
+    kept = _greedy(model, tokenizer, system="Be brief.")
+    reread = _greedy(model, tokenizer, system="Be brief.", keep_state=False)
     first = "".join(kept.reply("hello"))
     assert first == "".join(reread.reply("hello")) and len(first) == 6 and set(first) <= set(LETTERS)
     one = kept.last_stats
@@ -389,6 +390,25 @@ def test_an_interrupted_reply_or_a_reset_drops_the_state(letter_chat):
     assert session.last_stats.read_tokens == session.last_stats.prompt_tokens
     session.reset()
     assert session.state_tokens == 0
+
+
+def test_static_decoding_chats_like_generate(letter_chat):
+    """The static path (eager steps on CPU; a CUDA graph on CUDA) keeps the state and replies token for token
+    as model.generate does, greedy and sampled with the same seed."""
+    import torch
+
+    model, tokenizer = letter_chat
+    static, eager = _greedy(model, tokenizer, static=True), _greedy(model, tokenizer, static=False)
+    assert static.static and not eager.static
+    for text in ("hello", "and then?", "last one"):
+        assert "".join(static.reply(text)) == "".join(eager.reply(text))
+        assert static.last_stats.read_tokens == eager.last_stats.read_tokens
+        assert static.last_stats.state_tokens == eager.last_stats.state_tokens
+    assert static._decoder is not None and static.last_stats.read_tokens < static.last_stats.prompt_tokens
+    sampled = ChatSession(model, tokenizer, max_new_tokens=8, temperature=1.0, top_p=0.9, static=True)
+    torch.manual_seed(0)
+    first = "".join(sampled.reply("hi"))
+    assert len(first) == 8 and set(first) <= set(LETTERS)
 
 
 def test_the_loop_with_a_real_session_resets_its_history(tiny_chat):

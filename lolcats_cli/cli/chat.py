@@ -48,7 +48,8 @@ def chat(
 ) -> None:
     """Chat with a linearized model: streamed replies in constant memory per sequence.
 
-    The state survives between turns: each turn reads only its new tokens.
+    The state survives between turns: each turn reads only its new tokens. On CUDA each token is one replay of a
+    CUDA graph over preallocated state buffers (LOLCATS_STATIC_DECODE=0 turns it off).
     Inside the chat: /help, /reset, /system TEXT, /stats (speed, time to first token, tokens and memory in the
     state vs a softmax KV cache), /quit.
     For several lines, end a line with a backslash, or open and close a block with three double quotes.

@@ -13,7 +13,6 @@ No typer or rich here: the CLI renders.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -23,96 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LolcatsError, ModelError
+from .chat_stats import ReplyStats, describe_cache, softmax_kv_bytes, state_bytes  # re-exported
 from .repl import HELP, Conversation, read_message, run_repl  # the loop, re-exported: chat's public names
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------- stats
-
-
-def softmax_kv_bytes(config: Any, tokens: int, bytes_per_element: int) -> int:
-    """Bytes a softmax KV cache holds for one sequence of ``tokens`` positions:
-    ``2 (K and V) x layers x kv_heads x head_dim x tokens x bytes_per_element``."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * layers * kv_heads * head_dim * tokens * bytes_per_element
-
-
-def _is_hybrid_layer(layer: Any) -> bool:
-    """A lolcats constant-size cache layer: ours, or the bundled copy an ``hf`` export runs (another class)."""
-    return type(layer).__name__ == "HybridLayer" and callable(getattr(layer, "nbytes", None))
-
-
-def state_bytes(cache: Any) -> int:
-    """Bytes of generation state in ``cache`` (:func:`.generation.state_nbytes`), counting too the hybrid
-    layers of an ``hf`` export's bundled runtime, which that function does not recognise."""
-    from .generation import HybridLayer, state_nbytes
-
-    layers = getattr(cache, "layers", [])
-    return state_nbytes(cache) + sum(
-        layer.nbytes() for layer in layers if _is_hybrid_layer(layer) and not isinstance(layer, HybridLayer)
-    )
-
-
-def describe_cache(cache: Any) -> str:
-    """What a generation cache holds, e.g. "constant-size state in 30/30 layers" or "softmax KV cache"."""
-    layers = list(getattr(cache, "layers", []))
-    hybrid = sum(map(_is_hybrid_layer, layers))
-    if not hybrid:
-        return f"softmax KV cache, {type(cache).__name__}"
-    return f"constant-size state in {hybrid}/{len(layers)} layers"
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplyStats:
-    """Speed and memory of one reply. ``tokens`` = prompt + reply, the length the cache reached."""
-
-    prompt_tokens: int
-    new_tokens: int
-    seconds: float  # prefill + decode, wall clock
-    first_token_seconds: float | None  # until the first new token (prefill + one step); None if none came
-    state_bytes: int  # what the generation cache held at the end (generation.state_nbytes)
-    softmax_kv_bytes: int  # what a softmax KV cache would hold at the same length
-    cache: str  # describe_cache() of the generation cache
-    read_tokens: int = -1  # prompt tokens read this turn (the rest was in the kept state); -1: all of them
-    state_tokens: int = 0  # tokens the state has consumed at the end (the last new token is not fed back)
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.new_tokens
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def state_mib(self) -> float:
-        return self.state_bytes / 2**20
-
-    @property
-    def softmax_kv_mib(self) -> float:
-        return self.softmax_kv_bytes / 2**20
-
-    @property
-    def prompt_read(self) -> int:
-        """Prompt tokens read this turn."""
-        return self.prompt_tokens if self.read_tokens < 0 else self.read_tokens
-
-    def summary(self, label: str = "last reply") -> str:
-        """Three lines for ``/stats``."""
-        first = f", first token after {self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else ""
-        kept = self.prompt_tokens - self.prompt_read
-        read = f"{self.prompt_read} read now, {kept} kept in the state" if kept else "all read now"
-        return (
-            f"{label}: {self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_s:.1f} tok/s{first}); "
-            f"prompt {self.prompt_tokens} tokens ({read})\n"
-            f"  state memory {self.state_mib:.2f} MiB ({self.cache}); a softmax KV cache at {self.tokens} tokens: "
-            f"{self.softmax_kv_mib:.2f} MiB\n"
-            f"  the state holds {self.state_tokens} tokens in {self.state_bytes} bytes (constant in length)"
-        )
-
 
 # ---------------------------------------------------------------------------------------------- session
 
@@ -130,6 +43,10 @@ class ChatSession:
     consumed, only the rest is read, which gives the same tokens and logits as reading it all again. When the
     template renders earlier turns differently (or a reply was interrupted, or the system prompt changed) the
     whole conversation is read again from a fresh cache, and a debug log says why.
+
+    ``static`` (default: on CUDA, unless ``LOLCATS_STATIC_DECODE=0``) decodes through
+    :mod:`.static_decode`: the prefill through ``model.generate``, then one CUDA-graph replay per token (eager
+    static steps off CUDA). A model it cannot run (a softmax layer, a window without a ring) uses ``generate``.
     """
 
     def __init__(
@@ -141,6 +58,7 @@ class ChatSession:
         temperature: float = 0.7,
         top_p: float = 0.9,
         keep_state: bool = True,
+        static: bool | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise LolcatsError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}",
@@ -161,6 +79,10 @@ class ChatSession:
         self.keep_state = keep_state
         self._cache: Any = None  # the generation cache kept between turns (None: start afresh)
         self._consumed: list[int] = []  # the tokens that cache has read, in order
+        from .static_decode import static_wanted
+
+        self.static = static_wanted(model, static)
+        self._decoder: Any = None  # the static decoder (its CUDA graph) reused across turns
 
     @property
     def has_template(self) -> bool:
@@ -252,13 +174,14 @@ class ChatSession:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         result: dict[str, Any] = {}
+        static = self.static and not original and self._static_decoder() is not None
 
         def work() -> None:
             import torch
 
             try:
                 with torch.inference_mode(), _original_model(self.model, kwargs) if original else nullcontext():
-                    result["out"] = self.model.generate(**kwargs)
+                    result["out"] = self._static_generate(kwargs, stop) if static else self.model.generate(**kwargs)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -302,6 +225,38 @@ class ChatSession:
             self.last_stats, self.last_original_stats = stats, None
 
 
+    def _static_decoder(self) -> Any:
+        """The static decoder for one row (built once; its CUDA graph captured then), or None when it cannot be
+        built here (the session then uses ``generate``; a warning says why)."""
+        if self._decoder is None:
+            from .static_decode import StaticDecoder
+
+            try:
+                self._decoder = StaticDecoder(self.model, 1)
+            except Exception as e:  # an unfamiliar GPU or model: the eager path still works
+                why = f"{type(e).__name__}: {e}"
+                log.warning("static decoding is off for this chat (%s); using model.generate()", why)
+                self.static = False
+        return self._decoder
+
+    def _static_generate(self, kwargs: dict[str, Any], stop: threading.Event) -> Any:
+        """:func:`.static_decode.static_generate` with ``generate``'s keyword arguments; an object with
+        ``sequences`` and ``cache`` like ``generate``'s output."""
+        from types import SimpleNamespace
+
+        from ..hf_compat import cache_kwarg
+        from .static_decode import static_generate
+
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        sequences, cache, _ = static_generate(
+            self.model, kwargs["input_ids"], kwargs["attention_mask"], max_new_tokens=kwargs["max_new_tokens"],
+            decoder=self._decoder, cache=kwargs.get(cache_kwarg(self.model)),
+            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id, pad_token_id=kwargs["pad_token_id"],
+            do_sample=self.temperature > 0, temperature=self.temperature, top_p=self.top_p,
+            streamer=kwargs["streamer"], should_stop=stop.is_set,
+        )  # fmt: skip
+        return SimpleNamespace(sequences=sequences, cache=cache)
+
     def _state_for(self, ids: list[int]) -> tuple[Any, int]:
         """``(cache, tokens it holds)`` to generate a reply to the conversation ``ids``: the kept cache when its
         tokens are exactly a prefix of ``ids`` (generate() then reads only the rest), else a fresh one."""
@@ -312,7 +267,8 @@ class ChatSession:
         seen = self._consumed
         if self._cache is not None and seen:
             if len(seen) < len(ids) and ids[: len(seen)] == seen:
-                log.debug("chat: %d tokens are in the kept state; reading the %d new ones", len(seen), len(ids) - len(seen))
+                new = len(ids) - len(seen)
+                log.debug("chat: %d tokens are in the kept state; reading the %d new ones", len(seen), new)
                 return self._cache, len(seen)
             at = next((i for i, (a, b) in enumerate(zip(seen, ids)) if a != b), min(len(seen), len(ids)))
             log.debug(

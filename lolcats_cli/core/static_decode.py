@@ -1,0 +1,269 @@
+"""Fast decoding of a converted model: the static state (:mod:`lolcats_cli.kernels.static`) in a cache of its own,
+one model decode step captured in a CUDA graph, and a generation loop around it.
+
+* :class:`StaticHybridLayer`: a :class:`~.generation.HybridLayer` whose state lives in preallocated
+  :class:`~lolcats_cli.kernels.static.StaticState` buffers; a one-token call runs
+  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation.
+* :class:`StaticDecoder`: for a fixed batch, a cache of those layers plus static input buffers (token, position,
+  a placeholder 4-D mask, which transformers passes through as it is); :meth:`~StaticDecoder.step` runs one
+  model decode step, replaying a CUDA graph captured once (``graph=True``, CUDA only) or eagerly (any device:
+  what the CPU tests run). :meth:`~StaticDecoder.load` copies an eager cache's states in after a prefill and
+  :meth:`~StaticDecoder.store` writes them back, so a chat can keep its ordinary cache between turns.
+* :func:`static_generate`: prefill (and the first token) through ``model.generate``, then the decoder's steps.
+
+:func:`static_decode_problem` says why a model cannot use this path (a softmax layer, a window without a ring,
+batch or device); callers fall back to ``model.generate``. ``LOLCATS_STATIC_DECODE=0`` turns the path off
+where it would be used by default (``lolcats chat`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ModelError
+from ..hf_compat import cache_kwarg, last_logits_kwargs, output_cache
+from ..kernels.recurrent import HybridState
+from ..kernels.static import StaticState, fold_width, static_step, static_supported
+from .cache import LinearAttentionCache
+from .convert import linearized_layers
+from .generation import HybridAttentionModule, HybridLayer
+
+log = logging.getLogger(__name__)
+ENV = "LOLCATS_STATIC_DECODE"  # "0" turns the static/CUDA-graph path off where it is the default
+
+
+def static_decode_enabled(device: torch.device) -> bool:
+    """Whether the static path is the default on ``device``: CUDA, unless ``LOLCATS_STATIC_DECODE=0``."""
+    return device.type == "cuda" and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def static_decode_problem(model: Any) -> str | None:
+    """None when every decoder layer of ``model`` is a converted layer in student mode whose window the static
+    step supports; else why not (a sentence)."""
+    layers = linearized_layers(model)
+    n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+    if len(layers) != n:
+        return f"{n - len(layers)} of {n} layers keep softmax attention (a growing KV cache)"
+    for i, m in layers:
+        if m.mode != "student":
+            return f"layer {i} is in {m.mode} mode"
+        if why := static_supported(m.window):
+            return f"layer {i}: {why}"
+    return None
+
+
+def static_wanted(model: Any, static: bool | None) -> bool:
+    """Whether to decode ``model`` through the static path: ``static`` when given, else on CUDA unless
+    ``LOLCATS_STATIC_DECODE=0``; never for a model it cannot run (a debug log says why)."""
+    params = getattr(model, "parameters", None)
+    device = next(params()).device if callable(params) else None
+    if not (static if static is not None else device is not None and static_decode_enabled(device)):
+        return False
+    why = static_decode_problem(model)
+    if why:
+        log.debug("static decoding is off: %s", why)
+    return why is None
+
+
+class StaticHybridLayer(HybridLayer):
+    """A cache layer holding a :class:`StaticState`; :meth:`attend` takes one token per row, in place.
+
+    ``length`` is kept on the host too (for transformers' bookkeeping and ``get_seq_length``); the device
+    copy in the state is what the step reads.
+    """
+
+    def __init__(self, static: StaticState, fold: int) -> None:
+        super().__init__()
+        self.static, self.fold, self.length = static, fold, int(static.length.item())
+        self.is_initialized = True
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn: HybridAttentionModule, mask: Any = None) -> Tensor:
+        if q.shape[2] != 1 or q.shape[0] != self.static.S.shape[0]:
+            raise ModelError(
+                f"layer {attn.layer_idx}: the static decode cache takes one token for each of its "
+                f"{self.static.S.shape[0]} rows; got {q.shape[2]} tokens for {q.shape[0]} rows",
+                hint="prefill with an ordinary cache, then StaticDecoder.load(cache)",
+            )
+        phi_q, phi_k, window_logits, window = attn.kernel_args()
+        return static_step(q, k, v, phi_q, phi_k, window_logits, window, self.static, attn.scaling,
+                           log_decay=attn.log_decay(), fold=self.fold)  # fmt: skip
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return self.static.nbytes()
+
+
+def _empty_static(m: Any, batch: int, device: torch.device, dtype: torch.dtype) -> StaticState:
+    """Zeroed buffers for converted layer ``m`` and ``batch`` rows (K/V in ``dtype``, S and z in fp32)."""
+    with torch.no_grad():
+        probe = torch.zeros(1, m.num_heads, 1, m.head_dim, device=device)
+        features = int(m.feature_map_k(probe).shape[-1])
+    empty = HybridState.empty(batch, m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, features, m.window.span,
+                              device=device, dtype=dtype, sinks=m.window.sinks)  # fmt: skip
+    return StaticState.from_hybrid(empty)
+
+
+class StaticDecoder:
+    """One decode step of ``model`` for ``batch`` rows over static buffers; with ``graph`` (CUDA only) captured
+    once in a CUDA graph and replayed. Use: :meth:`load` an eager cache after the prefill, then :meth:`step`
+    with each next token; :meth:`store` writes the states back into that cache."""
+
+    def __init__(self, model: Any, batch: int, graph: bool | None = None, warmup: int = 2) -> None:
+        if why := static_decode_problem(model):
+            raise ModelError(f"static decoding cannot run this model: {why}", hint="use model.generate()")
+        param = next(model.parameters())
+        self.model, self.batch, self.device = model, batch, param.device
+        self.graph_on = self.device.type == "cuda" if graph is None else graph
+        if self.graph_on and self.device.type != "cuda":
+            raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
+        kv_dtype = model.get_input_embeddings().weight.dtype
+        self.layers = [
+            StaticHybridLayer(_empty_static(m, batch, self.device, kv_dtype), fold_width(m.window))
+            for _, m in linearized_layers(model)
+        ]  # fmt: skip
+        self.cache = LinearAttentionCache(list(self.layers))
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=self.device)  # passed through, unread
+        self.kwargs = {cache_kwarg(model): self.cache, "use_cache": True, **last_logits_kwargs(model)}
+        self.logits: Tensor | None = None
+        self._graph: Any = None
+        if self.graph_on:
+            self._capture(warmup)
+
+    def _forward(self) -> Tensor:
+        out = self.model(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, **self.kwargs)
+        self.positions.add_(1)
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def _capture(self, warmup: int) -> None:
+        """Warm up on a side stream, then capture one step (on zeroed states: :meth:`load` sets the real ones)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self.logits = self._forward()
+
+    @torch.inference_mode()
+    def load(self, cache: Any) -> None:
+        """Copy the states of ``cache`` (a transformers cache of :class:`HybridLayer` s after a prefill of
+        ``batch`` rows) into the static buffers."""
+        layers = list(getattr(cache, "layers", []))
+        filled = all(isinstance(x, HybridLayer) and x.state is not None for x in layers)
+        if len(layers) != len(self.layers) or not filled:
+            raise ModelError("static decoding loads a cache with a filled HybridLayer per layer (after a prefill)")
+        for mine, theirs in zip(self.layers, layers):
+            mine.static.load_(theirs.state, theirs.pads)
+            mine.length = theirs.state.length
+        static = self.layers[0].static
+        self.positions.copy_((static.length - static.pads)[:, None])
+
+    @torch.inference_mode()
+    def store(self, cache: Any) -> None:
+        """Write the decoded states back into ``cache``'s layers (the ones :meth:`load` read)."""
+        for mine, theirs in zip(self.layers, cache.layers):
+            theirs.state = mine.static.to_hybrid()
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed ``tokens`` ``(batch,)`` or ``(batch, 1)`` at the next position; the logits ``(batch, vocab)``
+        (a buffer the next step overwrites)."""
+        self.ids.copy_(tokens.view(self.batch, 1))
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self.logits = self._forward()
+        for layer in self.layers:
+            layer.length += 1
+        assert self.logits is not None
+        return self.logits
+
+    def state_nbytes(self) -> int:
+        """Bytes of all layers' states (constant in the length)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def _sampler(do_sample: bool, temperature: float, top_p: float) -> Callable[[Tensor], Tensor]:
+    """logits ``(B, vocab)`` -> next tokens ``(B,)``: argmax, or sampling with transformers' warpers."""
+    if not do_sample:
+        return lambda logits: logits.argmax(dim=-1)
+    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+
+    def sample(logits: Tensor) -> Tensor:
+        probs = torch.softmax(warpers(None, logits.float()), dim=-1)  # type: ignore[arg-type]
+        return torch.multinomial(probs, 1)[:, 0]
+
+    return sample
+
+
+@torch.inference_mode()
+def static_generate(
+    model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
+    decoder: StaticDecoder | None = None, cache: Any = None, eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
+) -> tuple[Tensor, Any, StaticDecoder]:  # fmt: skip
+    """Generate like ``model.generate`` (greedy, or sampling with temperature / top-p) through a
+    :class:`StaticDecoder`: ``(sequences (B, T + new), the cache, the decoder)``.
+
+    ``model.generate`` prefills ``input_ids`` (into ``cache`` when given: a kept chat state, of which it reads
+    only the new tokens) and picks the first token; the decoder (built for the batch when not given; reuse
+    it across calls to keep its CUDA graph) decodes the rest, and its states are written back into the cache.
+    As with ``generate``, the last token is never fed back; rows that produced an EOS get ``pad_token_id``.
+    ``streamer`` gets the prompt, then each new token, then ``end()``; ``should_stop()`` ends early.
+    """
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                       device=input_ids.device)  # fmt: skip
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1,
+                                  return_dict_in_generate=True, pad_token_id=pad, do_sample=do_sample)  # fmt: skip
+    sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+    kwargs.update(sampling)
+    if cache is not None:
+        kwargs[cache_kwarg(model)] = cache
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    out = model.generate(**kwargs)
+    cache, tokens = output_cache(out), [out.sequences[:, -1]]
+    done = torch.isin(tokens[0], eos)
+    if streamer is not None:
+        streamer.put(tokens[0].cpu())
+    if max_new_tokens > 1 and not bool(done.all()) and not (should_stop and should_stop()):
+        if decoder is None or decoder.batch != input_ids.shape[0]:
+            decoder = StaticDecoder(model, input_ids.shape[0])
+        decoder.load(cache)
+        pick = _sampler(do_sample, temperature, top_p)
+        for _ in range(max_new_tokens - 1):
+            nxt = torch.where(done, torch.full_like(tokens[-1], pad), pick(decoder.step(tokens[-1])))
+            tokens.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if bool(done.all()) or (should_stop and should_stop()):
+                break
+        decoder.store(cache)
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.cat([out.sequences, *(t[:, None] for t in tokens[1:])], dim=1)
+    return sequences, cache, decoder  # type: ignore[return-value]
+
+
+__all__ = [
+    "ENV", "StaticDecoder", "StaticHybridLayer", "static_decode_enabled", "static_decode_problem", "static_generate",
+    "static_wanted",
+]

@@ -1,0 +1,111 @@
+"""core/static_decode.py: a converted tiny Llama decodes through the static cache (eagerly on CPU; the CUDA-graph
+replay on CUDA only) exactly as model.generate does, left-padded batches included; the state is written back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lolcats_cli.core.static_decode import (
+    StaticDecoder,
+    static_decode_enabled,
+    static_decode_problem,
+    static_generate,
+)
+from lolcats_cli.errors import ModelError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CUDA = torch.cuda.is_available()
+
+
+def _converted(model_dir, device="cpu", **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.convert import convert_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    defaults = dict(window="terrace", window_params={"size": 4, "sinks": 2}, decay=True)
+    return convert_model(model, **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return _converted(tiny_model_dir)
+
+
+def _batch(vocab: int, pads: tuple[int, ...] = (0, 3), length: int = 13):
+    ids = torch.randint(3, vocab, (len(pads), length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row, p in enumerate(pads):
+        ids[row, :p], mask[row, :p] = 0, 0
+    return ids, mask
+
+
+def _reference(model, ids, mask, n):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                              temperature=None, top_p=None, top_k=None)  # fmt: skip
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 3)], ids=["unpadded", "left-padded"])
+def test_static_generate_equals_generate(tiny, pads) -> None:
+    ids, mask = _batch(tiny.config.vocab_size, pads)
+    want = _reference(tiny, ids, mask, 40)
+    got, cache, decoder = static_generate(tiny, ids, mask, max_new_tokens=40, pad_token_id=0)
+    assert not decoder.graph_on
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == got.shape[1] - 1  # the last token is never fed back
+
+
+def test_the_decoder_steps_give_generate_s_logits_and_keep_their_size(tiny) -> None:
+    from lolcats_cli.core.cache import make_cache
+
+    ids, mask = _batch(tiny.config.vocab_size)
+    with torch.inference_mode():
+        cache = make_cache(tiny)
+        logits = tiny(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+        decoder = StaticDecoder(tiny, 2)
+        size = decoder.state_nbytes()
+        decoder.load(cache)
+        for t in range(12):
+            nxt = logits.argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position_ids = (mask.sum(dim=-1, keepdim=True) - 1)  # a padded row's positions start at its first token
+            logits = tiny(nxt[:, None], attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+            logits = logits.logits[:, -1]
+            torch.testing.assert_close(decoder.step(nxt), logits, atol=1e-4, rtol=1e-4)
+        assert decoder.state_nbytes() == size and decoder.layers[0].get_seq_length() == cache.get_seq_length()
+        decoder.store(cache)
+        for mine, theirs in zip(decoder.layers, cache.layers):
+            torch.testing.assert_close(mine.static.to_hybrid().S, theirs.state.S)
+
+
+def test_models_the_static_path_cannot_run_are_refused(tiny_model_dir) -> None:
+    partial = _converted(tiny_model_dir, layers=[0])
+    assert "1 of 2 layers keep softmax attention" in static_decode_problem(partial)
+    with pytest.raises(ModelError, match="static decoding cannot run this model"):
+        StaticDecoder(partial, 1)
+    assert "span 0" in static_decode_problem(_converted(tiny_model_dir, window="none"))
+
+
+def test_the_env_var_turns_the_default_off(monkeypatch) -> None:
+    assert not static_decode_enabled(torch.device("cpu"))
+    monkeypatch.setenv("LOLCATS_STATIC_DECODE", "0")
+    assert not static_decode_enabled(torch.device("cuda"))
+    monkeypatch.setenv("LOLCATS_STATIC_DECODE", "1")
+    assert static_decode_enabled(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_decoding(tiny_model_dir, dtype) -> None:
+    model = _converted(tiny_model_dir, device="cuda").to(dtype)
+    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    want = _reference(model, ids, mask, 64)
+    got, _, decoder = static_generate(model, ids, mask, max_new_tokens=64, pad_token_id=0)
+    assert decoder.graph_on and decoder._graph is not None
+    agree = (got == want).float().mean().item()
+    assert agree == 1.0 if dtype == torch.float32 else agree > 0.9
+    again, _, same = static_generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, decoder=decoder)
+    assert same is decoder and torch.equal(again, got)  # the captured graph is reused
