@@ -55,6 +55,8 @@ def static_decode_problem(model: Any) -> str | None:
             return f"layer {i} is in {m.mode} mode"
         if why := static_supported(m.window):
             return f"layer {i}: {why}"
+        if not getattr(m.kernel, "exact", True):  # an approximation keeps a state the static step does not know
+            return f"layer {i} runs the approximate kernel {m.kernel.name!r}"
     return None
 
 
@@ -163,6 +165,8 @@ class StaticDecoder:
         ``batch`` rows) into the static buffers."""
         layers = list(getattr(cache, "layers", []))
         filled = all(isinstance(x, HybridLayer) and x.state is not None for x in layers)
+        if any(getattr(x.state, "recall", None) is not None for x in layers if isinstance(x, HybridLayer)):
+            raise ModelError("static decoding cannot load a state with a recall cache (an approximate kernel)")
         if len(layers) != len(self.layers) or not filled:
             raise ModelError("static decoding loads a cache with a filled HybridLayer per layer (after a prefill)")
         for mine, theirs in zip(self.layers, layers):
