@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lolcats_cli.cli.main import register_commands
 from lolcats_cli.core import lm_eval_bridge
-from lolcats_cli.core.evaluate import ROWS, as_row, evaluate_run, sink_mask, zero_linear_branch
+from lolcats_cli.core.evaluate import DEFAULT_ROWS, as_row, evaluate_run, sink_mask, zero_linear_branch
 from lolcats_cli.core.passkey import build_prompts
 from lolcats_cli.core.progress import NullReporter
 from lolcats_cli.core.transfer import run_transfer
@@ -113,7 +113,7 @@ def _direct_ppl(model_dir: Path, text_file: Path, context: int) -> float:
 
 
 def test_every_row_has_every_metric_and_values_are_finite(report):
-    assert list(report.rows) == list(ROWS)
+    assert list(report.rows) == list(DEFAULT_ROWS)
     for name, row in report.rows.items():
         assert set(row.perplexity) == set(CONTEXTS), name
         assert set(row.perplexity_past_1024) == {1100}, name
@@ -130,7 +130,7 @@ def test_every_row_has_every_metric_and_values_are_finite(report):
 def test_progress_has_one_step_per_row_and_context_or_passkey_length(recorded):
     _, progress = recorded
     # per row: 2 contexts + 1 passkey length, and the attention MSE for the 2 linearized rows
-    units = len(ROWS) * (len(CONTEXTS) + 1) + 2
+    units = len(DEFAULT_ROWS) * (len(CONTEXTS) + 1) + 2
     assert progress.calls[0] == ("start", "eval", units, 0) and progress.calls[-1] == ("finish",)
     steps = [c for c in progress.calls if c[0] == "step"]
     assert [c[1] for c in steps] == list(range(1, units + 1)) and all(c[2] == units for c in steps)
@@ -167,6 +167,24 @@ def test_passkey_is_deterministic_with_the_seed(report, run_dir, tiny_tokenizer)
     first, same, other = (build_prompts(tiny_tokenizer, 256, 3, seed) for seed in (0, 0, 1))
     assert first == same and first != other
     assert all(len(p.prompt_ids) + len(p.answer_ids) <= 256 for p in first)
+
+
+def test_recall_row_spans_linearized_to_teacher(run_dir, text_file):
+    """The recall-cache row: with 0 slots it is the linearized row; with a slot for every key no key is linear
+    any more and a transfer run (projections untouched) is its teacher again."""
+    def ppl(rows, slots):
+        report = evaluate_run(run_dir, text_file=text_file, contexts=(1100,), passkey_lengths=(), max_tokens=1100,
+                              device="cpu", rows=rows, recall_slots=slots)
+        return {name: row.perplexity[1100] for name, row in report.rows.items()}
+
+    none, every = ppl(["linearized"], 0), ppl(["teacher"], 1100)
+    assert list(none) == ["linearized", "linearized_recall"] and list(every) == ["teacher", "linearized_recall"]
+    assert none["linearized_recall"] == pytest.approx(none["linearized"], rel=1e-6)
+    assert every["linearized_recall"] == pytest.approx(every["teacher"], rel=1e-6)
+    # (a random tiny model: its rows differ little, but far more than the agreement above)
+    assert every["teacher"] != pytest.approx(none["linearized"], rel=1e-4)
+    with pytest.raises(ConfigError, match="recall_slots=-1"):
+        evaluate_run(run_dir, contexts=(), passkey_lengths=(), device="cpu", recall_slots=-1)
 
 
 def test_context_managers_put_everything_back(tiny_model_dir):
@@ -261,7 +279,10 @@ def test_cli_tables_and_json(run_dir, text_file):
     done = runner.invoke(app, [*args[:5], "68", "--passkey", "none", "--max-tokens", "136", "--json"])
     assert done.exit_code == 0, done.output
     data = json.loads(done.stdout)
-    assert set(data["rows"]) == set(ROWS) and data["contexts"] == [68]
+    assert set(data["rows"]) == set(DEFAULT_ROWS) and data["contexts"] == [68]
+    recall = runner.invoke(app, [*args[:5], "68", "--passkey", "none", "--max-tokens", "136", "--json", "--recall", "4"])
+    assert recall.exit_code == 0, recall.output
+    assert set(json.loads(recall.stdout)["rows"]) == {*DEFAULT_ROWS, "linearized_recall"}
     helped = runner.invoke(app, ["eval", "--help"], terminal_width=200)
     out = helped.output
     assert out.index("--json") < out.index("Examples") < out.rindex("lolcats eval runs/")  # help ends with examples

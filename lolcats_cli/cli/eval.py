@@ -25,11 +25,15 @@ EXAMPLES = """
   [dim]# a plain model (teacher and sink-window rows only), machine-readable[/dim]
   lolcats eval --model smollm2-135m --passkey 512,1024 --json
 
+  [dim]# beside them, the model with a recall cache of 64 exact keys per KV head (passkey beyond the window)[/dim]
+  lolcats eval runs/smollm2-135m --recall 64 --passkey 1024,2048
+
   [dim]# a local lm-eval task (its YAML in my_tasks/), 0-shot[/dim]
   lolcats eval runs/smollm2-135m --tasks my_task --include-path my_tasks --num-fewshot 0
 """
 
-TITLES = {"teacher": "teacher", "sink_window": "sink window", "linearized": "linearized", "linear_zeroed": "linear zeroed"}
+TITLES = {"teacher": "teacher", "sink_window": "sink window", "linearized": "linearized", "linear_zeroed": "linear zeroed",
+          "linearized_recall": "linearized + recall cache"}
 
 
 def _ints(value: Optional[str], flag: str) -> list[int]:
@@ -134,6 +138,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the passkey prompts and lm-eval sampling."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (nothing else)."),
+    recall: Optional[int] = typer.Option(None, "--recall", help="Add a row with a recall cache of this many keys per KV head: the keys the linear state recalls worst, kept exactly (inference only)."),
 ) -> None:
     """Evaluate a linearized run beside its teacher, a 64+4 sink-window softmax, and its window alone."""
     from ..core.evaluate import evaluate_run
@@ -145,7 +150,7 @@ def eval_command(
         run_dir, model, text_file=text, dataset=dataset, contexts=_ints(contexts, "--contexts"),
         passkey_lengths=_ints(passkey, "--passkey"), passkey_n=passkey_n, seed=seed, tasks=task_list,
         num_fewshot=num_fewshot, limit=_limit(limit), include_path=include_path, device=device,
-        max_tokens=max_tokens or None, reporter=RichReporter(),
+        max_tokens=max_tokens or None, reporter=RichReporter(), recall_slots=recall,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

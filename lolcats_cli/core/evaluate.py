@@ -7,7 +7,9 @@ Rows (docs/method.md section 5 lists the weaknesses they expose):
   with a 4-D mask built per length; a strong short-context baseline);
 * ``linearized``: the hybrid model (student mode, LoRA on for a finetune run);
 * ``linear_zeroed``: student mode with phi_q forced to zero, so only the softmax window carries (how much
-  the hybrid leans on its window).
+  the hybrid leans on its window);
+* ``linearized_recall`` (only when asked for): the hybrid model with a recall cache of the keys its linear
+  state recalls worst, kept exactly (:mod:`lolcats_cli.kernels.recall`; ``recall_slots`` keys per KV head).
 
 Metrics per row: perplexity at each context length over non-overlapping windows, and on the positions past
 1024 alone (where only long-range context helps); per-layer attention MSE against the teacher (linearized
@@ -35,7 +37,8 @@ from ..errors import ConfigError, DataError, LolcatsError, did_you_mean
 from ..hf_compat import peek_attention_cache
 from .progress import NullReporter, Reporter, StepInfo
 
-ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed")
+ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed", "linearized_recall")
+DEFAULT_ROWS: tuple[str, ...] = ROWS[:4]
 SOFTMAX_ROWS: tuple[str, ...] = ("teacher", "sink_window")
 SINK_WINDOW, SINK_TOKENS = 64, 4
 LONG_RANGE_FROM = 1024  # "past 1024": targets at positions >= 1024
@@ -170,8 +173,27 @@ def zero_linear_branch(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def recall_kernel(model: nn.Module, slots: int | None) -> Iterator[None]:
+    """Within the block every converted layer runs the recall kernel with ``slots`` keys per KV head (None:
+    ``LOLCATS_RECALL_SLOTS`` or its default); each layer's own kernel choice is restored afterwards."""
+    from ..kernels.recall import RecallKernel
+    from .convert import linearized_layers
+
+    layers = [m for _, m in linearized_layers(model)]
+    before = [m._kernel for m in layers]
+    kernel = RecallKernel(slots)
+    try:
+        for m in layers:
+            m.kernel = kernel
+        yield
+    finally:
+        for m, k in zip(layers, before):
+            m.kernel = k
+
+
+@contextlib.contextmanager
 def as_row(model: nn.Module, row: str, *, peft_model: Any = None, sink_window: int = SINK_WINDOW,
-           sinks: int = SINK_TOKENS) -> Iterator[None]:
+           sinks: int = SINK_TOKENS, recall_slots: int | None = None) -> Iterator[None]:
     """Put the converted ``model`` in the attention setting of ``row`` (one of :data:`ROWS`) for the block.
 
     ``peft_model``: the PeftModel around ``model`` of a finetune run; its adapters are off for the softmax
@@ -194,6 +216,8 @@ def as_row(model: nn.Module, row: str, *, peft_model: Any = None, sink_window: i
                 set_mode(model, "student")
                 if row == "linear_zeroed":
                     stack.enter_context(zero_linear_branch(model))
+                if row == "linearized_recall":
+                    stack.enter_context(recall_kernel(model, recall_slots))
             yield
     finally:
         set_mode(model, before)
@@ -341,9 +365,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def _pick_rows(rows: Sequence[str] | None, converted: bool) -> list[str]:
-    available = ROWS if converted else SOFTMAX_ROWS
     if rows is None:
-        return list(available)
+        return list(DEFAULT_ROWS if converted else SOFTMAX_ROWS)
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise ConfigError([f"rows: unknown row {r!r}; {did_you_mean(r, ROWS)}valid: {', '.join(ROWS)}" for r in bad])
@@ -403,7 +426,7 @@ def eval_units(rows: Sequence[str], contexts: Sequence[int], mse_context: int | 
     units: list[tuple[str, str, Any]] = []
     for row in rows:
         units += [(row, "perplexity", c) for c in contexts]
-        if mse_context is not None and row not in SOFTMAX_ROWS:
+        if mse_context is not None and row not in (*SOFTMAX_ROWS, "linearized_recall"):
             units.append((row, "mse", mse_context))
         units += [(row, "passkey", n) for n in passkey_lengths]
         units += [(row, "lm-eval", t) for t in tasks]
@@ -424,7 +447,8 @@ def _run_rows(hf_model: nn.Module, peft_model: Any, tokenizer: Any, device: torc
     try:
         for done, (row, kind, what) in enumerate(units, 1):
             result = results[row]
-            with as_row(hf_model, row, peft_model=peft_model, sink_window=options["sink_window"], sinks=options["sinks"]):
+            with as_row(hf_model, row, peft_model=peft_model, sink_window=options["sink_window"], sinks=options["sinks"],
+                        recall_slots=options.get("recall_slots")):
                 if kind == "perplexity":
                     reporter.log(f"{row}: perplexity at {what} tokens")
                     ppl, past = perplexities(hf_model, {what: batches[what]}, device)
@@ -473,8 +497,12 @@ def evaluate_run(
     sink_window: int = SINK_WINDOW,
     sink_tokens: int = SINK_TOKENS,
     reporter: Reporter | None = None,
+    recall_slots: int | None = None,
 ) -> EvalReport:
     """Compare the rows of :data:`ROWS` on perplexity, attention MSE, passkey retrieval and lm-eval tasks.
+
+    ``recall_slots``: add the ``linearized_recall`` row (when ``rows`` is None) with this many recall-cache keys
+    per KV head; with ``rows`` naming that row and no ``recall_slots``, ``LOLCATS_RECALL_SLOTS`` or its default.
 
     ``run_dir`` (a finished transfer or finetune run) or ``model_id`` (a plain model: teacher and sink rows
     only). ``max_tokens`` caps the tokens evaluated per context length (None = all the text). Every argument
@@ -489,6 +517,13 @@ def evaluate_run(
     converted_run = _check_arguments(run_dir, model_id, text_file, dataset, passkey_lengths, passkey_n, max_tokens,
                                      sink_window, sink_tokens)
     chosen = _pick_rows(rows, converted_run)
+    if recall_slots is not None:
+        if recall_slots < 0:
+            raise ConfigError(f"recall_slots={recall_slots}: a recall cache holds 0 or more keys", "e.g. --recall 64")
+        if not converted_run:
+            raise ConfigError("the recall-cache row needs a linearized run; a plain --model has no linear branch",
+                              "pass a run directory instead of --model")
+        chosen = list(dict.fromkeys([*chosen, "linearized_recall"]))
     taskset = None
     if tasks:
         from .lm_eval_bridge import resolve_tasks
@@ -511,7 +546,7 @@ def evaluate_run(
 
     results = _run_rows(hf_model, peft_model, tokenizer, device, chosen, batches, mse_context, prompts, taskset,
                         reporter, num_fewshot=num_fewshot, limit=limit, seed=seed, sink_window=sink_window,
-                        sinks=sink_tokens)  # fmt: skip
+                        sinks=sink_tokens, recall_slots=recall_slots)  # fmt: skip
 
     return EvalReport(
         source=str(run_dir if run_dir is not None else model_id), kind="run" if converted_run else "model",
@@ -522,7 +557,8 @@ def evaluate_run(
 
 
 __all__ = [
-    "ROWS", "SOFTMAX_ROWS", "SINK_WINDOW", "SINK_TOKENS", "RowResult", "EvalReport", "evaluate_run", "as_row",
-    "sink_attention", "sink_mask", "zero_linear_branch", "token_nll", "mean_token_nll", "perplexities",
+    "ROWS", "DEFAULT_ROWS", "SOFTMAX_ROWS", "SINK_WINDOW", "SINK_TOKENS", "RowResult", "EvalReport", "evaluate_run",
+    "as_row", "sink_attention", "sink_mask", "zero_linear_branch", "recall_kernel", "token_nll", "mean_token_nll",
+    "perplexities",
     "attention_mse", "load_tokens", "windows", "check_run_dir",
 ]

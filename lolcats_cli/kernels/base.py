@@ -34,11 +34,13 @@ class Kernel:
 
     ``name``: its key in :data:`~.registry.KERNELS` and the value of ``LOLCATS_KERNEL`` that picks it.
     ``priority``: the automatic choice is the available kernel of highest priority; a negative priority
-    (the naive reference) is only used when asked for by name.
+    (the naive reference) is only used when asked for by name. ``exact``: whether it computes the op itself
+    (agreement tests hold it to the naive reference) or an approximation of it.
     """
 
     name: str = ""
     priority: int = 0
+    exact: bool = True  # computes the op itself; False for an approximation (the recall cache), never auto-chosen
 
     def available(self, device: torch.device) -> bool:
         """Whether this kernel can run on ``device`` here (a GPU kernel checks the device and its library)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,8 @@ class HybridState:
     ``(B, H, F)`` fp32: the linear state of every key before ``clamp(window.start(length), 0, length)``.
     length: tokens consumed so far, the position of the next token. k_sink ``(B, Hkv, sinks, D)`` and
     v_sink: the keys and values of positions ``[0, sinks)`` (zeros for positions not seen yet), or None
-    for a window without sinks; they never enter S and z.
+    for a window without sinks; they never enter S and z. recall: the recall cache of the ``recall`` kernel
+    (:class:`~.recall.RecallSlots`, a dataclass of tensors), or None.
     """
 
     k_buf: Tensor
@@ -60,11 +62,17 @@ class HybridState:
     length: int
     k_sink: Tensor | None = None
     v_sink: Tensor | None = None
+    recall: Any = None
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> HybridState:
         """The state with ``fn`` applied to every tensor (batch reordering, device moves)."""
         sinks = [None if x is None else fn(x) for x in (self.k_sink, self.v_sink)]
-        return HybridState(fn(self.k_buf), fn(self.v_buf), fn(self.S), fn(self.z), self.length, *sinks)
+        recall = None
+        if self.recall is not None:
+            recall = dataclasses.replace(
+                self.recall, **{f.name: fn(getattr(self.recall, f.name)) for f in dataclasses.fields(self.recall)}
+            )
+        return HybridState(fn(self.k_buf), fn(self.v_buf), fn(self.S), fn(self.z), self.length, *sinks, recall)
 
     @classmethod
     def empty(
@@ -100,7 +108,8 @@ class HybridState:
     def nbytes(self) -> int:
         """Bytes held by the state's tensors: independent of ``length``."""
         tensors = (self.k_buf, self.v_buf, self.S, self.z, self.k_sink, self.v_sink)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        extra = 0 if self.recall is None else self.recall.nbytes()
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + extra
 
 
 def folded_before(window: Window, length: int) -> int:
@@ -117,7 +126,7 @@ def last_positions(x: Tensor, n: int) -> Tensor:
     return torch.cat([x.new_zeros(*x.shape[:2], n - T, x.shape[3]), x], dim=2)
 
 
-def _check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Window) -> None:
+def check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Window) -> None:
     """Raise ``ValueError`` unless ``state`` fits the new tokens and the window."""
     B, H, t, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -155,7 +164,7 @@ def hybrid_step(
     Returns ``(B, H, t, Dv)`` in q's dtype and the new state (``state`` itself is not modified).
     """
     check_inputs(q, k, v, window_logits, log_decay)
-    _check_state(q, k, v, state, window)
+    check_state(q, k, v, state, window)
     H, t, D = q.shape[1], q.shape[2], q.shape[3]
     P, L = window.span, state.length
     scale = D**-0.5 if scale is None else scale
@@ -206,4 +215,4 @@ def hybrid_step(
     return y.to(q.dtype), new_state
 
 
-__all__ = ["HybridState", "folded_before", "hybrid_step", "last_positions"]
+__all__ = ["HybridState", "check_state", "folded_before", "hybrid_step", "last_positions"]

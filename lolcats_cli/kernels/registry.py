@@ -19,10 +19,13 @@ from ..errors import ConfigError, did_you_mean
 from .base import Kernel
 from .chunked import ChunkedKernel
 from .naive import NaiveKernel
+from .recall import RecallKernel
 from .triton_hybrid import TritonKernel
 
 ENV_VAR = "LOLCATS_KERNEL"
-KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (ChunkedKernel(), NaiveKernel(), TritonKernel())}
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel for kernel in (ChunkedKernel(), NaiveKernel(), RecallKernel(), TritonKernel())
+}
 _auto: dict[str, Kernel] = {}  # device type -> the automatic choice
 
 

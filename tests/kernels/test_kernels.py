@@ -26,8 +26,12 @@ def _inputs(seed: int = 0) -> tuple:
     return q, k, v, phi, phi, torch.randn(H, generator=gen)
 
 
+# every kernel that computes the op itself (the recall cache is an approximation: tests/kernels/test_recall.py)
+EXACT = [name for name, kernel in KERNELS.items() if kernel.exact]
+
+
 @pytest.mark.parametrize("window_name", list(WINDOWS))
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", EXACT)
 def test_every_form_of_every_kernel_matches_naive(name: str, window_name: str) -> None:
     kernel: Kernel = KERNELS[name]
     window = WINDOWS[window_name]
@@ -44,7 +48,7 @@ def test_every_form_of_every_kernel_matches_naive(name: str, window_name: str) -
     torch.testing.assert_close(torch.cat(outs, dim=2), ref, **TOL)
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", EXACT)
 def test_left_padded_rows_match_each_row_alone(name: str) -> None:
     kernel, window = KERNELS[name], WINDOWS["terrace4-sinks2"]
     q, k, v, phi_q, phi_k, logits = _inputs(1)
