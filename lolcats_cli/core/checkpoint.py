@@ -70,10 +70,3 @@ def load_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
 
-
-def save_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, write)

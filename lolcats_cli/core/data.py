@@ -60,10 +60,6 @@ class PackedData:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
-
 
 def resolve_template(data_cfg: Any, cols: list[str]) -> str:
     """The template for columns ``cols``: ``data.template``, or the one "auto" detects."""

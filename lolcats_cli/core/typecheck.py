@@ -217,9 +217,4 @@ def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def field_type(cls: type, name: str) -> Any:
-    """The resolved annotation of field ``name`` of dataclass ``cls``."""
-    return typing.get_type_hints(cls)[name]
-
-
-__all__ = ["option", "build", "convert", "check_limits", "describe", "show", "key", "field_type"]
+__all__ = ["option", "build", "convert", "check_limits", "describe", "show", "key"]
