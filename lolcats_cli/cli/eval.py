@@ -161,6 +161,9 @@ def eval_command(
     footer = f"{report.wall_time_s / 60:.1f} min · seed {report.seed}"
     if report.passkey_lengths:  # --passkey none: no passkey prompts were run, so none to count
         footer += f" · passkey {report.passkey_n} prompts per length"
+    if report.softmax_layers:
+        footer += (f" · layers {report.softmax_layers} kept as softmax attention (their KV cache grows with the "
+                   "context; every other layer's state is constant)")
     stdout.print(f"[dim]{footer}[/dim]")
 
 

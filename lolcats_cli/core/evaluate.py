@@ -77,6 +77,7 @@ class EvalReport:
     rows: dict[str, RowResult]
     max_tokens: int | None = None  # the cap on perplexity tokens per context length (None = all)
     wall_time_s: float = 0.0
+    softmax_layers: list[int] = dataclasses.field(default_factory=list)  # kept as softmax (attention.softmax_layers)
 
     def to_dict(self) -> dict[str, Any]:
         def keys_to_str(value: Any) -> Any:
@@ -170,6 +171,14 @@ def zero_linear_branch(model: nn.Module) -> Iterator[None]:
     finally:
         for m, fm in zip(layers, originals, strict=True):
             m.feature_map_q = fm
+
+
+def softmax_layers_of(model: nn.Module) -> list[int]:
+    """The decoder layers of a converted model that are not converted (kept as softmax attention)."""
+    from .convert import linearized_layers
+
+    converted = {i for i, _ in linearized_layers(model)}
+    return [i for i in range(model.config.num_hidden_layers) if i not in converted]
 
 
 @contextlib.contextmanager
@@ -553,6 +562,7 @@ def evaluate_run(
         text=what, text_tokens=int(stream.numel()), contexts=contexts, passkey_lengths=passkey_lengths,
         passkey_n=passkey_n, seed=seed, tasks=list(taskset.names) if taskset else [], mse_context=mse_context,
         rows=results, max_tokens=max_tokens, wall_time_s=time.perf_counter() - start,
+        softmax_layers=softmax_layers_of(hf_model) if converted_run else [],
     )  # fmt: skip
 
 

@@ -152,10 +152,11 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
     """Write ``lolcats_config.json``, ``attention.safetensors`` and the peft ``adapter/`` (if any) into ``out``."""
     import dataclasses
 
-    from .checkpoint import load_json, save_json
+    from .checkpoint import load_json, load_tensors, save_json, save_tensors
     from .models import read_base_config
     from .recipe import load_recipe, versions
     from .registry import build_params, get_feature_map, get_window
+    from .softmax_layers import drop_layers, resolve_softmax_layers, without
     from .workspace import RESOLVED_RECIPE, plugin_versions
 
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
@@ -165,8 +166,13 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
     fm_params = build_params(get_feature_map(att.feature_map), att.feature_map_params, "attention.feature_map_params")
     win_params = build_params(get_window(att.window), att.window_params, "attention.window_params")
     layers = list(range(arch["num_hidden_layers"])) if att.layers == "all" else sorted(att.layers)
+    softmax = resolve_softmax_layers(att.softmax_layers, run_dir)  # kept as softmax: not converted on load
+    layers = without(layers, softmax)
 
-    shutil.copyfile(run_dir / ATTENTION_WEIGHTS, out / ATTENTION_WEIGHTS)
+    if softmax:
+        save_tensors(out / ATTENTION_WEIGHTS, drop_layers(load_tensors(run_dir / ATTENTION_WEIGHTS, "cpu"), softmax))
+    else:
+        shutil.copyfile(run_dir / ATTENTION_WEIGHTS, out / ATTENTION_WEIGHTS)
     has_adapter = (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
     if has_adapter:
         missing = [n for n in PEFT_FILES if not (run_dir / ADAPTER_DIR / n).is_file()]

@@ -115,6 +115,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
 
     from .convert import attention_state_dict
     from .data import build_datasets
+    from .softmax_layers import resolve_softmax_layers
 
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
@@ -123,6 +124,9 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     if not resume:
         base = load_recipe(source_run / RESOLVED_RECIPE)
         recipe = Recipe.from_dict(apply_overrides(base.to_dict(), list(overrides)))
+        # the layers the transfer run keeps as softmax, by index: this run never reads its metrics again
+        softmax = resolve_softmax_layers(base.attention.softmax_layers, source_run)
+        recipe.attention.softmax_layers = softmax or None
         save_json(run_dir / "source.json", {"transfer_run": str(source_run.resolve())})  # before the recipe,
         record_run(run_dir, recipe)  # which marks a run directory that --resume can start again from
         shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)

@@ -65,6 +65,11 @@ class AttentionConfig:
             lowers the loss (false: the paper's method, linear weight 1).
         decay: a learnable per-head decay of the linear branch (key j weighs d_h^(n - j) at query n), the
             heads starting spread over horizons of 64 to 4096 tokens (false: no decay, the paper's method).
+        softmax_layers: layers kept as ordinary softmax attention after stage 1: None (none), "auto:K" (the K
+            layers whose attention transfer left the highest held-out MSE, read from the transfer run's
+            metrics.json once it finished) or a list of layer indices. Stage 1 trains every converted layer;
+            from then on (finetune, eval, chat, export) these layers run the original attention, with a KV
+            cache that grows with the context.
         kernel: the attention kernel every converted layer runs ("chunked", "naive", or one registered in
             lolcats_cli/kernels/registry.py); None = the best available for the device (LOLCATS_KERNEL
             overrides that automatic choice).
@@ -80,6 +85,7 @@ class AttentionConfig:
     layers: Literal["all"] | list[int] = option("all", min_len=1, items={"ge": 0})
     linear_gate: bool = False
     decay: bool = False
+    softmax_layers: str | list[int] | None = None
     kernel: str | None = None
 
 
@@ -246,6 +252,9 @@ def _cross_checks(r: Recipe) -> list[str]:
     out = []
     if isinstance(r.attention.layers, list) and len(set(r.attention.layers)) != len(r.attention.layers):
         out.append(f"attention.layers: repeated layer indices in {r.attention.layers}")
+    from .softmax_layers import check_softmax_layers
+
+    out += check_softmax_layers(r.attention.softmax_layers, r.attention.layers)
     if r.transfer.mse_weight == 0 and r.transfer.attn_ce_weight == 0:
         out.append("transfer.mse_weight: both mse_weight and attn_ce_weight are 0, so nothing would train")
     if r.model.gguf_file is not None and r.model.name.endswith(".gguf"):

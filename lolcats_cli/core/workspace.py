@@ -14,7 +14,7 @@ import contextlib
 import errno
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,22 +208,31 @@ def check_window_fits(recipe: Recipe) -> None:
     )
 
 
-def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "student"):
-    """Load the recipe's base model and swap its attentions; returns ``(model, tokenizer, source_info)``."""
+def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "student",
+                         softmax_layers: Sequence[int] = ()):
+    """Load the recipe's base model and swap its attentions; returns ``(model, tokenizer, source_info)``.
+
+    ``softmax_layers``: layers left unconverted although ``attention.layers`` names them (the resolved
+    ``attention.softmax_layers`` of a finished transfer run)."""
     from .convert import convert_model
     from .models import check_seq_len, load_model
+    from .softmax_layers import without
 
     check_plugins(recipe)  # fail before the (slow) model load
     model, tokenizer, source = load_model(recipe.model, device=device)
     check_seq_len(model, recipe.data.seq_len)
     att = recipe.attention
+    layers = att.layers
+    if softmax_layers:
+        every = list(range(model.config.num_hidden_layers)) if layers == "all" else list(layers)
+        layers = without(every, softmax_layers)
     convert_model(
         model,
         feature_map=att.feature_map,
         feature_map_params=att.feature_map_params,
         window=att.window,
         window_params=att.window_params,
-        layers=att.layers,
+        layers=layers,
         mode=mode,
         linear_gate=att.linear_gate,
         decay=att.decay,
@@ -241,6 +250,7 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
     finetune run, its LoRA adapter applied (merged into the weights unless ``merge_lora`` is False)."""
     from .checkpoint import load_tensors
     from .convert import load_attention_state_dict
+    from .softmax_layers import drop_layers, resolve_softmax_layers
 
     run_dir = Path(run_dir)
     weights = run_dir / "attention.safetensors"
@@ -252,8 +262,9 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
         )
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     device = pick_device(device)
-    model, tokenizer, _ = load_converted_model(recipe, device, mode=mode)
-    load_attention_state_dict(model, load_tensors(weights, device))
+    softmax = resolve_softmax_layers(recipe.attention.softmax_layers, run_dir)
+    model, tokenizer, _ = load_converted_model(recipe, device, mode=mode, softmax_layers=softmax)
+    load_attention_state_dict(model, drop_layers(load_tensors(weights, device), softmax))
     adapter = run_dir / "adapter"
     if (adapter / "adapter_config.json").exists():
         from peft import PeftModel
