@@ -1,6 +1,7 @@
 """Block-wise attention transfer (issue 14) on tiny random Llamas: it matches joint transfer with one block,
 stores raw residual inputs, resumes at the unfinished block, refuses a too-small disk with the numbers, and
-spreads its blocks over two gloo ranks (torchrun) with the same result as one rank."""
+spreads its blocks over two gloo ranks (torchrun) with the same result as one rank. Joint transfer over two
+ranks (FSDP2) matches joint transfer in one process."""
 
 from __future__ import annotations
 
@@ -132,20 +133,36 @@ def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(mode
     assert not (tmp_path / "run").exists()
 
 
-def test_two_gloo_ranks_under_torchrun_match_one_rank(model_dir, blocks_of_one, tmp_path):
+def _torchrun_transfer(recipe, tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """``torchrun --nproc-per-node 2 -m lolcats_cli transfer`` (gloo on CPU) of ``recipe``: (run, process)."""
     from lolcats_cli.core.recipe import save_resolved
 
-    run = tmp_path / "run"
-    recipe = save_resolved(tiny_recipe(model_dir, *BLOCKS_OF_ONE), tmp_path / "recipe")
+    run, path = tmp_path / "run", save_resolved(recipe, tmp_path / "recipe")
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "lolcats_cli", "transfer", "--recipe", str(recipe), "--output", str(run), "--device", "cpu"],
+         "-m", "lolcats_cli", "transfer", "--recipe", str(path), "--output", str(run), "--device", "cpu"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return run, proc
+
+
+def test_two_gloo_ranks_under_torchrun_match_one_rank(model_dir, blocks_of_one, tmp_path):
+    run, proc = _torchrun_transfer(tiny_recipe(model_dir, *BLOCKS_OF_ONE), tmp_path)
     _same_weights(blocks_of_one, run, atol=1e-5)
     metrics = json.loads((run / "metrics.json").read_text())
     assert [(b["block"], b["rank"]) for b in metrics["blocks"]] == [("block-000", 0), ("block-001", 1)]
     assert metrics["world_size"] == 2
     assert proc.stdout.count("held-out MSE per layer") == 1  # rank 0 prints the table, once
+
+
+def test_joint_transfer_over_two_gloo_ranks_shards_the_model_and_matches_one_process(model_dir, tmp_path):
+    common = ("transfer.max_steps=4", "transfer.eval_every=2")  # grad_accum 2: one micro-batch per rank
+    run_transfer(tiny_recipe(model_dir, *common), tmp_path / "one", device="cpu")
+    run, proc = _torchrun_transfer(tiny_recipe(model_dir, *common), tmp_path)
+    _same_weights(tmp_path / "one", run, atol=1e-5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["mode"], metrics["world_size"], metrics["steps"]) == ("fsdp", 2, 4)
+    assert metrics["tokens_seen"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["tokens_seen"]
+    assert proc.stdout.count("held-out MSE per layer") == 1

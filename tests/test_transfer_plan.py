@@ -29,11 +29,15 @@ def test_the_405b_recipe_plans_block_wise_with_the_disk_formula_and_no_weights(t
     assert any(p.startswith("memory:") for p in plan.problems)  # every rank holds the whole model today
 
 
-def test_the_70b_recipe_plans_joint_and_says_it_does_not_fit_one_gpu(tmp_path):
-    plan = plan_transfer(load_recipe("llama-3.1-70b"), output=tmp_path, hardware=EIGHT_H100)
-    assert plan.mode == "joint" and plan.disk["block_inputs"] == 0
-    assert plan.memory["weights"] == plan.shape.params * 2 > EIGHT_H100.memory
-    assert any("joint transfer runs in one process, not 8" in p for p in plan.problems)
+def test_the_70b_recipe_is_sharded_over_eight_gpus_and_does_not_fit_one(tmp_path):
+    recipe = load_recipe("llama-3.1-70b")
+    plan = plan_transfer(recipe, output=tmp_path, hardware=EIGHT_H100)
+    assert plan.mode == "fsdp" and plan.processes == 8 and plan.disk["block_inputs"] == 0
+    assert plan.shape.params * 2 // 8 < plan.memory["weights"] < plan.shape.params * 2 // 7
+    assert plan.problems == []
+    alone = plan_transfer(recipe, processes=1, output=tmp_path, hardware=EIGHT_H100)
+    assert alone.mode == "joint" and alone.memory["weights"] == plan.shape.params * 2 > EIGHT_H100.memory
+    assert any("try --gpus 8" in p for p in alone.problems)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -69,7 +69,7 @@ def transfer(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     block_size: Optional[int] = typer.Option(None, "--block-size", min=1, help="Block-wise transfer in blocks of this many layers (transfer.block_size)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Run on this many GPUs of this machine (starts torchrun; block-wise transfer)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Run on this many GPUs of this machine (starts torchrun: blocks spread over them, or joint transfer sharded with FSDP2)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the GPU memory, disk and time the recipe needs here, and its mode; load no weights."),
 ) -> None:
     """Stage 1: swap every softmax attention for a hybrid linear one and train it to mimic the original."""
@@ -84,6 +84,10 @@ def transfer(
     if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(gpus)
     rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:  # one display: rank 0's
+        from ..core.progress import set_phase_handler
+
+        set_phase_handler(None)
     if resume:
         if output is None:
             raise typer.BadParameter("--resume needs the --output folder of the run to continue", param_hint="--output")
@@ -96,7 +100,7 @@ def transfer(
             output = Path(rec.output.dir) if rec.output.dir else Path("runs") / run_name(rec.model.name)
     if rank == 0:
         stderr.print(f"[bold]lolcats transfer[/bold] → {output}")
-    reporter = RichReporter() if rank == 0 else NullReporter()  # one progress display, from rank 0
+    reporter = RichReporter() if rank == 0 else NullReporter()
     try:
         result = run_transfer(rec, output, resume=resume, overwrite=overwrite, reporter=reporter, device=device)
     except KeyboardInterrupt as stop:

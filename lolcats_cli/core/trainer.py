@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed
 from torch import Tensor, nn
 
 from ..errors import TrainingError
@@ -208,7 +209,11 @@ class Trainer:
         reporter: Reporter | None = None,
         title: str = "training",
         device: torch.device | str = "cpu",
+        ranks: tuple[int, int] = (0, 1),
     ) -> None:
+        """``ranks``: ``(rank, world)`` of a data-parallel run (torch.distributed initialised): every rank takes
+        its share of each update's micro-batches, the trainables' gradients are summed over the ranks, and
+        only rank 0 writes checkpoints; every rank runs the evaluations (the model may be sharded)."""
         rows = TensorRows(input_ids) if isinstance(input_ids, Tensor) else input_ids
         if rows.num_rows == 0:
             raise TrainingError("no training sequences (the row source is empty)")
@@ -220,6 +225,7 @@ class Trainer:
         self.reporter = reporter or NullReporter()
         self.title = title
         self.device = torch.device(device)
+        self.rank, self.world = ranks
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -291,6 +297,8 @@ class Trainer:
                              f"{kept}fix the problem and {again}")
 
     def _save(self, state: dict) -> None:
+        if self.rank != 0:
+            return
         folder = self.ckpt_dir / f"step-{state['step']:08d}"
         try:
             save_tensors(folder / "trainable.safetensors", self.params)
@@ -331,7 +339,9 @@ class Trainer:
         opt_state: dict[int, dict[str, Tensor]] = {}
         for key, value in found.moments.items():
             pname, field = key.split("::")
-            opt_state.setdefault(names.index(pname), {})[field] = value
+            # a copy: the loaded tensors map the file, which pruning deletes later; a mapping would keep its
+            # disk space taken for the rest of the run
+            opt_state.setdefault(names.index(pname), {})[field] = value.clone()
         groups = [dict(g, params=self.opt.state_dict()["param_groups"][i]["params"]) for i, g in enumerate(state["param_groups"])]
         self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
         if self.plateau is not None and state["plateau"] is not None:
@@ -340,6 +350,8 @@ class Trainer:
         return state
 
     def _save_best(self) -> None:
+        if self.rank != 0:
+            return
         try:
             save_tensors(self.ckpt_dir / "best.safetensors", self.params)
         except OSError as e:
@@ -429,6 +441,8 @@ class Trainer:
                 self._save(self._state(step, tokens, total_elapsed, best, history))
                 last_save = time.monotonic()
         elapsed += time.perf_counter() - session_start
+        if self.world > 1:
+            torch.distributed.barrier()  # rank 0's files (best.safetensors) are written before anyone reads them
         return FitResult(step, tokens, elapsed, None if best is None else best[0], None if best is None else best[1], history)
 
     def _update(self, step: int) -> int:
@@ -440,19 +454,28 @@ class Trainer:
                 g["lr"] = lr
         first = step * self.s.grad_accum
         micro = range(first, min(first + self.s.grad_accum, self.total_micro))
+        # This rank's share; a rank short of one runs a zero-weight micro-batch so that every rank makes the
+        # same forward and backward passes (a sharded model all-gathers in each).
+        mine: list[int | None] = list(micro[self.rank :: self.world])
+        mine += [None] * (math.ceil(len(micro) / self.world) - len(mine))
         self.opt.zero_grad(set_to_none=True)
         total, tokens = 0.0, 0
-        for i in micro:
-            ids, labels = self._micro_batch(i)
+        for i in mine:
+            ids, labels = self._micro_batch(micro[0] if i is None else i)
             loss = self.loss_fn(ids, labels)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {step + 1}",
                     f"the last good checkpoint is kept in {self.ckpt_dir}; lower the learning rate and --resume",
                 )
+            if i is None:
+                (loss * 0.0).backward()
+                continue
             (loss / len(micro)).backward()
             total += loss.item() / len(micro)
             tokens += ids.shape[0] * self.rows.seq_len
+        if self.world > 1:
+            total, tokens = self._sum_over_ranks(total, tokens)
         if self.s.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.s.grad_clip)
             if not torch.isfinite(norm):
@@ -463,3 +486,12 @@ class Trainer:
         self.opt.step()
         self._last_loss = total
         return tokens
+
+    def _sum_over_ranks(self, total: float, tokens: int) -> tuple[float, int]:
+        """Sum the trainables' gradients, the loss and the tokens over the ranks (in the same order on each)."""
+        for p in self.params.values():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+        both = torch.tensor([total, float(tokens)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(both)
+        return float(both[0]), int(both[1])

@@ -62,7 +62,7 @@ def _transfer(recipe: Recipe | None, run_dir: Path, resume: bool, reporter: Repo
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     job = TransferJob(recipe, run_dir, resume, reporter, device, dist)
-    return MODES[mode_of(recipe)](job)
+    return MODES[mode_of(recipe, dist.world)](job)
 
 
 __all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS"]

@@ -2,7 +2,8 @@
 
 * ``joint`` (:mod:`.joint`): every converted layer at once, in one process;
 * ``blockwise`` (:mod:`.blockwise`): blocks of ``transfer.block_size`` layers trained independently from
-  stored teacher inputs (:mod:`.block_cache`), spread over torchrun ranks (:mod:`.distributed`).
+  stored teacher inputs (:mod:`.block_cache`), spread over torchrun ranks (:mod:`.distributed`);
+* ``fsdp`` (:mod:`.fsdp`): joint transfer under torchrun, the frozen weights sharded over the ranks (FSDP2).
 
 They share the objective, the trainer and the output files (:mod:`.common`). Adding a mode is one module and
 one line in :data:`MODES`.
@@ -15,14 +16,20 @@ from collections.abc import Callable
 from ..recipe import Recipe
 from .blockwise import run_blockwise
 from .common import TransferJob, TransferResult
+from .fsdp import run_fsdp
 from .joint import run_joint
 
-MODES: dict[str, Callable[[TransferJob], TransferResult]] = {"joint": run_joint, "blockwise": run_blockwise}
+MODES: dict[str, Callable[[TransferJob], TransferResult]] = {
+    "joint": run_joint, "blockwise": run_blockwise, "fsdp": run_fsdp,
+}
 
 
-def mode_of(recipe: Recipe) -> str:
-    """The mode a recipe asks for: block-wise when ``transfer.block_size`` is set, else joint."""
-    return "blockwise" if recipe.transfer.block_size is not None else "joint"
+def mode_of(recipe: Recipe, world: int = 1) -> str:
+    """The mode a recipe runs in over ``world`` processes: block-wise when ``transfer.block_size`` is set,
+    else joint (FSDP-sharded when there are several processes)."""
+    if recipe.transfer.block_size is not None:
+        return "blockwise"
+    return "fsdp" if world > 1 else "joint"
 
 
 __all__ = ["MODES", "mode_of"]

@@ -147,12 +147,15 @@ class Fitted:
 
 
 def fit_layers(job: TransferJob, objective: TransferObjective, params: dict[str, torch.nn.Parameter],
-               rows: torch.Tensor | RowSource, ckpt_dir: Path, title: str, *, resume: bool) -> Fitted:
+               rows: torch.Tensor | RowSource, ckpt_dir: Path, title: str, *, resume: bool,
+               ranks: tuple[int, int] = (0, 1)) -> Fitted:
     """Train ``params`` on ``rows`` with ``objective`` (with ``resume``, from the newest checkpoint in
-    ``ckpt_dir``), keep the best, and evaluate it once more for the final per-layer table."""
+    ``ckpt_dir``), keep the best, and evaluate it once more for the final per-layer table. ``ranks``: see
+    :class:`~lolcats_cli.core.trainer.Trainer` (data-parallel over torchrun ranks)."""
     params = {**params, **attention_buffers(objective.model)}  # buffers never train, but checkpoints keep them
     trainer = Trainer(params, TrainSettings.from_section(job.recipe.transfer), rows, objective.loss,
-                      objective.evaluate, ckpt_dir, reporter=job.reporter, title=title, device=job.device)
+                      objective.evaluate, ckpt_dir, reporter=job.reporter, title=title, device=job.device,
+                      ranks=ranks)
     if resume:  # the "before" numbers come from the first evaluation of this set of layers
         objective.before.update(first_eval(ckpt_dir))
     fit = trainer.fit(resume=resume)
@@ -181,5 +184,5 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 __all__ = [
     "ATTENTION_WEIGHTS", "METRICS", "TransferResult", "TransferJob", "TransferObjective", "prepare_for_transfer",
-    "layer_parameters", "fit_layers", "first_eval", "save_attention", "write_metrics",
+    "layer_parameters", "Fitted", "fit_layers", "first_eval", "save_attention", "write_metrics",
 ]

@@ -1,15 +1,22 @@
 """Joint attention transfer: every converted layer trains at once, on token ids, in one process
 (docs/method.md section 3). The teacher's output goes on into the residual stream, so each layer still sees
-exact teacher inputs; one optimizer holds every layer's attention parameters."""
+exact teacher inputs; one optimizer holds every layer's attention parameters. :mod:`.fsdp` runs the same
+over several processes."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
 
 from ...errors import ConfigError
 from ..convert import attention_parameters
 from ..data import build_datasets
+from ..trainer import FitResult
 from ..workspace import load_converted_model, record_run
 from .common import (
     ATTENTION_WEIGHTS,
+    Fitted,
     TransferJob,
     TransferObjective,
     TransferResult,
@@ -20,31 +27,28 @@ from .common import (
 )
 
 
-def run_joint(job: TransferJob) -> TransferResult:
-    recipe, run_dir, device = job.recipe, job.run_dir, job.device
-    if job.dist.world > 1:
-        raise ConfigError(
-            f"joint transfer runs in one process, but torchrun started {job.dist.world} (WORLD_SIZE)",
-            "set transfer.block_size=k (or --block-size k) to spread blocks of k layers over the processes, "
-            "or run without torchrun",
-        )
-    model, tokenizer, source = load_converted_model(recipe, device, mode="transfer")
-    if not job.resume:
-        record_run(run_dir, recipe, source)
+def setup_joint(job: TransferJob, load_on: torch.device) -> tuple[torch.nn.Module, torch.Tensor, TransferObjective]:
+    """The converted model loaded on ``load_on`` and ready to train, the training ids and the objective (its
+    held-out ids evaluated on ``job.device``); rank 0 records the run."""
+    recipe = job.recipe
+    model, tokenizer, source = load_converted_model(recipe, load_on, mode="transfer")
+    if not job.resume and job.dist.is_main:
+        record_run(job.run_dir, recipe, source)
     train, heldout = build_datasets(recipe.data, tokenizer)
     eval_ids = heldout.input_ids[: recipe.data.num_eval_sequences]
     if eval_ids.shape[0] == 0:
         raise ConfigError("data.holdout: no held-out sequences to evaluate on", "raise data.holdout")
-
-    tcfg = recipe.transfer
     prepare_for_transfer(model, recipe)
-    objective = TransferObjective(model, eval_ids, device, tcfg.mse_weight, tcfg.attn_ce_weight, run_dir)
-    done = fit_layers(job, objective, attention_parameters(model), train.input_ids, run_dir / "checkpoints",
-                      "attention transfer", resume=job.resume)
-    fit = done.fit
-    save_attention(model, run_dir / ATTENTION_WEIGHTS)
-    write_metrics(run_dir, {
-        "mode": "joint",
+    tcfg = recipe.transfer
+    objective = TransferObjective(model, eval_ids, job.device, tcfg.mse_weight, tcfg.attn_ce_weight, job.run_dir)
+    return model, train.input_ids, objective
+
+
+def joint_metrics(mode: str, done: Fitted, train_ids: torch.Tensor, device: torch.device, **extra: Any) -> dict:
+    fit: FitResult = done.fit
+    return {
+        "mode": mode,
+        **extra,
         "layers": done.layers,
         "tokens_seen": fit.tokens,
         "wall_time_s": fit.wall_time_s,
@@ -53,11 +57,20 @@ def run_joint(job: TransferJob) -> TransferResult:
         "best_step": fit.best_step,
         "best_eval_loss": fit.best_loss,
         "eval_history": fit.history,
-        "train_sequences": int(train.input_ids.shape[0]),
-        "seq_len": int(train.input_ids.shape[1]),
+        "train_sequences": int(train_ids.shape[0]),
+        "seq_len": int(train_ids.shape[1]),
         "device": str(device),
-    })
-    return TransferResult(run_dir, done.layers, fit.steps, fit.tokens, fit.wall_time_s, fit.best_step, "joint")
+    }
 
 
-__all__ = ["run_joint"]
+def run_joint(job: TransferJob) -> TransferResult:
+    model, train_ids, objective = setup_joint(job, job.device)
+    done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / "checkpoints",
+                      "attention transfer", resume=job.resume)
+    fit = done.fit
+    save_attention(model, job.run_dir / ATTENTION_WEIGHTS)
+    write_metrics(job.run_dir, joint_metrics("joint", done, train_ids, job.device))
+    return TransferResult(job.run_dir, done.layers, fit.steps, fit.tokens, fit.wall_time_s, fit.best_step, "joint")
+
+
+__all__ = ["run_joint", "setup_joint", "joint_metrics"]

@@ -135,7 +135,7 @@ class Plan:
     shape: Shape
     hardware: Hardware
     processes: int
-    mode: str  # "joint" or "blockwise"
+    mode: str  # "joint", "fsdp" or "blockwise"
     mode_note: str
     memory: dict[str, int]  # per process: weights, activations, trainables, total
     disk: dict[str, Any]
@@ -190,16 +190,16 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
     rate = hw.flops * EFFICIENCY[hw.kind]
 
     if tcfg.block_size is None:
-        mode = "joint"
-        note = f"all {len(converted)} converted layers in one process"
-        if world > 1:
-            problems.append(f"joint transfer runs in one process, not {world}: set transfer.block_size (FSDP2 is not "
-                            "implemented yet)")
-        memory = {"weights": weights, "activations": len(converted) * act_layer * micro,
+        mode = "joint" if world == 1 else "fsdp"
+        note = f"all {len(converted)} converted layers at once in one process" if world == 1 else (
+            f"all {len(converted)} converted layers at once, the frozen weights sharded over {world} processes "
+            "(FSDP2; one layer gathered at a time), the micro-batches split over them")
+        gathered = 0 if world == 1 else shape.layer_params * dtype.itemsize
+        memory = {"weights": math.ceil(weights / world) + gathered, "activations": len(converted) * act_layer * micro,
                   "trainables": 16 * per_layer * len(converted)}
         flops = (train_tokens + evals * eval_tokens) * (shape.num_layers * teacher_layer + len(converted) * student_layer)
         disk: dict[str, Any] = {"block_inputs": 0}
-        wall = flops / rate
+        wall = flops / (rate * world)
     else:
         k = tcfg.block_size
         blocks = plan_blocks(shape.num_layers, k, converted)
@@ -223,7 +223,8 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
     memory["total"] = sum(memory.values())
     if memory["total"] > hw.memory:
         where = "GPU" if hw.kind == "cuda" else "RAM"
-        problems.append(f"memory: {human_bytes(memory['total'])} per process, the {where} holds {human_bytes(hw.memory)}")
+        problems.append(f"memory: {human_bytes(memory['total'])} per process, the {where} holds {human_bytes(hw.memory)}"
+                        + (f" (try --gpus {hw.devices}: FSDP2 shards the weights)" if mode == "joint" and hw.devices > 1 else ""))
     return Plan(name=run_name(recipe.model.name), model=recipe.model.name, shape_source=source, shape=shape,
                 hardware=hw, processes=world, mode=mode, mode_note=note, memory=memory, disk=disk, time_s=wall,
                 flops=flops, tokens={"train": int(train_tokens), "eval_per_evaluation": int(eval_tokens),
