@@ -48,7 +48,7 @@ def test_listed_by_the_cli_as_json() -> None:
 def test_buildable_by_name() -> None:
     import torch
 
-    fm = registry.build_feature_map("softplus", num_heads=4, head_dim=16, params={"feature_dim": "8"})
+    fm = registry.build_feature_map("softplus", num_heads=4, head_dim=16, params={"feature_dim": 8})
     assert type(fm).__module__ == "lolcats_example_plugin" and fm.feature_dim == 8
     y = fm(torch.randn(2, 4, 5, 16))
     assert y.shape == (2, 4, 5, 8) and bool((y > 0).all())

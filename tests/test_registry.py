@@ -281,11 +281,14 @@ def test_env_var_typo_warns_on_stderr_in_the_cli(
 # ------------------------------------------------------------------------------------------ parameters
 
 
-def test_params_coerce_losslessly() -> None:
+def test_params_convert_as_recipe_fields_do() -> None:  # tests/core/test_typecheck.py: the same verdicts
     cls = registry.get_feature_map("hedgehog")
-    p = registry.build_params(cls, {"feature_dim": "32", "eps": "1e-6"}, "fm")
+    p = registry.build_params(cls, {"feature_dim": 32, "eps": 1e-6}, "fm")
     assert (p.feature_dim, p.eps) == (32, 1e-6)
-    assert registry.build_params(cls, {"feature_dim": 16.0}, "fm").feature_dim == 16
+    with pytest.raises(ConfigError) as err:
+        registry.build_params(cls, {"feature_dim": "32", "eps": "1e-6"}, "fm")
+    assert err.value.errors == ["fm.feature_dim: expected an integer, got '32'; write it without quotes: 32",
+                                "fm.eps: expected a number, got '1e-6'; write it without quotes: 1e-6"]
     assert registry.build_params(cls, None, "fm") == cls.Params()
     assert registry.build_params(cls, cls.Params(feature_dim=8), "fm").feature_dim == 8
 
@@ -297,15 +300,15 @@ def test_params_collect_every_problem() -> None:
     assert len(problems) == 3
     assert problems[0] == ("attention.feature_map_params.feature_dm: unknown parameter of Hedgehog; "
                            "did you mean 'feature_dim'? valid: feature_dim, eps")
-    assert problems[1] == "attention.feature_map_params.eps: expected float, got str 'tiny'"
-    assert problems[2] == "attention.feature_map_params.feature_dim: expected int, got bool True"
+    assert problems[1] == "attention.feature_map_params.eps: expected a number, got 'tiny'"
+    assert problems[2] == "attention.feature_map_params.feature_dim: expected an integer, got True"
     assert "feature_dim: int = 64" in (err.value.hint or "")
     assert err.value.exit_code == 2
 
 
-@pytest.mark.parametrize("value", [6.5, "6.5", [64]])
-def test_params_refuse_lossy_values(value: object) -> None:
-    with pytest.raises(ConfigError, match=r"attention.feature_map_params.feature_dim: expected int"):
+@pytest.mark.parametrize("value", [6.5, 64.0, "6.5", "64", [64]])
+def test_params_refuse_what_is_not_an_integer(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"attention.feature_map_params.feature_dim: expected an integer"):
         registry.build_feature_map("hedgehog", 4, 16, {"feature_dim": value})
 
 

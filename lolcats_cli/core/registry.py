@@ -22,13 +22,13 @@ import functools
 import logging
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, distributions, entry_points
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError, PluginError, did_you_mean
+from . import typecheck
 
 if TYPE_CHECKING:
     from ..api import FeatureMap, PluginParams, Window
@@ -261,35 +261,6 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: ``value`` as type ``tp``, converting only when nothing is lost (bool is not int)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tries = [_coerce(value, arm) for arm in typing.get_args(tp)]
-        return next((t for t in tries if t[0]), (False, value))
-    if typing.get_origin(tp) is Literal:
-        return value in typing.get_args(tp), value
-    if tp is type(None) or tp is str:
-        return isinstance(value, tp), value
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return True, value.lower() == "true"
-        return isinstance(value, bool), value
-    if tp in (int, float):
-        if isinstance(value, bool):
-            return False, value
-        text = value.strip() if isinstance(value, str) else None
-        if tp is int and (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            return True, int(value)
-        if tp is int and text is not None and re.fullmatch(r"[+-]?\d+", text):
-            return True, int(text)
-        if tp is float and isinstance(value, (int, float)):
-            return True, float(value)
-        if tp is float and text is not None and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
-            return True, float(text)
-        return False, value
-    return True, value  # a type this checker does not know: the plugin's errors() has the last word
-
-
 def _prefixed(where: str, message: str, fields: list[str]) -> str:
     """``where.field: rest`` when the message starts with a field name, else ``where: message``."""
     head, _, rest = message.partition(" ")
@@ -299,9 +270,10 @@ def _prefixed(where: str, message: str, fields: list[str]) -> str:
 def build_params(cls: type, values: Mapping[str, Any] | PluginParams | None, where: str) -> PluginParams:
     """``cls.Params`` from a mapping, with every problem collected into one :class:`ConfigError`.
 
-    Checks unknown keys (with a suggestion), types (lossless coercion only: ``"64"`` -> 64, never
-    ``True`` -> 1), then the plugin's own ``Params.errors()`` on the values that passed. Messages are
-    prefixed by ``where`` (``attention.feature_map_params.feature_dim: ...``).
+    Checks unknown keys (with a suggestion), types (by :func:`lolcats_cli.core.typecheck.convert`, the
+    rules of recipe fields: ``"64"`` is a quoted number, not 64; an int widens to a float), then the
+    plugin's own ``Params.errors()`` on the values that passed. Messages are prefixed by ``where``
+    (``attention.feature_map_params.feature_dim: ...``).
     """
     params_cls = cls.Params
     if isinstance(values, params_cls):
@@ -335,11 +307,9 @@ def _check_fields(cls: type, values: Mapping[str, Any], where: str) -> tuple[dic
             problems.append(f"{where}.{key}: unknown parameter of {cls.__name__}; "
                             f"{did_you_mean(str(key), names)}valid: {', '.join(names) or '(none)'}")
             continue
-        ok, coerced = _coerce(value, hints.get(key, Any))
-        if ok:
-            good[key] = coerced
-        else:
-            problems.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
+        converted = typecheck.convert(hints.get(key, Any), value, f"{where}.{key}", problems)
+        if converted is not typecheck.INVALID:
+            good[key] = converted
     for f in fields:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in values:

@@ -6,6 +6,13 @@ mean"), ``list[X]``, ``dict[str, X]``, ``Any`` and nested dataclasses. Range lim
 metadata, made with :func:`option`: ``gt``, ``ge``, ``lt``, ``le``, ``min_len`` and ``items`` (limits for
 each element of a list).
 
+It is the one engine for every value a user writes: recipe fields, and plugin parameters
+(:func:`lolcats_cli.core.registry.build_params`). A value is never parsed from a string: recipes and CLI
+overrides arrive as parsed YAML, so ``"64"`` where an integer belongs is a quoted number, refused with the fix
+(``write it without quotes: 64``); ``64.0`` is not an integer either, and ``true`` is never ``1``. An
+annotation this module does not know (not a type: ``Callable[...]``, say) accepts any value, for the owner of
+the field to check.
+
     errors: list[str] = []
     cfg = build(MyConfig, {"lr": "fast"}, "transfer", errors)
     # errors == ["transfer.lr: expected a number, got 'fast'"]
@@ -14,6 +21,7 @@ each element of a list).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,7 +29,12 @@ from typing import Any, Literal, Union
 
 from ..errors import did_you_mean
 
-_INVALID = object()  # the value could not be converted; an error was recorded
+INVALID = object()  # what convert returns for a value it could not convert, after recording why
+_QUOTED = {  # a string YAML would have read as a value of the type, had it not been quoted
+    bool: re.compile(r"true|false", re.IGNORECASE),
+    int: re.compile(r"[+-]?\d+"),
+    float: re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\.inf|\.nan", re.IGNORECASE),
+}
 _LIMITS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
            "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
 
@@ -93,8 +106,20 @@ def _matches_shape(tp: Any, value: Any) -> bool:
     return isinstance(tp, type) and isinstance(value, tp)
 
 
+def _unquote(tp: Any, value: Any) -> str:
+    """``"; write it without quotes: 64"`` when ``value`` is a quoted scalar of a type ``tp`` accepts, else ""."""
+    if not isinstance(value, str):
+        return ""
+    members = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    text = value.strip()
+    scalar = [m for m in members if m in _QUOTED and _QUOTED[m].fullmatch(text)]
+    if not scalar or str in members:
+        return ""
+    return f"; write it without quotes: {text.lower() if scalar[0] is bool else text}"
+
+
 def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
-    """``value`` checked against (and converted to) ``tp``; returns ``_INVALID`` after recording errors."""
+    """``value`` checked against (and converted to) ``tp``; returns ``INVALID`` after recording errors."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -117,37 +142,40 @@ def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         else:
             choices = [str(a) for m in members if typing.get_origin(m) is Literal for a in typing.get_args(m)]
             hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-            errors.append(f"{path}: expected {describe(tp)}, got {show(value)}" + (f"; {hint.strip()}" if hint else ""))
-        return _INVALID
+            errors.append(f"{path}: expected {describe(tp)}, got {show(value)}" + (f"; {hint.strip()}" if hint else "")
+                          + _unquote(tp, value))
+        return INVALID
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
             return value
         hint = did_you_mean(value, [str(a) for a in args]) if isinstance(value, str) else ""
         errors.append(f"{path}: invalid choice {show(value)}; {hint}choices: {', '.join(repr(a) for a in args)}")
-        return _INVALID
+        return INVALID
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path, errors)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             errors.append(f"{path}: expected {describe(tp)}, got {show(value)}")
-            return _INVALID
+            return INVALID
         items = [convert(args[0] if args else Any, v, key(path, i), errors) for i, v in enumerate(value)]
-        return _INVALID if any(i is _INVALID for i in items) else items
+        if any(i is INVALID for i in items):
+            return INVALID
+        return tuple(items) if origin is tuple else items
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             errors.append(f"{path}: expected a mapping, got {show(value)}")
-            return _INVALID
+            return INVALID
         kt, vt = args if args else (Any, Any)
         out, ok = {}, True
         for k, v in value.items():
-            if convert(kt, k, path, []) is _INVALID:
+            if convert(kt, k, path, []) is INVALID:
                 errors.append(f"{path}: key {show(k)} should be {describe(kt)}")
                 ok = False
                 continue
             cv = convert(vt, v, key(path, str(k)), errors)
-            ok = ok and cv is not _INVALID
+            ok = ok and cv is not INVALID
             out[k] = cv
-        return out if ok else _INVALID
+        return out if ok else INVALID
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -160,10 +188,12 @@ def convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     elif tp is type(None):
         if value is None:
             return None
-    elif isinstance(tp, type) and isinstance(value, tp):
+    elif not isinstance(tp, type):  # an annotation this checker does not know: its owner checks the value
         return value
-    errors.append(f"{path}: expected {describe(tp)}, got {show(value)}")
-    return _INVALID
+    elif isinstance(value, tp):
+        return value
+    errors.append(f"{path}: expected {describe(tp)}, got {show(value)}{_unquote(tp, value)}")
+    return INVALID
 
 
 def check_limits(limits: Mapping[str, Any], value: Any, path: str, errors: list[str]) -> None:
@@ -209,7 +239,7 @@ def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
         if name not in data:
             continue
         value = convert(hints[name], data[name], key(path, name), errors)
-        if value is not _INVALID:
+        if value is not INVALID:
             check_limits(f.metadata, value, key(path, name), errors)
             kwargs[name] = value
         elif isinstance(data[name], list) and "items" in f.metadata:  # still report bad numbers in a bad list
@@ -217,4 +247,4 @@ def build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-__all__ = ["option", "build", "convert", "check_limits", "describe", "show", "key"]
+__all__ = ["INVALID", "option", "build", "convert", "check_limits", "describe", "show", "key"]
