@@ -122,7 +122,9 @@ def _global_options(
     ),
 ) -> None:
     """Linearize pretrained LLMs with LoLCATs: attention transfer, then LoRA."""
-    if ctx.invoked_subcommand in COMPUTE_COMMANDS:
+    argv = ctx.obj.get("argv", ()) if isinstance(ctx.obj, dict) else ()
+    asks_help = bool({"--help", "-h"} & set(argv))  # help runs no model: nothing to say about threads
+    if ctx.invoked_subcommand in COMPUTE_COMMANDS and not asks_help:
         from ..core.threads import apply_threads
 
         stderr.print(f"[dim]{escape(apply_threads(threads))}[/dim]", highlight=False, soft_wrap=True)
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)(\.|$)")
     show_library_bars("--debug" in args)  # transformers' loading bars: our spinner says what is happening
     try:
-        app(args=args, prog_name="lolcats", standalone_mode=True)
+        app(args=args, prog_name="lolcats", standalone_mode=True, obj={"argv": args})
     except SystemExit:
         raise
     except KeyboardInterrupt:

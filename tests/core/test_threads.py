@@ -54,5 +54,8 @@ def test_cli_says_it_once_for_commands_that_compute(capsys: pytest.CaptureFixtur
         with pytest.raises(SystemExit):
             main(["plugins", "nope"])
         assert "using" not in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["transfer", "--help"])  # help runs no model
+        assert "using" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
