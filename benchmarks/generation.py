@@ -1,24 +1,44 @@
-"""Decode speed and cache memory against context length: a converted (hybrid) model vs the same model in softmax.
+"""Decode speed and memory of a converted (hybrid) model against the same weights in softmax, engine by engine.
 
-A benchmark, not a test: it prints a table. For each context length it prefills that many random tokens (in
-chunks of ``--prefill-chunk``, through the cache, computing logits for the last position only), then times greedy decode steps of one token per sequence: wall time, and on a
-GPU the kernel time per step (profiler), since a small model's wall time is mostly host-side launch
-overhead. The hybrid model keeps a constant-size state per layer (``core/generation.py``); the softmax
-baseline is the same weights in teacher mode with an ordinary growing KV cache. Examples:
+A benchmark, not a test. For each context, batch size and engine it fills the cache with ``context`` tokens per
+row, then times ``--steps`` greedy decode steps of one token per row: tokens/s, ms per step, on a GPU the kernel
+time per step (profiler) and the GPU-busy fraction (kernel time / wall time), the state (or KV cache) per
+sequence, and peak memory. Engines (``--engines``):
+
+* ``hybrid-eager``: the converted model through transformers, one ``HybridLayer`` step per layer (the reference);
+* ``hybrid-static``: the static decode path (``core/static_decode.py``): preallocated state buffers, one model
+  step captured in a CUDA graph and replayed (eager static steps off CUDA);
+* ``softmax-eager``: the same weights in teacher mode with a growing ``DynamicCache``;
+* ``softmax-compiled``: teacher mode with a transformers ``StaticCache`` and ``torch.compile`` (reduce-overhead
+  on CUDA).
+
+The cache is filled (``--prefill``) by a ``real`` prefill of random tokens (chunks of ``--prefill-chunk``, the last
+position's logits only) or a ``synthetic`` one: random state / KV tensors of the right shapes and length, which
+decode exactly as fast (no step reads the values to decide anything) and cost no prefill time; ``auto`` (the
+default) prefills for real up to ``--real-prefill-max`` tokens (batch x context) and synthesises above. Every
+(context, batch, engine) runs on its own: an error or out-of-memory is reported in its row and the rest goes on.
+Rows print as they finish and go to a JSON file (``--json``, default ``benchmarks/results/generation-*.json``)
+rewritten after each; a Rich table closes the run. ``--search-max`` keeps doubling the batch of
+``hybrid-static`` after the listed ones until it runs out of memory. Examples:
 
     python benchmarks/generation.py                                   # SmolLM2-135M shapes, random weights
-    python benchmarks/generation.py --preset llama-3.1-8b --device cuda   # Llama 3.1 8B shapes, random weights
+    python benchmarks/generation.py --preset llama-3.1-8b --random-weights --batch-sizes 1 16 64 256 1024 \
+        --contexts 1024 4096 16384 --steps 128 --search-max       # the issue's grid on a GPU
     python benchmarks/generation.py --preset llama-3.1-8b --layers 2  # its first 2 layers (fits a laptop's RAM)
     python benchmarks/generation.py --model smollm2-135m              # the real embedded model
-    python benchmarks/generation.py --device cuda --contexts 1024 8192 32768 --batch-size 8
     python benchmarks/generation.py --window sliding --window-size 64 --layers 4 --contexts 256 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
+import traceback
 from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,39 +124,213 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tens
     return logits[:, -1:]
 
 
-@torch.no_grad()
-def measure(model: Any, cache: Any, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Prefill ``context`` random tokens into ``cache``, then time ``args.steps`` greedy one-token steps."""
-    from lolcats_cli.core.generation import state_nbytes
-    from lolcats_cli.hf_compat import cache_kwarg
 
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch_size, context), device=device)
+
+ENGINES = ("hybrid-eager", "hybrid-static", "softmax-eager", "softmax-compiled")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synthetic_hybrid_cache(model: Any, batch: int, context: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """A cache of random hybrid states at length ``context``: the shapes a real prefill leaves (decode is as fast)."""
+    from lolcats_cli.core.cache import make_cache
+    from lolcats_cli.core.convert import linearized_layers
+    from lolcats_cli.core.static_decode import empty_hybrid_state
+
+    cache = make_cache(model)
+    for i, m in linearized_layers(model):
+        state = empty_hybrid_state(m, batch, device, dtype)
+        for t in (state.k_buf, state.v_buf, state.k_sink, state.v_sink):
+            if t is not None:
+                t.normal_()
+        state.S.uniform_(0.0, 1.0)
+        state.z.uniform_(0.5, 1.5)
+        state.length = context
+        cache.layers[i].state, cache.layers[i].is_initialized = state, True
+    return cache
+
+
+def fill_kv(cache: Any, model: Any, batch: int, context: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Random keys and values for ``context`` positions in every layer of a softmax cache."""
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer in cache.layers:
+        k = torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype)
+        layer.update(k, torch.randn_like(k))
+
+
+def new_cache(model: Any, engine: str, batch: int, context: int, args: argparse.Namespace) -> Any:
+    from transformers import DynamicCache, StaticCache
+
+    from lolcats_cli.core.cache import make_cache
+
+    if engine.startswith("hybrid"):
+        return make_cache(model)
+    if engine == "softmax-compiled":
+        room = context + args.warmup + args.steps + 16
+        return StaticCache(config=model.config, max_cache_len=room)
+    return DynamicCache(config=model.config)
+
+
+def cache_bytes(cache: Any) -> int:
+    from lolcats_cli.core.generation import state_nbytes
+
+    return state_nbytes(cache)
+
+
+def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context: int, args: argparse.Namespace,
+                device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:  # fmt: skip
+    """``(step, state_bytes)``: one greedy decode step of ``engine`` after ``cache``, and the bytes it holds."""
+    from lolcats_cli.hf_compat import cache_kwarg, last_logits_kwargs
+
+    box = {"tok": nxt.view(-1, 1)}
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
+    if engine == "hybrid-static":
+        from lolcats_cli.core.static_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, nxt.shape[0])
+        decoder.load(cache)
+        for layer in cache.layers:  # the eager copy of the state is not needed any more
+            layer.state = None
+
+        def static_step() -> None:
+            box["tok"] = decoder.step(box["tok"]).argmax(dim=-1)
+
+        return static_step, decoder.state_nbytes
+    if engine == "softmax-compiled":
+        positions = torch.full((nxt.shape[0], 1), context, dtype=torch.long, device=device)
+        options = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend=args.cpu_compile_backend)
+        forward = torch.compile(model.forward, dynamic=False, **options)
+
+        def compiled_step() -> None:
+            out = forward(input_ids=box["tok"], position_ids=positions, **kwargs)
+            box["tok"] = out.logits[:, -1:].argmax(dim=-1)
+            positions.add_(1)
+
+        return compiled_step, lambda: cache_bytes(cache)
+
+    def eager_step() -> None:
+        box["tok"] = model(box["tok"], **kwargs).logits[:, -1:].argmax(dim=-1)
+
+    return eager_step, lambda: cache_bytes(cache)
+
+
+@torch.no_grad()
+def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse.Namespace,
+               device: torch.device, dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
+    """Fill a cache for ``batch`` rows of ``context`` tokens, then time ``args.steps`` decode steps of ``engine``."""
+    from lolcats_cli.core.convert import set_mode
+
+    set_mode(model, "student" if engine.startswith("hybrid") else "teacher")
+    synthetic = args.prefill == "synthetic" or (args.prefill == "auto" and batch * context > args.real_prefill_max)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    logits = prefill(model, cache, ids, args.prefill_chunk)
+    if synthetic and engine.startswith("hybrid"):
+        cache = synthetic_hybrid_cache(model, batch, context, device, dtype)
+    else:
+        cache = new_cache(model, engine, batch, context, args)
+    if synthetic:
+        if not engine.startswith("hybrid"):
+            fill_kv(cache, model, batch, context, device, dtype)
+        nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+        nxt = prefill(model, cache, ids, args.prefill_chunk)[:, -1:].argmax(dim=-1)
     sync(device)
     prefill_s = time.perf_counter() - t
-    nxt = logits[:, -1:].argmax(dim=-1)
-
-    def step() -> None:
-        nonlocal nxt
-        nxt = model(nxt, **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1:].argmax(dim=-1)
-
+    t = time.perf_counter()
+    step, state_bytes = decode_step(model, engine, cache, nxt, context, args, device)
     for _ in range(args.warmup):
         step()
     sync(device)
+    setup_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync(device)
     dt = time.perf_counter() - t
+    ms_step = 1000 * dt / args.steps
+    gpu_ms = float("nan")
+    if device.type == "cuda" and args.profile:
+        try:
+            gpu_ms = gpu_busy_ms(step, 4, device) or float("nan")  # 0: kernels of a graph replay not traced
+        except Exception:  # the profiler is a nicety: never lose the row for it
+            pass
     return {
-        "tok_s": args.batch_size * args.steps / dt,
-        "ms_step": 1000 * dt / args.steps,
-        "gpu_ms": gpu_busy_ms(step, 4, device) if device.type == "cuda" else float("nan"),
-        "mib": state_nbytes(cache) / 2**20,
+        "status": "ok",
+        "tok_s": batch * args.steps / dt,
+        "ms_step": ms_step,
+        "gpu_ms": gpu_ms,
+        "gpu_busy": gpu_ms / ms_step,
+        "state_mib_per_seq": state_bytes() / batch / 2**20,
+        "prefill": "synthetic" if synthetic else "real",
         "prefill_s": prefill_s,
+        "prefill_tok_s": float("nan") if synthetic else batch * context / prefill_s,
+        "setup_s": setup_s,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
     }
+
+
+def free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_safely(model: Any, engine: str, batch: int, context: int, args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_engine`, with an out-of-memory or any other error turned into the row's status."""
+    row: dict[str, Any] = {"engine": engine, "batch": batch, "context": context}
+    try:
+        row.update(run_engine(model, engine, batch, context, args, device, dtype))
+    except torch.OutOfMemoryError:
+        row["status"] = "out of memory"
+    except Exception as e:  # one engine's failure must not lose the others' rows
+        row["status"] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        row["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        if engine == "softmax-compiled":
+            torch._dynamo.reset()
+        free(device)
+    return row
+
+
+def row_line(row: dict[str, Any]) -> str:
+    head = f"{row['engine']:>16} context {row['context']:>6} batch {row['batch']:>5}"
+    if row["status"] != "ok":
+        return f"{head} | {row['status']}"
+    gpu = "" if math.isnan(row["gpu_ms"]) else f" GPU {row['gpu_ms']:.2f} ms ({row['gpu_busy']:.0%} busy)"
+    peak = "" if math.isnan(row["peak_gib"]) else f" | peak {row['peak_gib']:.1f} GiB"
+    return (
+        f"{head} | {row['tok_s']:>10.1f} tok/s {row['ms_step']:>8.2f} ms/step{gpu} | "
+        f"{row['state_mib_per_seq']:>9.2f} MiB/seq | prefill {row['prefill']} {row['prefill_s']:.1f} s, "
+        f"setup {row['setup_s']:.1f} s{peak}"
+    )
+
+
+def _num(x: float, fmt: str) -> str:
+    return "-" if math.isnan(x) else format(x, fmt)
+
+
+def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("context", "batch", "engine", "tok/s", "ms/step", "GPU busy", "MiB/seq", "prefill s", "peak GiB"):
+        table.add_column(name, justify="left" if name == "engine" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(str(r["context"]), str(r["batch"]), r["engine"], f"[red]{r['status'][:60]}[/red]", *[""] * 5)
+            continue
+        table.add_row(
+            str(r["context"]), str(r["batch"]), r["engine"], f"{r['tok_s']:.1f}", f"{r['ms_step']:.2f}",
+            _num(r["gpu_busy"], ".0%"), f"{r['state_mib_per_seq']:.2f}", f"{r['prefill_s']:.1f} ({r['prefill']})",
+            _num(r["peak_gib"], ".1f"),
+        )  # fmt: skip
+    return table
 
 
 def main() -> None:
@@ -144,60 +338,84 @@ def main() -> None:
     ap.add_argument("--model", help="a real model: smollm2-135m, a local folder or a .gguf (default: random weights)")
     ap.add_argument("--preset", default="smollm2-135m", choices=list(PRESETS),
                     help="the shapes of the random-weight model (default: smollm2-135m)")
+    ap.add_argument("--random-weights", action="store_true", help="random weights of --preset's shapes (the default "
+                    "without --model; accepted for the issue's command line)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (random weights only)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default: by device)")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per context")
+    ap.add_argument("--batch-sizes", "--batch-size", type=int, nargs="+", default=[1], dest="batch_sizes")
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument("--search-max", action="store_true",
+                    help="after the listed batch sizes, double hybrid-static's batch until it runs out of memory")
+    ap.add_argument("--max-batch", type=int, default=65536, help="the largest batch --search-max tries")
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps (the issue: 128)")
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--prefill", choices=("auto", "real", "synthetic"), default="auto")
+    ap.add_argument("--real-prefill-max", type=int, default=262144,
+                    help="--prefill auto: real prefill up to this many tokens (batch x context), synthetic above")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill call")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler's GPU kernel time")
+    ap.add_argument("--cpu-compile-backend", default="eager", help="torch.compile backend of softmax-compiled off CUDA")
     ap.add_argument("--feature-map", default="hedgehog")
     ap.add_argument("--window", default="terrace")
     ap.add_argument("--window-size", type=int, default=64)
-    ap.add_argument("--no-softmax", action="store_true", help="skip the softmax baseline")
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--decay", action="store_true", help="a per-head decay of the linear branch")
+    ap.add_argument("--no-softmax", action="store_true", help="skip the softmax engines")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    engines = [e for e in args.engines if not (args.no_softmax and e.startswith("softmax"))]
 
-    from transformers import DynamicCache
+    from rich.console import Console
 
-    from lolcats_cli.core.convert import convert_model, set_mode
-    from lolcats_cli.core.cache import make_cache
+    from lolcats_cli.core.convert import convert_model
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    contexts = args.contexts or ([1024, 4096, 16384, 65536] if device.type == "cuda" else [256, 1024, 4096])
+    contexts = args.contexts or ([1024, 4096, 16384] if device.type == "cuda" else [256, 1024])
     model = build_model(args, device, dtype)
-    convert_model(model, feature_map=args.feature_map, window=args.window,
-                  window_params={"size": args.window_size}, mode="student")  # fmt: skip
+    convert_model(model, feature_map=args.feature_map, window=args.window, decay=args.decay,
+                  window_params={"size": args.window_size, "sinks": args.sinks}, mode="student")  # fmt: skip
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model: {args.model or args.preset + ' shapes, random weights'}, {model.config.num_hidden_layers} layers, "
-          f"{args.feature_map} + {args.window}({args.window_size}); {where}, {str(dtype).removeprefix('torch.')}, "
-          f"batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
-    head = f"{'context':>8} | {'hybrid tok/s':>12} {'ms/step':>8} {'GPU ms':>7} {'state MiB':>10}"
-    if not args.no_softmax:
-        head += f" | {'softmax tok/s':>13} {'ms/step':>8} {'GPU ms':>7} {'KV MiB':>9} | {'KV / state':>10}"
-    print(head)
-    print("-" * len(head))
+    what = args.model or args.preset + " shapes, random weights"
+    title = (f"model: {what}, {model.config.num_hidden_layers} layers, {args.feature_map} + {args.window}"
+             f"({args.window_size}, sinks {args.sinks}{', decay' if args.decay else ''}); {where}, "
+             f"{str(dtype).removeprefix('torch.')}, {args.steps} timed steps")  # fmt: skip
+    print(title, flush=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = (args.model or args.preset).replace("/", "_")
+    path = args.json or RESULTS / f"generation-{name}-{device.type}-{stamp}.json"
+    import transformers
+
+    meta = {"title": title, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "device": where, "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
+            "started": stamp}  # fmt: skip
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> dict[str, Any]:
+        rows.append(row)
+        print(row_line(row), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str) + "\n")
+        return row
+
     for context in contexts:
-        set_mode(model, "student")
-        h = measure(model, make_cache(model), context, args, device)
-        row = f"{context:>8} | {h['tok_s']:>12.1f} {h['ms_step']:>8.2f} {h['gpu_ms']:>7.2f} {h['mib']:>10.2f}"
-        if not args.no_softmax:
-            set_mode(model, "teacher")
-            try:
-                s = measure(model, DynamicCache(), context, args, device)
-                row += f" | {s['tok_s']:>13.1f} {s['ms_step']:>8.2f} {s['gpu_ms']:>7.2f} {s['mib']:>9.1f}"
-                ratio = f"{s['mib'] / h['mib']:>9.1f}x" if h["mib"] > 0 else f"{'n/a':>10}"  # an empty state
-                row += f" | {ratio}"
-            except torch.OutOfMemoryError:
-                row += f" | {'out of memory':>13}"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        print(row, flush=True)
+        for batch in args.batch_sizes:
+            for engine in engines:
+                record(run_safely(model, engine, batch, context, args, device, dtype))
+        if args.search_max and "hybrid-static" in engines:
+            batch = max(args.batch_sizes) * 2
+            while batch <= args.max_batch:
+                if record(run_safely(model, "hybrid-static", batch, context, args, device, dtype))["status"] != "ok":
+                    break
+                batch *= 2
+    Console(width=160).print(rich_table(rows, title))
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

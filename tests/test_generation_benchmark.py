@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +56,40 @@ def test_prefill_computes_the_last_positions_logits_only(bench, tiny_model_dir, 
     torch.testing.assert_close(logits, whole, atol=2e-4, rtol=2e-4)
 
 
-def test_the_benchmark_runs_a_preset(tmp_path) -> None:
+def _run(tmp_path, *args: str) -> tuple[str, list[dict]]:
+    out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--preset", "smollm2-135m", "--layers", "1", "--contexts", "24", "--steps", "1",
-         "--warmup", "0", "--prefill-chunk", "16", "--threads", "1", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )
+        [sys.executable, str(BENCH), "--preset", "smollm2-135m", "--layers", "1", "--contexts", "24", "--steps", "2",
+         "--warmup", "1", "--prefill-chunk", "16", "--threads", "1", "--device", "cpu", "--json", str(out), *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "model: smollm2-135m shapes, random weights, 1 layers" in done.stdout
-    assert done.stdout.strip().splitlines()[-1].split()[0] == "24"
+    return done.stdout, json.loads(out.read_text())["results"]
+
+
+def test_the_benchmark_runs_every_engine_and_writes_json(tmp_path) -> None:
+    stdout, rows = _run(tmp_path, "--batch-sizes", "1", "2", "--prefill", "synthetic")
+    assert "model: smollm2-135m shapes, random weights, 1 layers" in stdout
+    assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for b in (1, 2) for e in bench_engines()]
+    assert all(r["status"] == "ok" and r["tok_s"] > 0 and r["prefill"] == "synthetic" for r in rows), rows
+    state = {(r["engine"], r["batch"]): r["state_mib_per_seq"] for r in rows}
+    assert state["hybrid-eager", 1] > 0  # the static buffers add the length and pad counts: a few bytes
+    assert state["hybrid-eager", 1] == pytest.approx(state["hybrid-static", 1], rel=1e-4)
+    assert state["hybrid-static", 1] == pytest.approx(state["hybrid-static", 2], rel=1e-4)  # per sequence
+    assert "hybrid-static" in stdout and "┃ engine" in stdout  # the Rich table
+
+
+def test_one_failing_engine_loses_no_other_row(tmp_path) -> None:
+    """A window without softmax keys cannot run the static path: its row says why, the others still run."""
+    _, rows = _run(tmp_path, "--window", "none", "--engines", "hybrid-static", "hybrid-eager", "--prefill", "real")
+    static, eager = rows
+    assert static["status"].startswith("error: ModelError: static decoding cannot run this model")
+    assert "span 0" in static["status"]
+    assert eager["status"] == "ok" and eager["prefill"] == "real" and eager["prefill_tok_s"] > 0
+
+
+def bench_engines() -> tuple[str, ...]:
+    spec = importlib.util.spec_from_file_location("generation_benchmark_engines", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ENGINES

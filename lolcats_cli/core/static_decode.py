@@ -103,14 +103,13 @@ class StaticHybridLayer(HybridLayer):
         return self.static.nbytes()
 
 
-def _empty_static(m: Any, batch: int, device: torch.device, dtype: torch.dtype) -> StaticState:
-    """Zeroed buffers for converted layer ``m`` and ``batch`` rows (K/V in ``dtype``, S and z in fp32)."""
+def empty_hybrid_state(m: Any, batch: int, device: torch.device, dtype: torch.dtype) -> HybridState:
+    """The empty :class:`HybridState` of converted layer ``m`` for ``batch`` rows (K/V in ``dtype``, S, z fp32)."""
     with torch.no_grad():
         probe = torch.zeros(1, m.num_heads, 1, m.head_dim, device=device)
         features = int(m.feature_map_k(probe).shape[-1])
-    empty = HybridState.empty(batch, m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, features, m.window.span,
-                              device=device, dtype=dtype, sinks=m.window.sinks)  # fmt: skip
-    return StaticState.from_hybrid(empty)
+    return HybridState.empty(batch, m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim, features, m.window.span,
+                             device=device, dtype=dtype, sinks=m.window.sinks)  # fmt: skip
 
 
 class StaticDecoder:
@@ -127,10 +126,8 @@ class StaticDecoder:
         if self.graph_on and self.device.type != "cuda":
             raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
         kv_dtype = model.get_input_embeddings().weight.dtype
-        self.layers = [
-            StaticHybridLayer(_empty_static(m, batch, self.device, kv_dtype), fold_width(m.window))
-            for _, m in linearized_layers(model)
-        ]  # fmt: skip
+        empty = [(m, empty_hybrid_state(m, batch, self.device, kv_dtype)) for _, m in linearized_layers(model)]
+        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window)) for m, s in empty]
         self.cache = LinearAttentionCache(list(self.layers))
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -236,7 +233,8 @@ def static_generate(
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1,
                                   return_dict_in_generate=True, pad_token_id=pad, do_sample=do_sample)  # fmt: skip
-    sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+    greedy = dict(temperature=None, top_p=None, top_k=None)
+    sampling = dict(temperature=temperature, top_p=top_p) if do_sample else greedy
     kwargs.update(sampling)
     if cache is not None:
         kwargs[cache_kwarg(model)] = cache
@@ -268,6 +266,6 @@ def static_generate(
 
 
 __all__ = [
-    "ENV", "StaticDecoder", "StaticHybridLayer", "static_decode_enabled", "static_decode_problem", "static_generate",
-    "static_wanted",
+    "ENV", "StaticDecoder", "StaticHybridLayer", "empty_hybrid_state", "static_decode_enabled", "static_decode_problem",
+    "static_generate", "static_wanted",
 ]
