@@ -154,7 +154,7 @@ def plugin_versions(recipe: Recipe) -> list[dict[str, Any]]:
     ]
 
 
-def record_run(run_dir: Path, recipe: Recipe, source: dict[str, Any] | None = None) -> None:
+def record_run(run_dir: Path, recipe: Recipe) -> None:
     """Write the resolved recipe and the versions of everything that produced the run."""
     save_resolved(recipe, run_dir)
     write_versions(run_dir, plugin_versions(recipe))

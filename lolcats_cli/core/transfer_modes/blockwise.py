@@ -130,9 +130,9 @@ def run_blockwise(job: TransferJob) -> TransferResult:
     if dist.is_main:
         reporter.log(line)
 
-    model, _, source = load_converted_model(recipe, job.device, mode="teacher")
+    model, _, _ = load_converted_model(recipe, job.device, mode="teacher")
     if not job.resume and dist.is_main:
-        record_run(run_dir, recipe, source)
+        record_run(run_dir, recipe)
     teacher_start = time.perf_counter()
     if pending and not cache.complete():
         _teacher_pass(job, model, cache, pending, {"train": train.input_ids, "heldout": eval_ids})

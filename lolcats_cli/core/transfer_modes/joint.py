@@ -31,9 +31,9 @@ def setup_joint(job: TransferJob, load_on: torch.device) -> tuple[torch.nn.Modul
     """The converted model loaded on ``load_on`` and ready to train, the training ids and the objective (its
     held-out ids evaluated on ``job.device``); rank 0 records the run."""
     recipe = job.recipe
-    model, tokenizer, source = load_converted_model(recipe, load_on, mode="transfer")
+    model, tokenizer, _ = load_converted_model(recipe, load_on, mode="transfer")
     if not job.resume and job.dist.is_main:
-        record_run(job.run_dir, recipe, source)
+        record_run(job.run_dir, recipe)
     train, heldout = build_datasets(recipe.data, tokenizer)
     eval_ids = heldout.input_ids[: recipe.data.num_eval_sequences]
     if eval_ids.shape[0] == 0:
