@@ -51,7 +51,7 @@ def test_dry_run_of_a_local_model_reads_its_config_and_writes_nothing(tiny_model
                 "data.seq_len=96", "data.max_samples=40")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert plan["shape_source"] == "its config" and plan["shape"]["num_layers"] == 2
+    assert plan["shape_source"] == "its config.json" and plan["shape"]["num_layers"] == 2
     assert plan["mode"] == "blockwise" and plan["disk"]["formula"].endswith("x 64 hidden x 2 blocks")
     assert not out.exists()
 

@@ -72,15 +72,15 @@ def model_shape(recipe: Recipe) -> tuple[Shape, str]:
             head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
             shape = Shape(c.num_hidden_layers, c.hidden_size, heads, getattr(c, "num_key_value_heads", None) or heads,
                           head_dim, c.intermediate_size, c.vocab_size, bool(getattr(c, "tie_word_embeddings", False)))
-            return shape, "its config"
+            return shape, "its config.json"
         except LolcatsError as e:
             error = e
     else:
         error = None
     for known, shape in KNOWN_SHAPES.items():
         if known.lower() == name.lower():
-            why = "the embedded model's" if name in EMBEDDED else "the hub is unreachable: the"
-            return shape, f"{why} published config, built into lolcats"
+            why = "the embedded model" if name in EMBEDDED else "the hub is unreachable"
+            return shape, f"the published config built into lolcats ({why})"
     raise ModelError(
         f"--dry-run: cannot read the shape of model {name!r} ({error.message if error else 'unknown model'})",
         "pass a local folder with its config.json as --model (`hf download ID config.json` fetches only that file)",
@@ -204,8 +204,8 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
         k = tcfg.block_size
         blocks = plan_blocks(shape.num_layers, k, converted)
         mode = "blockwise"
-        note = (f"{len(blocks)} blocks of {k} layers over {world} process{'es' if world > 1 else ''} "
-                f"(rank r trains blocks r, r+{world}, ...); the whole model is loaded in every process")
+        spread = f" over {world} processes (rank r trains blocks r, r+{world}, ...)" if world > 1 else " one after another"
+        note = f"{len(blocks)} blocks of {k} layers{spread}; every process loads the whole model"
         memory = {"weights": weights, "activations": k * act_layer * micro, "trainables": 16 * per_layer * k}
         cache_tokens = min(epoch_tokens, train_tokens) + eval_tokens
         elem = DTYPES[tcfg.block_cache_dtype].itemsize
@@ -221,9 +221,11 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
         flops = teacher + len(blocks) * per_block
         wall = (teacher / world + math.ceil(len(blocks) / world) * per_block) / rate
     memory["total"] = sum(memory.values())
-    if memory["total"] > hw.memory:
-        where = "GPU" if hw.kind == "cuda" else "RAM"
-        problems.append(f"memory: {human_bytes(memory['total'])} per process, the {where} holds {human_bytes(hw.memory)}"
+    share = 1 if hw.kind == "cuda" else world  # CPU processes share the RAM
+    if memory["total"] * share > hw.memory:
+        where = "each GPU" if hw.kind == "cuda" else "the RAM"
+        need = human_bytes(memory["total"]) + (f" x {world} processes" if share > 1 else " per process")
+        problems.append(f"memory: {need}, {where} holds {human_bytes(hw.memory)}"
                         + (f" (try --gpus {hw.devices}: FSDP2 shards the weights)" if mode == "joint" and hw.devices > 1 else ""))
     return Plan(name=run_name(recipe.model.name), model=recipe.model.name, shape_source=source, shape=shape,
                 hardware=hw, processes=world, mode=mode, mode_note=note, memory=memory, disk=disk, time_s=wall,
@@ -247,7 +249,7 @@ def render_plan(plan: Plan) -> str:
     s, m = plan.shape, plan.memory
     lines = [
         f"model      {plan.model}: {s.num_layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} KV), "
-        f"{s.params / 1e9:.2f}B parameters (shape from {plan.shape_source})",
+        f"{s.params / 1e9:.2f}B parameters; shape from {plan.shape_source}",
         f"hardware   {plan.hardware.describe}; {plan.processes} process{'es' if plan.processes > 1 else ''}",
         f"mode       {plan.mode}: {plan.mode_note}",
         f"memory     {human_bytes(m['total'])} per process: weights {human_bytes(m['weights'])}, activations "
