@@ -506,7 +506,7 @@ def _build() -> bool:  # noqa: C901 (one definition site for all kernels)
 
     @triton.jit
     def _bwd_prefix(
-        DY, DEN, DELTA, V, LD, SBUF, ZBUF, HBUF, HZBUF, DFQ, DFK, T, H, G, NB, WSIZE, SINKS,
+        DY, DEN, DELTA, V, FQ, FK, LD, SBUF, ZBUF, HBUF, HZBUF, DFQ, DFK, SHARE, T, H, G, NB, WSIZE, SINKS, center,
         F: tl.constexpr, DV: tl.constexpr, VP: tl.constexpr, BF: tl.constexpr, BLOCK: tl.constexpr,
         KIND: tl.constexpr, HAS_DECAY: tl.constexpr, PREC_S: tl.constexpr,
     ):  # fmt: skip
@@ -515,16 +515,17 @@ def _build() -> bool:  # noqa: C901 (one definition site for all kernels)
         fi = tl.program_id(2)
         h = bh % H
         bkv = (bh // H) * (H // G) + h // G
-        rt = tl.arange(0, BLOCK)
+        rm = i * BLOCK + tl.arange(0, BLOCK)  # the block's positions: queries for d fq, keys for d fk
+        mq = rm < T
         rv = tl.arange(0, VP)
         rf = fi * BF + tl.arange(0, BF)
         if HAS_DECAY:
             lam = tl.load(LD + h).to(tl.float32)
         # d fq of query block i from its prefix state S(kb), z(kb).
         kb = _kb_of(i, KIND, WSIZE, BLOCK)
+        dfq_base = DFQ + (bh * T).to(tl.int64) * F
+        dfq = _tile(dfq_base, rm, rf, mq, F)
         if kb > 0:
-            rm = i * BLOCK + rt
-            mq = rm < T
             dyt, delta = _scaled_dy(DY, DEN, DELTA, bh, T, rm, mq, rv, DV)
             c = kb // BLOCK
             S = _tile(SBUF + (bh * NB + c).to(tl.int64) * F * DV, rf, rv, rf < F, DV)
@@ -532,19 +533,25 @@ def _build() -> bool:  # noqa: C901 (one definition site for all kernels)
             part = tl.dot(dyt, tl.trans(S), input_precision=PREC_S) - delta[:, None] * z[None, :]
             if HAS_DECAY:
                 part = part * tl.exp(lam * (rm - kb).to(tl.float32))[:, None]
-            base = DFQ + (bh * T).to(tl.int64) * F
-            _put(base, rm, rf, mq, F, _tile(base, rm, rf, mq, F) + part)
+            dfq += part
+            _put(dfq_base, rm, rf, mq, F, dfq)
         # d fk of key block i from dH(64 (i + 1)).
-        rj = i * BLOCK + rt
-        mk = (rj < T) & (rj >= SINKS)
-        v = _tile(V + (bkv * T).to(tl.int64) * DV, rj, rv, mk, DV).to(tl.float32)
+        mk = mq & (rm >= SINKS)
+        v = _tile(V + (bkv * T).to(tl.int64) * DV, rm, rv, mk, DV).to(tl.float32)
         dH = _tile(HBUF + (bh * NB + i).to(tl.int64) * F * DV, rf, rv, rf < F, DV)
         hz = tl.load(HZBUF + (bh * NB + i).to(tl.int64) * F + rf, mask=rf < F, other=0.0)
         part = tl.dot(v, tl.trans(dH), input_precision=PREC_S) - hz[None, :]
         if HAS_DECAY:
-            part = part * tl.exp(lam * ((i + 1) * BLOCK - rj).to(tl.float32))[:, None]
-        base = DFK + (bh * T).to(tl.int64) * F
-        _put(base, rj, rf, mk, F, _tile(base, rj, rf, mk, F) + part)
+            part = part * tl.exp(lam * ((i + 1) * BLOCK - rm).to(tl.float32))[:, None]
+        dfk_base = DFK + (bh * T).to(tl.int64) * F
+        dfk = _tile(dfk_base, rm, rf, mk, F) + part
+        _put(dfk_base, rm, rf, mk, F, dfk)
+        if HAS_DECAY:
+            # This feature tile's share of d log_decay = sum_t (t - center) (fq_t . dfq_t - fk_t . dfk_t).
+            fq = _tile(FQ + (bh * T).to(tl.int64) * F, rm, rf, mq, F).to(tl.float32)
+            fk = _tile(FK + (bh * T).to(tl.int64) * F, rm, rf, mk, F).to(tl.float32)
+            share = (tl.sum(fq * dfq, axis=1) - tl.sum(fk * tl.where(mk[:, None], dfk, 0.0), axis=1))
+            tl.store(SHARE + (bh * tl.num_programs(2) + fi) * T + rm, share * (rm.to(tl.float32) - center), mask=mq)
 
     return True
 
@@ -563,7 +570,7 @@ def _config(q: Tensor, v: Tensor, F: int, window: Window) -> dict:
         SP=_pow2(window.sinks) if window.sinks > 0 else 0,
         KIND=window_kind(window), WSIZE=int(getattr(window.params, "size", 1) or 1), SINKS=int(window.sinks),
         PREC="tf32" if low else "ieee", PREC_S="tf32" if low else "ieee",
-        num_warps=4 if max(D, DV, F) <= 64 else 8,
+        num_warps=8,  # ptxas, sm_90, D=128 F=128 bf16: 4 warps spill 1-6 KB in the tile kernels, 8 warps < 1 KB
     )  # fmt: skip
 
 
@@ -650,9 +657,10 @@ def _backward(dy, q, k, v, fq, fk, window_logits, log_decay, y, cmax, den, amax,
         T, H, G, NB, scale, cfg["WSIZE"], cfg["SINKS"], BF=cfg["BF"], PREC_S=cfg["PREC_S"], **common,
         num_warps=cfg["num_warps"], num_stages=2,
     )  # fmt: skip
+    share = torch.empty(B * H, NF, T, **f32) if has_decay else rw  # per feature tile: (t - c) (fq.dfq - fk.dfk)
     _bwd_prefix[(NB, B * H, NF)](
-        dy, den, delta, v, ld, sbuf, zbuf, hbuf, hzbuf, dfq, dfk, T, H, G, NB, cfg["WSIZE"], cfg["SINKS"],
-        F=F, DV=cfg["DV"], VP=cfg["VP"], BF=cfg["BF"], BLOCK=BLOCK, KIND=cfg["KIND"], HAS_DECAY=has_decay,
+        dy, den, delta, v, fq, fk, ld, sbuf, zbuf, hbuf, hzbuf, dfq, dfk, share, T, H, G, NB, cfg["WSIZE"],
+        cfg["SINKS"], (T - 1) / 2, F=F, DV=cfg["DV"], VP=cfg["VP"], BF=cfg["BF"], BLOCK=BLOCK, KIND=cfg["KIND"], HAS_DECAY=has_decay,
         PREC_S=cfg["PREC_S"], num_warps=4,
     )  # fmt: skip
     sinks = min(cfg["SINKS"], T)
@@ -661,11 +669,9 @@ def _backward(dy, q, k, v, fq, fk, window_logits, log_decay, y, cmax, den, amax,
         dv[:, :, :sinks] += dvs.sum(1)[:, :sinks].view(B, Hkv, G, sinks, -1).sum(2)
     g = torch.sigmoid(window_logits.float())
     dwl = (1 - g) * rw.sum(dim=(0, 2))
-    dld = None
-    if has_decay:
-        t = torch.arange(T, device=q.device, dtype=torch.float64) - (T - 1) / 2
-        share = (fq.double() * dfq.double()).sum(-1) - (fk.double() * dfk.double()).sum(-1)  # (B, H, T)
-        dld = (share * t).sum(dim=(0, 2))
+    # Every linear term carries exp(log_decay (n - j)): d log_decay = sum (n - j) a dA, which telescopes to
+    # sum_t t (fq_t . dfq_t - fk_t . dfk_t) (t centred: the two sums are equal), reduced per tile in-kernel.
+    dld = share.view(B, H, NF, T).double().sum(dim=(0, 2, 3)) if has_decay else None
     return dq, dk, dv, dfq, dfk, dwl, dld
 
 
