@@ -202,7 +202,8 @@ def check_disk(cache: BlockCache, pending: Sequence[Block], block_size: int, tot
     free = free_bytes(cache.root)
     formula = (f"{cache.dtype.itemsize} bytes x {cache.tokens:,} tokens x {cache.hidden} hidden x "
                f"{len(pending)} blocks")
-    line = (f"block-wise transfer: {total_blocks} blocks of {block_size} layers; the stored block inputs need "
+    layers = f"{block_size} layer{'s' if block_size > 1 else ''}"
+    line = (f"block-wise transfer: {total_blocks} blocks of {layers}; the stored block inputs need "
             f"{human_bytes(need)} ({formula}); {human_bytes(free)} free in {cache.root.parent}")
     if still > free:
         raise TrainingError(
