@@ -117,6 +117,39 @@ def test_a_killed_run_resumes_at_the_unfinished_block(model_dir, blocks_of_one, 
     assert [r["mse_after"] for r in result.layers] == pytest.approx([r["mse_after"] for r in ref], rel=1e-5)
 
 
+class StopAfterFirstShard(InterruptIn):
+    """Records the log lines; presses Ctrl-C once the teacher pass has stored its first shard (if ``stop``)."""
+
+    def __init__(self, stop: bool) -> None:
+        super().__init__()
+        self.stop, self.lines = stop, []
+
+    def log(self, message) -> None:
+        self.lines.append(message)
+        if self.stop and message.startswith("teacher pass"):
+            raise KeyboardInterrupt
+
+
+def test_a_run_killed_in_the_teacher_pass_keeps_the_shards_it_stored(model_dir, blocks_of_one, tmp_path, monkeypatch):
+    from lolcats_cli.core.transfer_modes import block_cache
+
+    monkeypatch.setattr(block_cache, "SHARD_BYTES", 8 * 96 * 64 * 4)  # 8 fp32 rows of 96 x 64 per shard file
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(tiny_recipe(model_dir, *BLOCKS_OF_ONE), run, reporter=StopAfterFirstShard(True), device="cpu")
+    inputs = run / "blocks" / "inputs"
+    assert sorted(p.name for p in inputs.glob("*/*.safetensors")) == ["block-000-00000.safetensors",
+                                                                      "block-001-00000.safetensors"]
+    assert not (inputs / "manifest.json").exists()
+
+    again = StopAfterFirstShard(False)
+    run_transfer(None, run, resume=True, reporter=again, device="cpu")
+    stored = [line.split(" (")[0] for line in again.lines if line.startswith("teacher pass")]
+    assert stored == [f"teacher pass: train shard {i} stored" for i in (2, 3, 4, 5)] + [
+        "teacher pass: heldout shard 1 stored"]
+    _same_weights(blocks_of_one, run)
+
+
 def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(model_dir, tmp_path, monkeypatch):
     from lolcats_cli.core.transfer_modes import block_cache
 
