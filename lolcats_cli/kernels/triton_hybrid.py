@@ -628,7 +628,9 @@ def _backward(dy, q, k, v, fq, fk, window_logits, log_decay, y, cmax, den, amax,
     ld = log_decay if has_decay else window_logits
     f32 = dict(device=q.device, dtype=torch.float32)
     dy = dy.to(q.dtype).contiguous()
-    delta = (dy.float() * y.float()).sum(-1).contiguous()  # (B, H, T): dy . y
+    delta = torch.empty(B, H, T, **f32)  # dy . y, a few heads at a time (bounded fp32 temporaries)
+    for h0 in range(0, H, 4):
+        delta[:, h0 : h0 + 4] = (dy[:, h0 : h0 + 4].float() * y[:, h0 : h0 + 4].float()).sum(-1)
     SP = cfg["SP"]
     dq = torch.empty(B, H, T, cfg["D"], **f32)
     dfq = torch.empty(B, H, T, F, **f32)

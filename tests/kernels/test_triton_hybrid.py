@@ -187,9 +187,9 @@ def test_short_sequences_match_naive(T: int) -> None:
     got_y, got_g = values_and_grads(fused, x, window, True)
     assert rel_rms(got_y, ref_y) < TOL
     for name, ref in ref_g.items():
-        # No linear key yet at T <= 64 with this window: the window logits' gradient is 0 in theory and
-        # rounding noise (~1e-6) in both forms, so it passes on an absolute bound (gradients here are ~0.1-1).
-        assert rel_rms(got_g[name], ref) < GRAD_TOL or (got_g[name] - ref).abs().max() < 1e-5, name
+        # No linear key yet at T <= 128 with this window: the window logits' gradient is 0 in theory and fp32
+        # rounding noise (1e-6 to 1e-5, a sum over 2 T rows) in both forms, so it passes on an absolute bound.
+        assert rel_rms(got_g[name], ref) < GRAD_TOL or (got_g[name] - ref).abs().max() < 5e-5, name
 
 
 # The interpreter's tl.dot is wrong on bf16 operands (numpy has no bf16; fp16 is exact), so bf16 runs on a GPU only.
