@@ -265,7 +265,8 @@ def main() -> None:
             results["errors"].append(msg)
             if not args.isolate and any(f in str(e) for f in FATAL):
                 state["dead"] = True
-                print("  the CUDA context is lost: the remaining sections are skipped; rerun with --isolate", flush=True)
+                print("  the CUDA context is lost: the remaining sections are skipped; rerun with --isolate",
+                      flush=True)
             return None
         finally:
             save()

@@ -17,7 +17,7 @@ Design (blocks of ``BLOCK = 64`` positions; query block i covers ``[64 i, 64 i +
 * ``_state_fwd``: per (b, h, feature tile, value tile), a scan over key chunks of the linear state
   ``S(64 c) = sum_{sinks <= j < 64 c} exp(log_decay (64 c - j)) fk_j v_j^T`` and ``z(64 c)`` (the same with
   v = 1): the state *decayed to the chunk start*, so every exponent is ``log_decay`` times a distance >= 0.
-  Stored for every chunk: ``(B H, T / 64, F, Dv)`` fp32.
+  Stored for every chunk: ``(B H, T / 64, F, Dv)`` fp32 (not kept for the backward, which rescans).
 * ``_fwd``: one program per (query block, b, h). The query block's window starts no earlier than
   ``kb = 64 floor(start(64 i) / 64)``; every key before kb (but the sinks) is linear for all its queries and
   comes from ``S(kb), z(kb)``. The local keys ``[kb, 64 i + 64)`` are visited in tiles of 64: the window keys
@@ -28,17 +28,19 @@ Design (blocks of ``BLOCK = 64`` positions; query block i covers ``[64 i, 64 i +
 * backward (recomputes the tiles; nothing T x T is stored): ``_bwd_dq`` (per query block: dq, the local
   part of d fq, the window share ``R_n = sum_{W(n)} a_nj dA_nj``, and the gradients of the sink keys seen
   through the sink tile as per-block partials), ``_state_bwd`` (a reverse scan of
-  ``dH(64 (c + 1)) = sum over query blocks whose kb >= 64 (c + 1) of exp(log_decay (n - 64 (c + 1))) fq_n dy_n^T / den_n``),
+  ``dH(b) = sum over the queries n of blocks whose kb >= b of exp(log_decay (n - b)) fq_n dy_n^T / den_n`` at
+  ``b = 64 (c + 1)``),
   ``_bwd_dkv`` (per key block and KV head, looping over the heads of its group: dk, dv, the local part of
-  d fk, plus dv from dH) and ``_bwd_prefix`` (the prefix parts of d fq and d fk). The window logits'
-  gradient is ``(1 - g) sum R``; the decay's is ``sum_t t (fq_t . dfq_t - fk_t . dfk_t)`` (every linear term
-  has the factor ``exp(log_decay (n - j))``, so ``d/d log_decay`` is the sum of ``(n - j)`` times its
-  share, which this telescoping form gives from the feature gradients).
+  d fk, plus dv from dH) and ``_bwd_prefix`` (the prefix parts of d fq and d fk, and per feature tile the
+  decay's gradient). The window logits' gradient is ``(1 - g) sum R``; the decay's is
+  ``sum_t t (fq_t . dfq_t - fk_t . dfk_t)`` (every linear term has the factor ``exp(log_decay (n - j))``, so
+  ``d/d log_decay`` is the sum of ``(n - j)`` times its share, which this telescoping form gives from the
+  feature gradients). The linear gate, when used, is folded into fq by the caller.
 
 Dtypes: the matrix products take q's dtype (bf16 / fp16 / fp32; under CUDA autocast the autocast dtype; k,
-v, fq and fk are cast to it) and accumulate in fp32; softmax statistics, the linear states and every gradient accumulator are fp32;
-products with the fp32 states run in tf32 for bf16 / fp16 inputs and in full fp32 for fp32 inputs.
-Output in q's dtype; gradients in each input's dtype.
+v, fq and fk are cast to it) and accumulate in fp32; softmax statistics, the linear states and every
+gradient accumulator are fp32; products with the fp32 states run in tf32 for bf16 / fp16 inputs and in full
+fp32 (no tf32) for fp32 inputs. Output in q's dtype; gradients in each input's dtype.
 
 Supported: the built-in windows (sliding, terrace, none) with up to 64 sinks, head dim 64 or 128, value
 and feature dims up to 256, any T. Anything else goes through the chunked form (:class:`TritonKernel`
@@ -662,8 +664,8 @@ def _backward(dy, q, k, v, fq, fk, window_logits, log_decay, y, cmax, den, amax,
     share = torch.empty(B * H, NF, T, **f32) if has_decay else rw  # per feature tile: (t - c) (fq.dfq - fk.dfk)
     _bwd_prefix[(NB, B * H, NF)](
         dy, den, delta, v, fq, fk, ld, sbuf, zbuf, hbuf, hzbuf, dfq, dfk, share, T, H, G, NB, cfg["WSIZE"],
-        cfg["SINKS"], (T - 1) / 2, F=F, DV=cfg["DV"], VP=cfg["VP"], BF=cfg["BF"], BLOCK=BLOCK, KIND=cfg["KIND"], HAS_DECAY=has_decay,
-        PREC_S=cfg["PREC_S"], num_warps=4,
+        cfg["SINKS"], (T - 1) / 2, F=F, DV=cfg["DV"], VP=cfg["VP"], BF=cfg["BF"], BLOCK=BLOCK, KIND=cfg["KIND"],
+        HAS_DECAY=has_decay, PREC_S=cfg["PREC_S"], num_warps=4,
     )  # fmt: skip
     sinks = min(cfg["SINKS"], T)
     if sinks:  # the sinks seen through the sink tile, summed over query blocks and the heads of each group
