@@ -210,7 +210,7 @@ def report_interrupt(stop: KeyboardInterrupt, run_dir: Any, resume_command: list
     import typer
     from rich.markup import escape as esc
 
-    from ..core.workspace import RESOLVED_RECIPE, has_checkpoint
+    from ..core.rundir import CHECKPOINTS, has_checkpoint, is_run_dir
 
     run_dir = Path(run_dir)
     step, total = getattr(stop, "step", None), getattr(stop, "total_steps", None)
@@ -219,8 +219,8 @@ def report_interrupt(stop: KeyboardInterrupt, run_dir: Any, resume_command: list
         kept = f"the last checkpoint is step {stop.checkpoint_step} ({esc(str(stop.checkpoint))})"
     elif has_checkpoint(run_dir):
         where = where or " before training started"
-        kept = f"the last checkpoint is kept in {esc(str(run_dir / 'checkpoints'))}"
-    elif (run_dir / RESOLVED_RECIPE).exists():
+        kept = f"the last checkpoint is kept in {esc(str(run_dir / CHECKPOINTS))}"
+    elif is_run_dir(run_dir):
         kept = "no checkpoint yet: --resume starts it again from step 0"
     else:
         stderr.print(f"[yellow]interrupted[/yellow]{where} before the first checkpoint: nothing to resume; "

@@ -159,7 +159,7 @@ def _dry_run(model, recipe, revision, overrides, output, resume, gpus, as_json) 
     """``--dry-run``: the plan of the recipe (or of the run in --output with --resume) on this machine."""
     from ..core.recipe import load_recipe
     from ..core.transfer_modes.plan import plan_transfer, render_plan
-    from ..core.workspace import RESOLVED_RECIPE
+    from ..core.rundir import RESOLVED_RECIPE
 
     if resume:
         if output is None:

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DataError, LolcatsError, did_you_mean
+from ..errors import ConfigError, DataError, did_you_mean
 from ..hf_compat import peek_attention_cache
 from .progress import NullReporter, Reporter, StepInfo
+from .rundir import FINISHED_HINT, require_finished_run
 
 ROWS: tuple[str, ...] = ("teacher", "sink_window", "linearized", "linear_zeroed", "linearized_recall")
 DEFAULT_ROWS: tuple[str, ...] = ROWS[:4]
@@ -357,22 +358,6 @@ def _lengths(values: Sequence[int], flag: str, limit: int | None) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """LolcatsError naming what is missing when ``run_dir`` is not a finished transfer or finetune run."""
-    from .workspace import RESOLVED_RECIPE
-
-    needed = [RESOLVED_RECIPE, "attention.safetensors", "metrics.json"]
-    if (run_dir / "source.json").exists():  # a finetune run: its adapter too
-        needed.append("adapter/adapter_config.json")
-    missing = [n for n in needed if not (run_dir / n).exists()] if run_dir.is_dir() else ["the folder itself"]
-    if missing:
-        raise LolcatsError(
-            f"{run_dir} is not a finished lolcats run (missing: {', '.join(missing)})",
-            "pass the --output folder of a completed `lolcats transfer` or `lolcats finetune` (resume it with "
-            "--resume if it was interrupted), or evaluate a plain model with --model ID|PATH",
-        )
-
-
 def _pick_rows(rows: Sequence[str] | None, converted: bool) -> list[str]:
     if rows is None:
         return list(DEFAULT_ROWS if converted else SOFTMAX_ROWS)
@@ -404,7 +389,7 @@ def _check_arguments(run_dir: str | Path | None, model_id: str | None, text_file
     if problems:
         raise ConfigError(problems)
     if run_dir is not None:
-        check_run_dir(Path(run_dir))
+        require_finished_run(run_dir, f"{FINISHED_HINT}, or evaluate a plain model with --model ID|PATH")
     return run_dir is not None
 
 
@@ -570,5 +555,5 @@ __all__ = [
     "ROWS", "DEFAULT_ROWS", "SOFTMAX_ROWS", "SINK_WINDOW", "SINK_TOKENS", "RowResult", "EvalReport", "evaluate_run",
     "as_row", "sink_attention", "sink_mask", "zero_linear_branch", "recall_kernel", "token_nll", "mean_token_nll",
     "perplexities",
-    "attention_mse", "load_tokens", "windows", "check_run_dir",
+    "attention_mse", "load_tokens", "windows",
 ]

@@ -22,6 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import __version__
 from ..errors import ConfigError, LolcatsError, ModelError
+from .rundir import (
+    ADAPTER_DIR,
+    ATTENTION_WEIGHTS,
+    PEFT_FILES,
+    RESOLVED_RECIPE,
+    VERSIONS,
+    has_lora,
+    require_finished_run,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,9 +39,6 @@ FORMATS: tuple[str, ...] = ("adapter", "hf")
 ADAPTER_CONFIG = "lolcats_config.json"
 ADAPTER_FORMAT = "lolcats-adapter"
 ADAPTER_FORMAT_VERSION = 1
-ATTENTION_WEIGHTS = "attention.safetensors"
-ADAPTER_DIR = "adapter"
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # The config fields that must match for attention weights and LoRA trained on one model to fit another.
 ARCH_FIELDS: tuple[str, ...] = (
     "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -62,7 +68,7 @@ def export_run(
 
         export_dtype(dtype, None)  # a bad name fails before any model is loaded
     run_dir, out = Path(run_dir), Path(out_dir)
-    _check_run(run_dir)
+    require_finished_run(run_dir)
     _check_out(out, run_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -82,17 +88,6 @@ def export_run(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _check_run(run_dir: Path) -> None:
-    from .workspace import RESOLVED_RECIPE
-
-    missing = [n for n in (RESOLVED_RECIPE, ATTENTION_WEIGHTS) if not (run_dir / n).is_file()]
-    if not run_dir.is_dir() or missing:
-        raise LolcatsError(
-            f"{run_dir} is not a finished lolcats run (missing: {', '.join(missing) or 'the folder itself'})",
-            "pass the --output folder of a completed `lolcats transfer` or `lolcats finetune`",
-        )
 
 
 def _is_export(path: Path) -> bool:
@@ -157,7 +152,7 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
     from .recipe import load_recipe, versions
     from .registry import build_params, get_feature_map, get_window
     from .softmax_layers import drop_layers, resolve_softmax_layers, without
-    from .workspace import RESOLVED_RECIPE, plugin_versions
+    from .workspace import plugin_versions
 
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     att, model = recipe.attention, recipe.model
@@ -173,7 +168,7 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
         save_tensors(out / ATTENTION_WEIGHTS, drop_layers(load_tensors(run_dir / ATTENTION_WEIGHTS, "cpu"), softmax))
     else:
         shutil.copyfile(run_dir / ATTENTION_WEIGHTS, out / ATTENTION_WEIGHTS)
-    has_adapter = (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    has_adapter = has_lora(run_dir)
     if has_adapter:
         missing = [n for n in PEFT_FILES if not (run_dir / ADAPTER_DIR / n).is_file()]
         if missing:
@@ -184,7 +179,7 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
         (out / ADAPTER_DIR).mkdir()
         for name in PEFT_FILES:
             shutil.copyfile(run_dir / ADAPTER_DIR / name, out / ADAPTER_DIR / name)
-    run_versions = load_json(run_dir / "versions.json") if (run_dir / "versions.json").is_file() else None
+    run_versions = load_json(run_dir / VERSIONS) if (run_dir / VERSIONS).is_file() else None
     save_json(out / ADAPTER_CONFIG, {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import ConfigError, PluginError
+from .rundir import RESOLVED_RECIPE, has_lora
 
 if TYPE_CHECKING:
     import torch
@@ -390,7 +391,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
     from .convert import describe, linearized_layers
     from .models import read_base_config
     from .recipe import load_recipe
-    from .workspace import RESOLVED_RECIPE, open_run, plugin_versions
+    from .workspace import open_run, plugin_versions
 
     target = export_dtype(dtype, read_base_config(load_recipe(Path(run_dir) / RESOLVED_RECIPE).model))
     recipe, model, tokenizer = open_run(run_dir, "cpu", mode="student", merge_lora=True)
@@ -417,7 +418,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         "attention_attr": spec.attention,
         "qk_norm": spec.qk_norm,
         "plugins": plugin_versions(recipe),
-        "lora_merged": (Path(run_dir) / "adapter" / "adapter_config.json").exists(),
+        "lora_merged": has_lora(run_dir),
     }
     if getattr(model, "hf_quantizer", None) is not None:  # a dequantized GGUF: nothing is quantized any more
         model.hf_quantizer = None

@@ -28,10 +28,8 @@ from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
 from .convert import teacher_view
 from .precision import autocast_for
-from .transfer import ATTENTION_WEIGHTS, METRICS
-from .workspace import RESOLVED_RECIPE, new_run_dir, open_run, pick_device, record_run
-
-ADAPTER_DIR = "adapter"
+from .rundir import ADAPTER_DIR, ATTENTION_WEIGHTS, CHECKPOINTS, METRICS, RESOLVED_RECIPE, SOURCE
+from .workspace import new_run_dir, open_run, pick_device, record_run
 
 
 @dataclasses.dataclass
@@ -119,7 +117,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
 
     if resume:
         recipe = load_recipe(run_dir / RESOLVED_RECIPE)
-        source_run = Path(load_json(run_dir / "source.json")["transfer_run"])
+        source_run = Path(load_json(run_dir / SOURCE)["transfer_run"])
     _, model, tokenizer = open_run(source_run, device, mode="student")
     if not resume:
         base = load_recipe(source_run / RESOLVED_RECIPE)
@@ -127,7 +125,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
         # the layers the transfer run keeps as softmax, by index: this run never reads its metrics again
         softmax = resolve_softmax_layers(base.attention.softmax_layers, source_run)
         recipe.attention.softmax_layers = softmax or None
-        save_json(run_dir / "source.json", {"transfer_run": str(source_run.resolve())})  # before the recipe,
+        save_json(run_dir / SOURCE, {"transfer_run": str(source_run.resolve())})  # before the recipe,
         record_run(run_dir, recipe)  # which marks a run directory that --resume can start again from
         shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)
     fcfg = recipe.finetune
@@ -170,7 +168,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
         return loss, details
 
     trainer = Trainer(
-        params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / "checkpoints",
+        params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / CHECKPOINTS,
         labels=labels, reporter=reporter, title="LoRA finetune", device=device,
     )
     fit = trainer.fit(resume=resume)
@@ -191,4 +189,4 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     return result
 
 
-__all__ = ["run_finetune", "FinetuneResult", "ADAPTER_DIR", "lora_config", "heldout_loss", "distill_kl", "heldout_kl"]
+__all__ = ["run_finetune", "FinetuneResult", "lora_config", "heldout_loss", "distill_kl", "heldout_kl"]

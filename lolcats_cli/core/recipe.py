@@ -25,6 +25,7 @@ import yaml
 
 from ..errors import ConfigError, did_you_mean
 from .recipe_files import RecipeLoader, read_yaml, resolve_recipe_path, shipped_recipes
+from .rundir import RESOLVED_RECIPE, VERSIONS
 from .typecheck import build, describe, key, option
 
 Scheduler = Literal["plateau", "constant", "cosine"]
@@ -346,7 +347,7 @@ def save_resolved(recipe: Recipe, run_dir: str | os.PathLike[str]) -> Path:
     """Write every setting, defaults included, to ``run_dir/recipe.resolved.yaml``; returns its path."""
     from .. import __version__
 
-    path = Path(run_dir) / "recipe.resolved.yaml"
+    path = Path(run_dir) / RESOLVED_RECIPE
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Resolved recipe written by lolcats {__version__}: every setting, defaults included.\n"
     path.write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None))
@@ -371,7 +372,7 @@ def versions(plugins: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 
 def write_versions(run_dir: str | os.PathLike[str], plugins: list[dict[str, Any]]) -> Path:
     """Write :func:`versions` to ``run_dir/versions.json``; returns its path."""
-    path = Path(run_dir) / "versions.json"
+    path = Path(run_dir) / VERSIONS
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(versions(plugins), indent=2) + "\n")
     return path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .rundir import METRICS
 
 AUTO = re.compile(r"auto:(\d+)")
 
@@ -61,7 +62,7 @@ def resolve_softmax_layers(value: Any, run_dir: Path | None) -> list[int]:
         return sorted(int(i) for i in value)
     from .checkpoint import load_json
 
-    metrics = Path(run_dir) / "metrics.json" if run_dir is not None else None
+    metrics = Path(run_dir) / METRICS if run_dir is not None else None
     rows = load_json(metrics).get("layers") if metrics is not None and metrics.is_file() else None
     if not rows:
         raise ConfigError(

@@ -18,10 +18,11 @@ from ..errors import ConfigError
 from .data import check_data_budget
 from .progress import Reporter
 from .recipe import Recipe, load_recipe
+from .rundir import RESOLVED_RECIPE
 from .transfer_modes import MODES, mode_of
-from .transfer_modes.common import ATTENTION_WEIGHTS, METRICS, TransferJob, TransferObjective, TransferResult
+from .transfer_modes.common import TransferJob, TransferObjective, TransferResult
 from .transfer_modes.distributed import session
-from .workspace import RESOLVED_RECIPE, check_plugins, check_window_fits, new_run_dir
+from .workspace import check_plugins, check_window_fits, new_run_dir
 
 
 def run_transfer(
@@ -65,4 +66,4 @@ def _transfer(recipe: Recipe | None, run_dir: Path, resume: bool, reporter: Repo
     return MODES[mode_of(recipe, dist.world)](job)
 
 
-__all__ = ["run_transfer", "TransferObjective", "TransferResult", "ATTENTION_WEIGHTS", "METRICS"]
+__all__ = ["run_transfer", "TransferObjective", "TransferResult"]

@@ -23,11 +23,19 @@ import torch
 from ..errors import ConfigError, LolcatsError, TrainingError
 from .models import pick_device
 from .recipe import Recipe, load_recipe, save_resolved, write_versions
-
-RESOLVED_RECIPE = "recipe.resolved.yaml"
-# Everything a run writes at the top of its directory; only these are ever removed from a folder.
-RUN_ENTRIES = (RESOLVED_RECIPE, "versions.json", "source.json", "attention.safetensors", "metrics.json",
-               "checkpoints", "adapter", "blocks", ".write-test")
+from .rundir import (
+    ADAPTER_DIR,
+    ATTENTION_WEIGHTS,
+    METRICS,
+    RESOLVED_RECIPE,
+    RUN_ENTRIES,
+    SOURCE,
+    WRITE_TEST,
+    has_checkpoint,
+    has_lora,
+    is_run_dir,
+    require_finished_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +45,14 @@ def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or (name.endswith(".tmp") and any(name.startswith(f".{e}.") for e in RUN_ENTRIES))
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint (complete or damaged) that ``--resume`` would use: a step folder,
-    one of a block-wise run's blocks (``checkpoints/block-*/``), or block inputs its teacher pass stored."""
-    ckpt = Path(run_dir) / "checkpoints"
-    return ((ckpt / "latest.json").exists() or any(ckpt.glob("step-*/state.json"))
-            or any(ckpt.glob("block-*/step-*/state.json")) or any(Path(run_dir).glob("blocks/**/*.safetensors")))
-
-
 def stopped_before_first_checkpoint(path: Path) -> bool:
     """A folder holding only what a lolcats run writes, from a run that never reached its first checkpoint
     (killed while loading the model, say): there is nothing in it to resume or to lose."""
     path = Path(path)
-    if not path.is_dir() or has_checkpoint(path) or (path / "metrics.json").exists():
+    if not path.is_dir() or has_checkpoint(path) or (path / METRICS).exists():
         return False
     names = [e.name for e in path.iterdir()]
-    started = RESOLVED_RECIPE in names or "source.json" in names or all(n.endswith(".tmp") for n in names)
+    started = RESOLVED_RECIPE in names or SOURCE in names or all(n.endswith(".tmp") for n in names)
     return bool(names) and started and all(_is_run_entry(n) for n in names)
 
 
@@ -79,7 +79,7 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other", "pass only one of them")
     if resume:
-        if not (path / RESOLVED_RECIPE).exists():
+        if not is_run_dir(path):
             raise LolcatsError(
                 f"cannot resume: {path} is not a lolcats run directory (no {RESOLVED_RECIPE})",
                 "check the path, or start a new run without --resume",
@@ -94,7 +94,7 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
                 f"output directory {path} already exists and is not empty",
                 "pass --resume to continue that run, --overwrite to replace it, or choose another --output",
             )
-        if not (path / RESOLVED_RECIPE).exists():
+        if not is_run_dir(path):
             raise LolcatsError(
                 f"refusing to overwrite {path}: it is not a lolcats run directory",
                 "choose another --output; lolcats only replaces folders it created",
@@ -102,7 +102,7 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / WRITE_TEST
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -117,7 +117,7 @@ def new_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Iterator[Path]:
     same command can then simply be run again. A resumed run's folder is always left as it is.
     A full disk becomes a TrainingError that names the folder and says whether a checkpoint is kept."""
     path = Path(path)
-    made = not path.exists() or (overwrite and (path / RESOLVED_RECIPE).exists())
+    made = not path.exists() or (overwrite and is_run_dir(path))
     path = prepare_run_dir(path, resume=resume, overwrite=overwrite)
     try:
         yield path
@@ -253,23 +253,16 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
     from .softmax_layers import drop_layers, resolve_softmax_layers
 
     run_dir = Path(run_dir)
-    weights = run_dir / "attention.safetensors"
-    missing = [n for n in (RESOLVED_RECIPE, weights.name) if not (run_dir / n).exists()]
-    if not run_dir.is_dir() or missing:
-        raise LolcatsError(
-            f"{run_dir} is not a finished lolcats run (missing: {', '.join(missing) or 'the folder itself'})",
-            "pass the --output folder of a completed `lolcats transfer` (resume it first if it was interrupted)",
-        )
+    require_finished_run(run_dir)
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     device = pick_device(device)
     softmax = resolve_softmax_layers(recipe.attention.softmax_layers, run_dir)
     model, tokenizer, _ = load_converted_model(recipe, device, mode=mode, softmax_layers=softmax)
-    load_attention_state_dict(model, drop_layers(load_tensors(weights, device), softmax))
-    adapter = run_dir / "adapter"
-    if (adapter / "adapter_config.json").exists():
+    load_attention_state_dict(model, drop_layers(load_tensors(run_dir / ATTENTION_WEIGHTS, device), softmax))
+    if has_lora(run_dir):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, run_dir / ADAPTER_DIR)
         if merge_lora:
             model = model.merge_and_unload()
     model.eval()
@@ -277,11 +270,9 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
 
 
 __all__ = [
-    "RESOLVED_RECIPE",
     "pick_device",
     "prepare_run_dir",
     "new_run_dir",
-    "has_checkpoint",
     "record_run",
     "load_converted_model",
     "open_run",

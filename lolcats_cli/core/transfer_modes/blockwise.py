@@ -25,12 +25,11 @@ from ..data import build_datasets
 from ..models import load_tokenizer, read_base_config
 from ..precision import autocast_for
 from ..progress import NullReporter
+from ..rundir import ATTENTION_WEIGHTS, BLOCKS, CHECKPOINTS, METRICS
 from ..trainer import latest_checkpoint
 from ..workspace import load_converted_model, record_run
 from .block_cache import Block, BlockCache, check_disk, plan_blocks
 from .common import (
-    ATTENTION_WEIGHTS,
-    METRICS,
     TransferJob,
     TransferObjective,
     TransferResult,
@@ -122,7 +121,7 @@ def run_blockwise(job: TransferJob) -> TransferResult:
     config = read_base_config(recipe.model)
     num_layers = config.num_hidden_layers
     blocks = plan_blocks(num_layers, k, converted_layers(recipe, num_layers))
-    cache = BlockCache(run_dir / "blocks", blocks, seq_len=recipe.data.seq_len, hidden=config.hidden_size,
+    cache = BlockCache(run_dir / BLOCKS, blocks, seq_len=recipe.data.seq_len, hidden=config.hidden_size,
                        dtype=recipe.transfer.block_cache_dtype,
                        rows={"train": int(train.input_ids.shape[0]), "heldout": int(eval_ids.shape[0])})
     pending = [b for b in blocks if not cache.is_trained(b)]
@@ -186,7 +185,7 @@ def _train_block(job: TransferJob, model: nn.Module, cache: BlockCache, block: B
     tcfg = job.recipe.transfer
     layers = [(i, m) for i, m in linearized_layers(model) if block.start <= i < block.stop]
     params = layer_parameters(model, layers)
-    ckpt = job.run_dir / "checkpoints" / block.name
+    ckpt = job.run_dir / CHECKPOINTS / block.name
     objective = TransferObjective(model, cache.stored("heldout", block), job.device, tcfg.mse_weight,
                                   tcfg.attn_ce_weight, forward=lambda x: block_forward(model, block, x),
                                   layers=layers, where=ckpt)

@@ -19,12 +19,9 @@ from ..convert import attention_buffers, attention_parameters, attention_state_d
 from ..precision import autocast_for
 from ..progress import Reporter
 from ..recipe import Recipe
+from ..rundir import CHECKPOINTS, METRICS
 from ..trainer import FitResult, RowSource, Trainer, TrainSettings, latest_checkpoint
 from .distributed import Dist
-
-ATTENTION_WEIGHTS = "attention.safetensors"
-METRICS = "metrics.json"
-
 
 @dataclasses.dataclass
 class TransferResult:
@@ -72,7 +69,7 @@ class TransferObjective:
         decoder = getattr(model, model.base_model_prefix)  # the transformer without its LM head
         self.forward = forward or (lambda ids: decoder(input_ids=ids, use_cache=False))
         self.layers = list(layers) if layers is not None else linearized_layers(model)
-        self.where = where or (run_dir / "checkpoints" if run_dir is not None else "the run directory")
+        self.where = where or (run_dir / CHECKPOINTS if run_dir is not None else "the run directory")
         self.before: dict[int, float] = {}
 
     def _forward(self, inputs: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -183,6 +180,6 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "ATTENTION_WEIGHTS", "METRICS", "TransferResult", "TransferJob", "TransferObjective", "prepare_for_transfer",
+    "TransferResult", "TransferJob", "TransferObjective", "prepare_for_transfer",
     "layer_parameters", "Fitted", "fit_layers", "first_eval", "save_attention", "write_metrics",
 ]

@@ -18,7 +18,8 @@ from torch.distributed.fsdp import fully_shard
 from ..architectures import arch_spec
 from ..checkpoint import load_json
 from ..convert import attention_parameters
-from .common import ATTENTION_WEIGHTS, METRICS, TransferJob, TransferResult, fit_layers, save_attention, write_metrics
+from ..rundir import ATTENTION_WEIGHTS, CHECKPOINTS, METRICS
+from .common import TransferJob, TransferResult, fit_layers, save_attention, write_metrics
 from .joint import joint_metrics, setup_joint
 
 
@@ -39,7 +40,7 @@ def run_fsdp(job: TransferJob) -> TransferResult:
     model, train_ids, objective = setup_joint(job, torch.device("cpu"))  # sharded from the CPU copy
     shard_model(model, job.device, dist.world)
     title = f"attention transfer (FSDP over {dist.world} processes)"
-    done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / "checkpoints", title,
+    done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / CHECKPOINTS, title,
                       resume=job.resume, ranks=(dist.rank, dist.world))
     if dist.is_main:
         save_attention(model, job.run_dir / ATTENTION_WEIGHTS)

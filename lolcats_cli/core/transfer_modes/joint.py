@@ -12,10 +12,10 @@ import torch
 from ...errors import ConfigError
 from ..convert import attention_parameters
 from ..data import build_datasets
+from ..rundir import ATTENTION_WEIGHTS, CHECKPOINTS
 from ..trainer import FitResult
 from ..workspace import load_converted_model, record_run
 from .common import (
-    ATTENTION_WEIGHTS,
     Fitted,
     TransferJob,
     TransferObjective,
@@ -65,7 +65,7 @@ def joint_metrics(mode: str, done: Fitted, train_ids: torch.Tensor, device: torc
 
 def run_joint(job: TransferJob) -> TransferResult:
     model, train_ids, objective = setup_joint(job, job.device)
-    done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / "checkpoints",
+    done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / CHECKPOINTS,
                       "attention transfer", resume=job.resume)
     fit = done.fit
     save_attention(model, job.run_dir / ATTENTION_WEIGHTS)
