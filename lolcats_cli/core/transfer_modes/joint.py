@@ -5,6 +5,7 @@ over several processes."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ...errors import ConfigError
 from ..convert import attention_parameters
 from ..data import build_datasets
+from ..models import resolve_dtype
 from ..rundir import ATTENTION_WEIGHTS, CHECKPOINTS
 from ..trainer import FitResult
 from ..workspace import load_converted_model, record_run
@@ -28,10 +30,12 @@ from .common import (
 
 
 def setup_joint(job: TransferJob, load_on: torch.device) -> tuple[torch.nn.Module, torch.Tensor, TransferObjective]:
-    """The converted model loaded on ``load_on`` and ready to train, the training ids and the objective (its
-    held-out ids evaluated on ``job.device``); rank 0 records the run."""
+    """The converted model loaded on ``load_on`` (in the dtype ``job.device`` would get) and ready to train,
+    the training ids and the objective (its held-out ids evaluated on ``job.device``); rank 0 records the run."""
     recipe = job.recipe
-    model, tokenizer, _ = load_converted_model(recipe, load_on, mode="transfer")
+    dtype = str(resolve_dtype(recipe.model.dtype, job.device)).removeprefix("torch.")
+    loading = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
+    model, tokenizer, _ = load_converted_model(loading, load_on, mode="transfer")
     if not job.resume and job.dist.is_main:
         record_run(job.run_dir, recipe)
     train, heldout = build_datasets(recipe.data, tokenizer)
