@@ -8,9 +8,10 @@ import torch
 
 from lolcats_cli.core.static_decode import (
     StaticDecoder,
+    decoder_for,
     static_decode_enabled,
     static_decode_problem,
-    static_generate,
+    static_sample,
 )
 from lolcats_cli.errors import ModelError
 
@@ -41,20 +42,40 @@ def _batch(vocab: int, pads: tuple[int, ...] = (0, 3), length: int = 13):
     return ids, mask
 
 
-def _reference(model, ids, mask, n):
+def _generate(model, ids, mask, n, **kwargs):
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                              temperature=None, top_p=None, top_k=None)  # fmt: skip
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, **kwargs)
+
+
+GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
 @pytest.mark.parametrize("pads", [(0, 0), (0, 3)], ids=["unpadded", "left-padded"])
-def test_static_generate_equals_generate(tiny, pads) -> None:
+def test_generate_with_the_static_loop_equals_generate(tiny, pads) -> None:
     ids, mask = _batch(tiny.config.vocab_size, pads)
-    want = _reference(tiny, ids, mask, 40)
-    got, cache, decoder = static_generate(tiny, ids, mask, max_new_tokens=40, pad_token_id=0)
-    assert not decoder.graph_on
+    want = _generate(tiny, ids, mask, 40, **GREEDY)
+    got = _generate(tiny, ids, mask, 40, custom_generate=static_sample, **GREEDY)
     assert torch.equal(got, want)
-    assert cache.get_seq_length() == got.shape[1] - 1  # the last token is never fed back
+    decoder = decoder_for(tiny, 2)
+    assert not decoder.graph_on and decoder.layers[0].get_seq_length() == want.shape[1] - 1
+
+
+def test_the_static_loop_returns_the_cache_scores_and_stops_at_eos(tiny) -> None:
+    ids, mask = _batch(tiny.config.vocab_size, (0, 3))
+    want = _generate(tiny, ids, mask, 12, **GREEDY, return_dict_in_generate=True, output_scores=True)
+    eos = int(want.sequences[0, ids.shape[1] + 4])  # row 0's 5th new token ends it there; row 1 goes on, padded
+    want = _generate(tiny, ids, mask, 12, **GREEDY, return_dict_in_generate=True, output_scores=True, eos_token_id=eos)
+    got = _generate(tiny, ids, mask, 12, **GREEDY, return_dict_in_generate=True, output_scores=True, eos_token_id=eos,
+                    custom_generate=static_sample)  # fmt: skip
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(want.scores) and got.logits is None
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
+    assert got.cache.get_seq_length() == got.sequences.shape[1] - 1  # the last token is never fed back
+    # the returned cache goes on: a second call reads only the new tokens and agrees with a whole re-read
+    more = torch.cat([got.sequences, torch.full((2, 3), 7)], dim=1)
+    mask2 = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    again = _generate(tiny, more, mask2, 6, **GREEDY, custom_generate=static_sample, cache=got.cache)
+    assert torch.equal(again, _generate(tiny, more, mask2, 6, **GREEDY))
 
 
 def test_the_decoder_steps_give_generate_s_logits_and_keep_their_size(tiny) -> None:
@@ -102,10 +123,11 @@ def test_cuda_graph_replay_equals_eager_decoding(tiny_model_dir, dtype) -> None:
     model = _converted(tiny_model_dir, device="cuda").to(dtype)
     ids, mask = _batch(model.config.vocab_size)
     ids, mask = ids.cuda(), mask.cuda()
-    want = _reference(model, ids, mask, 64)
-    got, _, decoder = static_generate(model, ids, mask, max_new_tokens=64, pad_token_id=0)
+    want = _generate(model, ids, mask, 64, **GREEDY)
+    got = _generate(model, ids, mask, 64, custom_generate=static_sample, **GREEDY)
+    decoder = decoder_for(model, 2)
     assert decoder.graph_on and decoder._graph is not None
     agree = (got == want).float().mean().item()
     assert agree == 1.0 if dtype == torch.float32 else agree > 0.9
-    again, _, same = static_generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, decoder=decoder)
-    assert same is decoder and torch.equal(again, got)  # the captured graph is reused
+    again = _generate(model, ids, mask, 64, custom_generate=static_sample, **GREEDY)
+    assert decoder_for(model, 2) is decoder and torch.equal(again, got)  # the captured graph is reused

@@ -44,9 +44,9 @@ class ChatSession:
     template renders earlier turns differently (or a reply was interrupted, or the system prompt changed) the
     whole conversation is read again from a fresh cache, and a debug log says why.
 
-    ``static`` (default: on CUDA, unless ``LOLCATS_STATIC_DECODE=0``) decodes through
-    :mod:`.static_decode`: the prefill through ``model.generate``, then one CUDA-graph replay per token (eager
-    static steps off CUDA). A model it cannot run (a softmax layer, a window without a ring) uses ``generate``.
+    ``static`` (default: on CUDA, unless ``LOLCATS_STATIC_DECODE=0``) passes ``generate`` the decoding loop
+    :func:`.static_decode.static_sample`: one CUDA-graph replay per token over preallocated state buffers (eager
+    static steps off CUDA). A model it cannot run (a softmax layer, a window without a ring) decodes as usual.
     """
 
     def __init__(
@@ -174,14 +174,18 @@ class ChatSession:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         result: dict[str, Any] = {}
-        static = self.static and not original and self._static_decoder() is not None
+        if self.static and not original and self._static_decoder() is not None:
+            from .static_decode import static_sample
+
+            kwargs["custom_generate"] = static_sample
+            kwargs["static_streamer"] = kwargs.pop("streamer")  # generate() drops `streamer` for a custom loop
 
         def work() -> None:
             import torch
 
             try:
                 with torch.inference_mode(), _original_model(self.model, kwargs) if original else nullcontext():
-                    result["out"] = self._static_generate(kwargs, stop) if static else self.model.generate(**kwargs)
+                    result["out"] = self.model.generate(**kwargs)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -229,33 +233,15 @@ class ChatSession:
         """The static decoder for one row (built once; its CUDA graph captured then), or None when it cannot be
         built here (the session then uses ``generate``; a warning says why)."""
         if self._decoder is None:
-            from .static_decode import StaticDecoder
+            from .static_decode import decoder_for
 
             try:
-                self._decoder = StaticDecoder(self.model, 1)
+                self._decoder = decoder_for(self.model, 1)
             except Exception as e:  # an unfamiliar GPU or model: the eager path still works
                 why = f"{type(e).__name__}: {e}"
                 log.warning("static decoding is off for this chat (%s); using model.generate()", why)
                 self.static = False
         return self._decoder
-
-    def _static_generate(self, kwargs: dict[str, Any], stop: threading.Event) -> Any:
-        """:func:`.static_decode.static_generate` with ``generate``'s keyword arguments; an object with
-        ``sequences`` and ``cache`` like ``generate``'s output."""
-        from types import SimpleNamespace
-
-        from ..hf_compat import cache_kwarg
-        from .static_decode import static_generate
-
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        sequences, cache, _ = static_generate(
-            self.model, kwargs["input_ids"], kwargs["attention_mask"], max_new_tokens=kwargs["max_new_tokens"],
-            decoder=self._decoder, cache=kwargs.get(cache_kwarg(self.model)),
-            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id, pad_token_id=kwargs["pad_token_id"],
-            do_sample=self.temperature > 0, temperature=self.temperature, top_p=self.top_p,
-            streamer=kwargs["streamer"], should_stop=stop.is_set,
-        )  # fmt: skip
-        return SimpleNamespace(sequences=sequences, cache=cache)
 
     def _state_for(self, ids: list[int]) -> tuple[Any, int]:
         """``(cache, tokens it holds)`` to generate a reply to the conversation ``ids``: the kept cache when its

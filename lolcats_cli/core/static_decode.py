@@ -9,25 +9,28 @@ one model decode step captured in a CUDA graph, and a generation loop around it.
   model decode step, replaying a CUDA graph captured once (``graph=True``, CUDA only) or eagerly (any device:
   what the CPU tests run). :meth:`~StaticDecoder.load` copies an eager cache's states in after a prefill and
   :meth:`~StaticDecoder.store` writes them back, so a chat can keep its ordinary cache between turns.
-* :func:`static_generate`: prefill (and the first token) through ``model.generate``, then the decoder's steps.
+* :func:`static_sample`: a decoding loop for ``model.generate(..., custom_generate=static_sample)`` (a
+  transformers hook): the prompt through the model's cache as usual, then one decoder step per token;
+  :func:`decoder_for` keeps one decoder (one captured graph) per model between calls.
 
 :func:`static_decode_problem` says why a model cannot use this path (a softmax layer, a window without a ring,
-batch or device); callers fall back to ``model.generate``. ``LOLCATS_STATIC_DECODE=0`` turns the path off
+batch or device); callers use plain ``model.generate``. ``LOLCATS_STATIC_DECODE=0`` turns the path off
 where it would be used by default (``lolcats chat`` on CUDA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelError
-from ..hf_compat import cache_kwarg, last_logits_kwargs, output_cache
+from ..hf_compat import cache_kwarg, last_logits_kwargs
 from ..kernels.recurrent import HybridState
 from ..kernels.static import StaticState, fold_width, static_step, static_supported
 from .cache import LinearAttentionCache
@@ -197,75 +200,103 @@ class StaticDecoder:
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def _sampler(do_sample: bool, temperature: float, top_p: float) -> Callable[[Tensor], Tensor]:
-    """logits ``(B, vocab)`` -> next tokens ``(B,)``: argmax, or sampling with transformers' warpers."""
-    if not do_sample:
-        return lambda logits: logits.argmax(dim=-1)
-    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
-
-    def sample(logits: Tensor) -> Tensor:
-        probs = torch.softmax(warpers(None, logits.float()), dim=-1)  # type: ignore[arg-type]
-        return torch.multinomial(probs, 1)[:, 0]
-
-    return sample
+_DECODERS: weakref.WeakKeyDictionary[Any, StaticDecoder] = weakref.WeakKeyDictionary()
 
 
-@torch.inference_mode()
-def static_generate(
-    model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
-    decoder: StaticDecoder | None = None, cache: Any = None, eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-    streamer: Any = None, should_stop: Callable[[], bool] | None = None,
-) -> tuple[Tensor, Any, StaticDecoder]:  # fmt: skip
-    """Generate like ``model.generate`` (greedy, or sampling with temperature / top-p) through a
-    :class:`StaticDecoder`: ``(sequences (B, T + new), the cache, the decoder)``.
+def decoder_for(model: Any, batch: int) -> StaticDecoder:
+    """The :class:`StaticDecoder` of ``model`` for ``batch`` rows, built (its CUDA graph captured) on first use and
+    kept for the next calls; one per model (a new batch size replaces the old decoder)."""
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.batch != batch:
+        _DECODERS.pop(model, None)  # free the old graph's buffers before capturing a new one
+        decoder = _DECODERS[model] = StaticDecoder(model, batch)
+    return decoder
 
-    ``model.generate`` prefills ``input_ids`` (into ``cache`` when given: a kept chat state, of which it reads
-    only the new tokens) and picks the first token; the decoder (built for the batch when not given; reuse
-    it across calls to keep its CUDA graph) decodes the rest, and its states are written back into the cache.
-    As with ``generate``, the last token is never fed back; rows that produced an EOS get ``pad_token_id``.
-    ``streamer`` gets the prompt, then each new token, then ``end()``; ``should_stop()`` ends early.
+
+_PLAIN = "call generate() without custom_generate"
+
+
+@torch.no_grad()
+def static_sample(
+    model: Any, input_ids: Tensor, logits_processor: Any, stopping_criteria: Any, generation_config: Any,
+    synced_gpus: bool = False, streamer: Any = None, static_streamer: Any = None, **model_kwargs: Any,
+) -> Any:  # fmt: skip
+    """A decoding loop for ``model.generate(..., custom_generate=static_sample)``: greedy or sampling as
+    ``generate`` configures it (its logits processors, stopping criteria, streamer and pad token), the prompt
+    read through the model's cache as usual (only its new tokens when the cache already holds some), then
+    one :class:`StaticDecoder` step per token (a CUDA-graph replay on CUDA). The decoded states are written back
+    into the cache, so it can be passed to the next call. Returns what ``generate`` would: the sequences, or a
+    ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate`` (scores and logits when asked for).
+    ModelError for a model the static path cannot run (:func:`static_decode_problem`).
+
+    A streamer goes in as ``static_streamer=``: ``generate`` hands a callable ``custom_generate`` only the
+    keyword arguments ``_sample`` does not take, and drops ``streamer`` (it would wait for an ``end()`` forever).
     """
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
-                       device=input_ids.device)  # fmt: skip
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
-    kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=1,
-                                  return_dict_in_generate=True, pad_token_id=pad, do_sample=do_sample)  # fmt: skip
-    greedy = dict(temperature=None, top_p=None, top_k=None)
-    sampling = dict(temperature=temperature, top_p=top_p) if do_sample else greedy
-    kwargs.update(sampling)
-    if cache is not None:
-        kwargs[cache_kwarg(model)] = cache
-    if streamer is not None:
+    from transformers import DynamicCache
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    from ..hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS
+
+    if why := static_decode_problem(model):
+        raise ModelError(f"static decoding cannot run this model: {why}", hint=_PLAIN)
+    if synced_gpus:
+        raise ModelError("static decoding does not run with synced_gpus", hint=_PLAIN)
+    if static_streamer is not None:  # generate() did not see it: the prompt goes in here
+        streamer = static_streamer
         streamer.put(input_ids.cpu())
-    out = model.generate(**kwargs)
-    cache, tokens = output_cache(out), [out.sequences[:, -1]]
-    done = torch.isin(tokens[0], eos)
-    if streamer is not None:
-        streamer.put(tokens[0].cpu())
-    if max_new_tokens > 1 and not bool(done.all()) and not (should_stop and should_stop()):
-        if decoder is None or decoder.batch != input_ids.shape[0]:
-            decoder = StaticDecoder(model, input_ids.shape[0])
-        decoder.load(cache)
-        pick = _sampler(do_sample, temperature, top_p)
-        for _ in range(max_new_tokens - 1):
-            nxt = torch.where(done, torch.full_like(tokens[-1], pad), pick(decoder.step(tokens[-1])))
-            tokens.append(nxt)
-            done = done | torch.isin(nxt, eos)
-            if streamer is not None:
-                streamer.put(nxt.cpu())
-            if bool(done.all()) or (should_stop and should_stop()):
-                break
+    cache = next((model_kwargs[n] for n in CACHE_ARGS if model_kwargs.get(n) is not None), None)
+    cache = DynamicCache() if cache is None else cache
+    mask = model_kwargs.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    seen = cache.get_seq_length()
+    positions = (mask.long().cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)  # a padded row starts at 0
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
+    logits = model(input_ids=input_ids[:, seen:], attention_mask=mask, position_ids=positions[:, seen:], **kwargs)
+    logits = logits.logits[:, -1]
+    pad = generation_config.pad_token_id
+    if pad is None:
+        eos = generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    keep_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    keep_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores: tuple[Tensor, ...] = ()
+    raw: tuple[Tensor, ...] = ()
+    decoder: StaticDecoder | None = None
+    while True:
+        logits = logits.float()
+        next_scores = logits_processor(input_ids, logits)
+        scores += (next_scores,) if keep_scores else ()
+        raw += (logits.clone(),) if keep_logits else ()
+        if generation_config.do_sample:
+            tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1)[:, 0]
+        else:
+            tokens = next_scores.argmax(dim=-1)
+        if has_eos:  # finished rows get the pad token
+            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, int(pad)))
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, next_scores)
+        if not bool(unfinished.any()):
+            break
+        if decoder is None:
+            decoder = decoder_for(model, input_ids.shape[0])
+            decoder.load(cache)
+        logits = decoder.step(tokens)
+    if decoder is not None:
         decoder.store(cache)
     if streamer is not None:
         streamer.end()
-    sequences = torch.cat([out.sequences, *(t[:, None] for t in tokens[1:])], dim=1)
-    return sequences, cache, decoder  # type: ignore[return-value]
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    fields = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    name = next(n for n in OUTPUT_CACHE_FIELDS if n in fields)
+    return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores or None, logits=raw or None, **{name: cache})
 
 
 __all__ = [
-    "ENV", "StaticDecoder", "StaticHybridLayer", "empty_hybrid_state", "static_decode_enabled", "static_decode_problem",
-    "static_generate", "static_wanted",
+    "ENV", "StaticDecoder", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "static_decode_enabled",
+    "static_decode_problem", "static_sample", "static_wanted",
 ]
