@@ -149,6 +149,21 @@ def synthetic_hybrid_cache(model: Any, batch: int, context: int, device: torch.d
     return cache
 
 
+def randomize_static(decoder: Any, context: int) -> None:
+    """Random states of length ``context`` in a StaticDecoder's buffers (what a prefill leaves, shape for shape)."""
+    for layer in decoder.layers:
+        st = layer.static
+        for t in (st.k_ring, st.v_ring, st.k_sink, st.v_sink):
+            if t is not None:
+                t.normal_()
+        st.S.uniform_(0.0, 1.0)
+        st.z.uniform_(0.5, 1.5)
+        st.length.fill_(context)
+        st.pads.zero_()
+        layer.length = context
+    decoder.positions.fill_(context)
+
+
 def fill_kv(cache: Any, model: Any, batch: int, context: int, device: torch.device, dtype: torch.dtype) -> None:
     """Random keys and values for ``context`` positions in every layer of a softmax cache."""
     config = model.config.get_text_config(decoder=True)
@@ -189,9 +204,12 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
         from lolcats_cli.core.static_decode import StaticDecoder
 
         decoder = StaticDecoder(model, nxt.shape[0])
-        decoder.load(cache)
-        for layer in cache.layers:  # the eager copy of the state is not needed any more
-            layer.state = None
+        if cache is None:  # synthetic: random buffers at length `context`, no eager copy (it would double the memory)
+            randomize_static(decoder, context)
+        else:
+            decoder.load(cache)
+            for layer in cache.layers:  # the eager copy of the state is not needed any more
+                layer.state = None
 
         def static_step() -> None:
             box["tok"] = decoder.step(box["tok"]).argmax(dim=-1)
@@ -226,7 +244,9 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    if synthetic and engine.startswith("hybrid"):
+    if synthetic and engine == "hybrid-static":
+        cache = None  # the decoder's own buffers get random states
+    elif synthetic and engine.startswith("hybrid"):
         cache = synthetic_hybrid_cache(model, batch, context, device, dtype)
     else:
         cache = new_cache(model, engine, batch, context, args)
