@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import LolcatsError, ModelError
 from .chat_stats import ReplyStats, describe_cache, softmax_kv_bytes, state_bytes  # re-exported
 from .repl import HELP, Conversation, read_message, run_repl  # the loop, re-exported: chat's public names
+from .rundir import RESOLVED_RECIPE, finished_run, is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -352,21 +353,20 @@ def load_chat_model(path: str | Path, device: Any = None, keep_adapter: bool = F
     """``(model, tokenizer, description)`` from a run directory (``recipe.resolved.yaml``) or a folder from
     ``lolcats export --format hf`` (``config.json``). ``keep_adapter`` leaves a finetune run's LoRA unmerged,
     so :meth:`ChatSession.original_reply` can switch it off."""
-    from .workspace import RESOLVED_RECIPE, open_run, pick_device
+    from .workspace import open_run, pick_device
 
     folder = Path(path)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise LolcatsError(f"{folder} {what}; expected a run directory or an exported model folder", _WHERE_HINT)
-    if (folder / RESOLVED_RECIPE).exists():
+    if is_run_dir(folder):
         recipe, model, tokenizer = open_run(folder, pick_device(device), merge_lora=not keep_adapter)
-        kind = "finetune run" if (folder / "adapter" / "adapter_config.json").exists() else "transfer run"
-        return model, tokenizer, f"{kind} of {recipe.model.name}"
+        return model, tokenizer, f"{finished_run(folder)} run of {recipe.model.name}"
     if (folder / "config.json").exists():
         return (*_load_export(folder, pick_device(device)), "exported model")
     found = sorted(p.name for p in folder.iterdir())[:6]
     raise LolcatsError(
-        f"{folder} is neither a lolcats run directory (no recipe.resolved.yaml) nor an exported model "
+        f"{folder} is neither a lolcats run directory (no {RESOLVED_RECIPE}) nor an exported model "
         f"folder (no config.json); it holds: {', '.join(found) or 'nothing'}",
         _WHERE_HINT,
     )
