@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from lolcats_cli.core.rundir import METRICS, finished_run, has_checkpoint
+
 # Sequence length and batch (the same tokens per step); every variant states all it depends on, so a change of
 # the base recipe does not change what a variant measures.
 K1 = ["data.seq_len=1024", "transfer.batch_size=8", "finetune.batch_size=8"]
@@ -61,11 +63,11 @@ def lolcats(*args: str) -> None:
 
 def stage(kind: str, run: Path, args: list[str]) -> float:
     """Run one training stage into ``run`` unless it finished already; resume an interrupted one. Seconds."""
-    if (run / "metrics.json").exists():
+    if finished_run(run) is not None:
         print(f"{run}: finished, skipped", flush=True)
         return 0.0
     start = time.perf_counter()
-    resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else []
+    resume = ["--resume"] if has_checkpoint(run) else []
     if kind == "transfer":
         lolcats("transfer", "--output", str(run), *resume, *args)
     else:
@@ -182,7 +184,7 @@ def main() -> None:
         done["eval"] = evaluate(run / "finetune", None, ["linearized", "linear_zeroed"], args)["rows"]
         done["eval_s"] = time.perf_counter() - t
         for kind in ("transfer", "finetune"):
-            metrics = run / kind / "metrics.json"
+            metrics = run / kind / METRICS
             if metrics.exists():
                 done[f"{kind}_metrics"] = json.loads(metrics.read_text())
         save()
