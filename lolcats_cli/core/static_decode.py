@@ -124,7 +124,8 @@ class StaticDecoder:
         if why := static_decode_problem(model):
             raise ModelError(f"static decoding cannot run this model: {why}", hint="use model.generate()")
         param = next(model.parameters())
-        self.model, self.batch, self.device = model, batch, param.device
+        # a weak reference: decoder_for() keeps decoders in a dict weakly keyed by their model
+        self._model, self.batch, self.device = weakref.ref(model), batch, param.device
         self.graph_on = self.device.type == "cuda" if graph is None else graph
         if self.graph_on and self.device.type != "cuda":
             raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
@@ -140,6 +141,13 @@ class StaticDecoder:
         self._graph: Any = None
         if self.graph_on:
             self._capture(warmup)
+
+    @property
+    def model(self) -> Any:
+        model = self._model()
+        if model is None:
+            raise ModelError("the model of this static decoder no longer exists")
+        return model
 
     def _forward(self) -> Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.positions, attention_mask=self.mask, **self.kwargs)
