@@ -384,6 +384,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new row after this many seconds (the rows done are in the JSON already)")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results (default: benchmarks/results/)")
     args = ap.parse_args()
     if args.threads:
@@ -416,24 +418,38 @@ def main() -> None:
             "device": where, "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
             "started": stamp}  # fmt: skip
     rows: list[dict[str, Any]] = []
+    began = time.perf_counter()
+
+    def run(engine: str, batch: int, context: int) -> dict[str, Any] | None:
+        if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
+            return None
+        return record(run_safely(model, engine, batch, context, args, device, dtype))
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str) + "\n")
 
     def record(row: dict[str, Any]) -> dict[str, Any]:
         rows.append(row)
         print(row_line(row), flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1, default=str) + "\n")
+        save()
         return row
+
+    save()
 
     for context in contexts:
         for batch in args.batch_sizes:
             for engine in engines:
-                record(run_safely(model, engine, batch, context, args, device, dtype))
+                run(engine, batch, context)
         if args.search_max and "hybrid-static" in engines:
             batch = max(args.batch_sizes) * 2
             while batch <= args.max_batch:
-                if record(run_safely(model, "hybrid-static", batch, context, args, device, dtype))["status"] != "ok":
+                row = run("hybrid-static", batch, context)
+                if row is None or row["status"] != "ok":
                     break
                 batch *= 2
+    if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
+        print(f"stopped after --budget-s {args.budget_s:g}: rows not started are missing")
     Console(width=160).print(rich_table(rows, title))
     print(f"results: {path}")
 
