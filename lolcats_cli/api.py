@@ -17,10 +17,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-PLUGIN_API_VERSION = 2
+PLUGIN_API_VERSION = 3
 # Plugins written for these versions load. v2 added sink keys (``WindowParams.sinks``, ``Window.sinks``);
-# a v1 window keeps working unchanged (its ``sinks`` is 0 unless its Params subclass WindowParams).
-COMPATIBLE_PLUGIN_APIS: frozenset[int] = frozenset({1, 2})
+# a v1 window keeps working unchanged (its ``sinks`` is 0 unless its Params subclass WindowParams). v3 tells a
+# feature map its role ("q" / "k") and layer (``role=``, ``layer_idx=`` to ``__init__`` when it accepts them, the
+# attributes always) and calls its optional :meth:`FeatureMap.init_from_teacher`; v1 and v2 maps work unchanged.
+COMPATIBLE_PLUGIN_APIS: frozenset[int] = frozenset({1, 2, 3})
 
 FEATURE_MAP_GROUP = "lolcats.feature_maps"
 WINDOW_GROUP = "lolcats.windows"
@@ -57,17 +59,30 @@ class FeatureMap(nn.Module):
       product ``phi(q) . phi(k)`` strictly positive;
     * works position by position (row t of the output depends on row t of the input only), so the
       parallel and the recurrent forms of attention agree.
+
+    ``role`` ("q" or "k") and ``layer_idx`` (the decoder layer, from 0) say what the instance maps; both are None
+    for a map built outside a model (the conformance kit). Maps that must agree between q and k (random
+    features) can seed from ``layer_idx``. :meth:`init_from_teacher` is called once at conversion, before any
+    trained weights are loaded, with the layer's original attention module (its ``q_proj`` / ``k_proj`` ...):
+    the place to calibrate from the teacher's weights.
     """
 
     Params: ClassVar[type[FeatureMapParams]] = FeatureMapParams
     nonnegative: ClassVar[bool] = True
     plugin_api_version: ClassVar[int] = PLUGIN_API_VERSION  # set it to the version you wrote against
 
-    def __init__(self, num_heads: int, head_dim: int, params: FeatureMapParams | None = None) -> None:
+    def __init__(self, num_heads: int, head_dim: int, params: FeatureMapParams | None = None, *,
+                 role: str | None = None, layer_idx: int | None = None) -> None:
         super().__init__()
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
         self.params = params if params is not None else self.Params()
+        self.role = role
+        self.layer_idx = layer_idx
+
+    def init_from_teacher(self, attention: nn.Module) -> None:
+        """Optional hook: called once per map at conversion with the original attention module of its layer
+        (the teacher: ``attention.q_proj.weight`` and so on). The default does nothing."""
 
     @property
     def feature_dim(self) -> int:

@@ -329,3 +329,64 @@ def test_range_errors_come_with_type_errors() -> None:
 def test_params_must_be_a_mapping() -> None:
     with pytest.raises(ConfigError, match=r"^w: expected a mapping of parameters, got list"):
         registry.build_window("terrace", [64], where="w")
+
+
+ROLE_MAPS = """
+import torch
+from lolcats_cli.api import FeatureMap
+
+class Calibrated(FeatureMap):  # plugin API v3: takes its role and layer, calibrates from the teacher
+    plugin_api_version = 3
+
+    def __init__(self, num_heads, head_dim, params=None, *, role=None, layer_idx=None):
+        super().__init__(num_heads, head_dim, params, role=role, layer_idx=layer_idx)
+        self.seen_in_init = (role, layer_idx)
+        self.register_buffer("scale", torch.ones(()))
+
+    @property
+    def feature_dim(self):
+        return self.head_dim
+
+    def init_from_teacher(self, attention):
+        proj = attention.q_proj if self.role == "q" else attention.k_proj
+        self.scale.fill_(float(proj.weight.norm()))
+
+    def forward(self, x):
+        return x.abs() * self.scale
+
+class OldStyle(FeatureMap):  # plugin API v2: the old __init__, no role arguments
+    plugin_api_version = 2
+
+    def __init__(self, num_heads, head_dim, params=None):
+        super().__init__(num_heads, head_dim, params)
+
+    @property
+    def feature_dim(self):
+        return self.head_dim
+
+    def forward(self, x):
+        return x.abs()
+"""
+
+
+def test_feature_maps_learn_their_role_layer_and_teacher(site: Site) -> None:
+    import transformers
+
+    from lolcats_cli.core.convert import convert_model, linearized_layers
+
+    site.add("fake-roles", "fake_roles", ROLE_MAPS,
+             {FM: {"calibrated": "fake_roles:Calibrated", "old_style": "fake_roles:OldStyle"}})
+    for name in ("calibrated", "old_style"):
+        cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=2, intermediate_size=64, vocab_size=64)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        teachers = [layer.self_attn for layer in model.model.layers]
+        convert_model(model, feature_map=name, window="sliding", window_params={"size": 4})
+        for (i, layer), teacher in zip(linearized_layers(model), teachers, strict=True):
+            q, k = layer.feature_map_q, layer.feature_map_k
+            assert (q.role, q.layer_idx, k.role, k.layer_idx) == ("q", i, "k", i), name
+            if name == "calibrated":  # given in __init__, and calibrated from this layer's own projections
+                assert (q.seen_in_init, k.seen_in_init) == (("q", i), ("k", i))
+                assert q.scale.item() == pytest.approx(teacher.q_proj.weight.norm().item())
+                assert k.scale.item() == pytest.approx(teacher.k_proj.weight.norm().item())
+                assert q.scale.item() != pytest.approx(k.scale.item())

@@ -99,8 +99,13 @@ def convert_model(
     for i in indices:  # build everything first: a bad parameter leaves the model untouched
         original = getattr(decoder_layers[i], spec.attention)
         heads, head_dim = config.num_attention_heads, original.head_dim
-        fm_q = build_feature_map(feature_map, heads, head_dim, feature_map_params, where=fm_where)
-        fm_k = build_feature_map(feature_map, heads, head_dim, feature_map_params, where=fm_where)
+        fm_q, fm_k = (
+            build_feature_map(feature_map, heads, head_dim, feature_map_params, where=fm_where, role=r, layer_idx=i)
+            for r in ("q", "k")
+        )
+        for fm in (fm_q, fm_k):  # optional calibration from the teacher layer (plugin API v3)
+            if hasattr(fm, "init_from_teacher"):
+                fm.init_from_teacher(original)
         if i == indices[0]:  # once: a wrong output shape names the plugin here, not deep in a kernel
             check_feature_map_output(fm_q, feature_map)
         win = build_window(window, window_params, where=win_where)

@@ -296,6 +296,8 @@ class {model_class}({base_class}):
                 linear_gate=bool(settings.get("linear_gate", False)),
                 decay=bool(settings.get("decay", False)),
             )
+            for _map, _role in ((module.feature_map_q, "q"), (module.feature_map_k, "k")):
+                _map.role, _map.layer_idx = _role, i  # as lolcats sets them (plugin API v3)
             setattr(layers[i], settings["attention_attr"], module)
 
 

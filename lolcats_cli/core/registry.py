@@ -344,10 +344,27 @@ def build_feature_map(
     head_dim: int,
     params: Mapping[str, Any] | PluginParams | None = None,
     where: str = "attention.feature_map_params",
+    *,
+    role: str | None = None,
+    layer_idx: int | None = None,
 ) -> FeatureMap:
-    """An instance of the feature map ``name`` for ``num_heads`` query heads of size ``head_dim``."""
+    """An instance of the feature map ``name`` for ``num_heads`` query heads of size ``head_dim``.
+
+    ``role`` ("q" / "k") and ``layer_idx`` go to its ``__init__`` when it takes them (plugin API v3; an older
+    map's ``__init__`` is called as before) and are set on the instance either way."""
+    import inspect
+
     cls = get_feature_map(name)
-    return cls(num_heads, head_dim, build_params(cls, params, where))
+    built = build_params(cls, params, where)
+    try:
+        accepted = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read: call it the old way
+        accepted = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    extra = {k: v for k, v in (("role", role), ("layer_idx", layer_idx)) if takes_all or k in accepted}
+    fm = cls(num_heads, head_dim, built, **extra)
+    fm.role, fm.layer_idx = role, layer_idx
+    return fm
 
 
 def check_feature_map_output(feature_map: FeatureMap, name: str) -> None:
