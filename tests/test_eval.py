@@ -187,6 +187,16 @@ def test_recall_row_spans_linearized_to_teacher(run_dir, text_file):
         evaluate_run(run_dir, contexts=(), passkey_lengths=(), device="cpu", recall_slots=-1)
 
 
+def test_a_heavy_cpu_evaluation_says_so_with_a_lighter_command(recorded, run_dir):
+    from lolcats_cli.core.evaluate import cpu_load_warning
+
+    logs = [c[1] for c in recorded[1].calls if c[0] == "log"]
+    assert not any("reads" in m and "tokens on the CPU" in m for m in logs)  # this small one does not warn
+    heavy = cpu_load_warning(["teacher", "linearized"], {2048: torch.zeros(40, 2048, dtype=torch.long)}, {})
+    assert heavy is not None and "163,840 tokens on the CPU (2 rows x 81,920)" in heavy and "--max-tokens 8192" in heavy
+    assert cpu_load_warning(["teacher"], {512: torch.zeros(4, 512, dtype=torch.long)}, {}) is None
+
+
 def test_context_managers_put_everything_back(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -358,6 +358,24 @@ def _lengths(values: Sequence[int], flag: str, limit: int | None) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+# Above this many tokens (rows x perplexity tokens + passkey prompts) a CPU evaluation takes many minutes.
+CPU_HEAVY_TOKENS = 150_000
+CPU_TOKENS_PER_S = 350  # SmolLM2-135M forward on a 2-core CPU, fp32: a small model's rate, so a lower bound
+
+
+def cpu_load_warning(rows: Sequence[str], batches: dict[int, Tensor], prompts: dict[int, list[Any]]) -> str | None:
+    """A message with the tokens an evaluation will read and a lighter command, when it is heavy for a CPU."""
+    per_row = sum(int(b.numel()) for b in batches.values())
+    per_row += sum(len(p.prompt_ids) for ps in prompts.values() for p in ps)
+    total = per_row * len(rows)
+    if total <= CPU_HEAVY_TOKENS:
+        return None
+    minutes = total / CPU_TOKENS_PER_S / 60
+    return (f"this evaluation reads {total:,} tokens on the CPU ({len(rows)} rows x {per_row:,}): at least "
+            f"{minutes:.0f} min even for a 135M model; for a quicker look use --max-tokens 8192 --passkey-n 5 "
+            "(or --contexts 512 --passkey none)")
+
+
 def _pick_rows(rows: Sequence[str] | None, converted: bool) -> list[str]:
     if rows is None:
         return list(DEFAULT_ROWS if converted else SOFTMAX_ROWS)
@@ -537,6 +555,8 @@ def evaluate_run(
         batches = {c: windows(stream, c, max_tokens, what) for c in contexts}
     prompts = {n: build_prompts(tokenizer, n, passkey_n, seed) for n in passkey_lengths}
     mse_context = max(contexts) if contexts and converted_run else None
+    if device.type == "cpu" and (warning := cpu_load_warning(chosen, batches, prompts)):
+        reporter.log(warning)
 
     results = _run_rows(hf_model, peft_model, tokenizer, device, chosen, batches, mse_context, prompts, taskset,
                         reporter, num_fewshot=num_fewshot, limit=limit, seed=seed, sink_window=sink_window,
@@ -553,7 +573,7 @@ def evaluate_run(
 
 __all__ = [
     "ROWS", "DEFAULT_ROWS", "SOFTMAX_ROWS", "SINK_WINDOW", "SINK_TOKENS", "RowResult", "EvalReport", "evaluate_run",
-    "as_row", "sink_attention", "sink_mask", "zero_linear_branch", "recall_kernel", "token_nll", "mean_token_nll",
+    "as_row", "cpu_load_warning", "sink_attention", "sink_mask", "zero_linear_branch", "recall_kernel", "token_nll", "mean_token_nll",
     "perplexities",
     "attention_mse", "load_tokens", "windows",
 ]
