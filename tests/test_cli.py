@@ -144,3 +144,14 @@ def test_help_usage_names_arguments_in_capitals() -> None:
     assert usage("eval") == "Usage: lolcats eval [OPTIONS] [RUN_DIR]"
     out = runner.invoke(app, ["transfer", "--help"], terminal_width=200).output
     assert "<str>" in out and "<path>" in out  # options that take a value keep their type
+
+
+def test_resume_with_settings_it_would_ignore_is_refused(tmp_path) -> None:
+    """--resume reads the run's own recipe: overrides or --model given with it would be silently dropped."""
+    result = runner.invoke(app, ["transfer", "--output", str(tmp_path / "run"), "--resume", "transfer.lr=0.5",
+                                 "--model", "other-model"], terminal_width=200)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "--resume continues the run with its own settings" in text
+    assert "transfer.lr=0.5, --model other-model would be ignored" in text
+    assert not (tmp_path / "run").exists()  # nothing was made

@@ -91,6 +91,14 @@ def transfer(
     if resume:
         if output is None:
             raise typer.BadParameter("--resume needs the --output folder of the run to continue", param_hint="--output")
+        ignored = [*(overrides or []), *(f"--{n} {v}" for n, v in (("model", model), ("recipe", recipe),
+                                                                    ("revision", revision)) if v)]
+        if ignored:
+            raise typer.BadParameter(
+                f"--resume continues the run with its own settings ({output / 'recipe.resolved.yaml'}), so "
+                f"{', '.join(ignored)} would be ignored; drop them to resume, or start a new run with another --output",
+                param_hint="--resume",
+            )
         rec = None
     else:
         rec = choose_recipe(model, recipe, revision, overrides or [])
