@@ -88,8 +88,11 @@ def ctrl_c_cli():
 
     def run(args: list[str], run_dir: Path, total: int, title: str, command: str) -> str:
         env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="80")
+        # A shell that starts a job in the background (a CI runner, `cmd &`) ignores SIGINT in it, and a Python
+        # started with SIGINT ignored never raises KeyboardInterrupt: give the child the default disposition.
         proc = subprocess.Popen([sys.executable, "-m", "lolcats_cli", *args], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         pointer = run_dir / "checkpoints" / "latest.json"
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
