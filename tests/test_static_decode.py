@@ -14,6 +14,7 @@ from lolcats_cli.core.static_decode import (
     static_sample,
 )
 from lolcats_cli.errors import ModelError
+from lolcats_cli.hf_compat import cache_kwarg, output_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.cuda.is_available()
@@ -70,11 +71,12 @@ def test_the_static_loop_returns_the_cache_scores_and_stops_at_eos(tiny) -> None
     assert torch.equal(got.sequences, want.sequences)
     assert len(got.scores) == len(want.scores) and got.logits is None
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
-    assert got.cache.get_seq_length() == got.sequences.shape[1] - 1  # the last token is never fed back
+    kept = output_cache(got)  # `cache` (transformers >= 5.24) or `past_key_values`
+    assert kept.get_seq_length() == got.sequences.shape[1] - 1  # the last token is never fed back
     # the returned cache goes on: a second call reads only the new tokens and agrees with a whole re-read
     more = torch.cat([got.sequences, torch.full((2, 3), 7)], dim=1)
     mask2 = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-    again = _generate(tiny, more, mask2, 6, **GREEDY, custom_generate=static_sample, cache=got.cache)
+    again = _generate(tiny, more, mask2, 6, **GREEDY, custom_generate=static_sample, **{cache_kwarg(tiny): kept})
     assert torch.equal(again, _generate(tiny, more, mask2, 6, **GREEDY))
 
 
@@ -87,7 +89,7 @@ def _forced_decode(model, graph: bool, tol: float) -> None:
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         cache = make_cache(model)
-        logits = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+        logits = model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
         decoder = StaticDecoder(model, 2, graph=graph)
         size = decoder.state_nbytes()
         decoder.load(cache)
@@ -95,7 +97,8 @@ def _forced_decode(model, graph: bool, tol: float) -> None:
             nxt = logits.argmax(-1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position_ids = mask.sum(dim=-1, keepdim=True) - 1  # a padded row's positions start at its first token
-            logits = model(nxt[:, None], attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+            logits = model(nxt[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                           **{cache_kwarg(model): cache})
             logits = logits.logits[:, -1]
             torch.testing.assert_close(decoder.step(nxt), logits, atol=tol, rtol=tol)
         assert decoder.state_nbytes() == size and decoder.layers[0].get_seq_length() == cache.get_seq_length()
