@@ -296,15 +296,6 @@ class Trainer:
         return TrainingError(f"cannot write {what} in {self.ckpt_dir}: {err.strerror or err}",
                              f"{kept}fix the problem and {again}")
 
-    def _on_disk(self) -> tuple[Path, int] | None:
-        """The complete checkpoint ``latest.json`` names, as ``(folder, step)``; None if there is none."""
-        try:
-            pointer = load_json(self.ckpt_dir / "latest.json")
-            folder = self.ckpt_dir / str(pointer["folder"])
-            return (folder, int(pointer["step"])) if (folder / "state.json").exists() else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
     def _save(self, state: dict) -> None:
         if self.rank != 0:
             return
@@ -404,7 +395,8 @@ class Trainer:
             return self._fit(resume)
         except KeyboardInterrupt as stop:
             # what --resume will use: latest.json on disk (Ctrl-C may land between writing it and noting it)
-            folder, saved_step = self._on_disk() or self._saved or (None, None)
+            found = latest_checkpoint(self.ckpt_dir)
+            folder, saved_step = (found[0], found[1]["step"]) if found else self._saved or (None, None)
             raise TrainingInterrupted(self.title, self._step, self.total_steps, folder, saved_step) from stop
         finally:
             self.reporter.finish()
