@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import Window, window_masks
@@ -157,15 +158,17 @@ def attend_chunks(
 
     q ``(B, H, N, C, D)``, fq ``(B, H, N, C, F)``; local k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``,
     fk ``(B, H, N, K, F)``; prefix S ``(B, H, N, F, Dv)``, z ``(B, H, N, F)``; masks ``(N, C, K)`` (or with
-    leading batch dims that broadcast); window_logits ``(H,)``. With a decay: lin_decay ``(Bq, H, N, C, K)``
-    multiplies the local linear terms (:func:`decay_matrix`) and prefix_decay ``(Bq, H, N, C)`` the prefix
+    leading batch dims that broadcast); window_logits ``(H,)``. With a decay: lin_decay ``(Bq, H, N, C, K')``
+    (K' <= K: the last K' keys; keys put in front of them, sinks or a recall cache, are never linear) multiplies the
+    local linear terms (:func:`decay_matrix`) and prefix_decay ``(Bq, H, N, C)`` the prefix
     state's terms (:func:`decay_scales`, the state being decayed to the chunk's start). Returns ``(B, H, N, C, Dv)``.
     """
     Hkv = k.shape[1]
     s = torch.einsum("bhgncd,bhnkd->bhgnck", grouped(q, Hkv), k).flatten(1, 2) * scale
     linear = torch.einsum("bhncf,bhnkf->bhnck", fq, fk)
     if lin_decay is not None:
-        linear = linear * lin_decay
+        extra = linear.shape[-1] - lin_decay.shape[-1]  # keys put in front (sinks, a recall cache): never linear
+        linear = linear * (F.pad(lin_decay, (extra, 0), value=1.0) if extra else lin_decay)
     a = hybrid_weights(s, linear, in_window, in_linear, window_logits)  # (B, H, N, C, K)
 
     fq_prefix = fq if prefix_decay is None else fq * prefix_decay.unsqueeze(-1)

@@ -131,8 +131,6 @@ def chunked_from_features(
         ldg = None if lin_decay is None else lin_decay[:, :, g]
         if sinks:
             kg, vg, fkg, iw, il = with_sinks(kg, vg, fkg, iw, il, k[:, :, :sinks], v[:, :, :sinks], sink_window[g])
-            if ldg is not None:  # sinks are never linear keys: any factor will do
-                ldg = torch.cat([ldg.new_ones(*ldg.shape[:-1], sinks), ldg], dim=-1)
         pdg = None if prefix_decay is None else prefix_decay[:, :, g]
         parts.append(attend_chunks(qg, fqg, kg, vg, fkg, Sg, zg, iw, il, window_logits, scale, ldg, pdg))
     y = torch.cat(parts, dim=2)

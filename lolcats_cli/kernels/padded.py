@@ -151,8 +151,6 @@ def padded_step(
         k_loc, v_loc, fk_loc, masks[0], masks[1] = with_sinks(
             k_loc, v_loc, fk_loc, masks[0], masks[1], k_sink.float(), v_sink.float(), sink_window
         )
-        if lin_decay is not None:  # sinks are never linear keys: any factor will do
-            lin_decay = torch.cat([lin_decay.new_ones(*lin_decay.shape[:-1], window.sinks), lin_decay], dim=-1)
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
         state.S.unsqueeze(2), state.z.unsqueeze(2), masks[0], masks[1], window_logits, scale,

@@ -35,12 +35,13 @@ from .blocks import (
     decay_matrix,
     decay_scales,
     decay_state,
+    decay_weights,
     expand_kv,
     kv_state,
     not_sinks,
     with_sinks,
 )
-from .recurrent import HybridState, check_state, folded_before
+from .recurrent import HybridState, check_state, filled_sinks, folded_before
 
 DEFAULT_SLOTS = 64
 SLOTS_ENV = "LOLCATS_RECALL_SLOTS"
@@ -158,8 +159,6 @@ def recall_step(
         fk_loc = torch.cat([fk_loc.new_zeros(B, H, 1, M, fk.shape[-1]), fk_loc], dim=3)
         in_window = torch.cat([rec_window, in_window.expand(B, H, 1, t, -1)], dim=-1)
         in_linear = torch.cat([torch.zeros_like(rec_window), in_linear.expand(B, H, 1, t, -1)], dim=-1)
-    if lin_decay is not None:  # keys before the local ones (sinks, cache) are never linear: any factor will do
-        lin_decay = torch.cat([lin_decay.new_ones(*lin_decay.shape[:-1], k_loc.shape[3] - (P + t)), lin_decay], -1)
 
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc, S.unsqueeze(2), z.unsqueeze(2),
@@ -169,8 +168,7 @@ def recall_step(
     # leaving keys the cache did not take join the state, decayed to the new length L + t
     fk_in = fk[:, :, leaving] * (~_per_query_head(chosen, H)).unsqueeze(-1)
     if log_decay is not None:
-        age = (L + t - k_pos[leaving]).float().view(1, 1, -1, 1)
-        fk_in = fk_in * torch.exp(log_decay.float().view(1, -1, 1, 1) * age)
+        fk_in = fk_in * decay_weights(log_decay, (L + t - k_pos[leaving])[None])
     dS, dz = kv_state(fk_in, v_all[:, :, leaving].float())
     S, z = decay_state(S, log_decay, t) + dS, decay_state(z, log_decay, t) + dz
 
@@ -183,11 +181,7 @@ def recall_step(
         torch.where(taken, pool_pos.gather(-1, top), torch.full_like(top, -1)),
         torch.where(taken, pool_score.gather(-1, top), torch.full_like(pool_score[..., :M], float("-inf"))),
     )  # fmt: skip
-    k_sink, v_sink = state.k_sink, state.v_sink
-    if k_sink is not None and v_sink is not None and L < window.sinks:
-        m = min(L + t, window.sinks) - L
-        k_sink, v_sink = k_sink.clone(), v_sink.clone()
-        k_sink[:, :, L : L + m], v_sink[:, :, L : L + m] = k[:, :, :m], v[:, :, :m]
+    k_sink, v_sink = filled_sinks(state, k, v, window)
     new = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink, recall=new_rec)
     return y.to(q.dtype), new
 

@@ -145,6 +145,18 @@ def check_state(q: Tensor, k: Tensor, v: Tensor, state: HybridState, window: Win
         raise ValueError(f"the state holds {sinks} sink keys but the window has sinks={window.sinks}")
 
 
+def filled_sinks(state: HybridState, k: Tensor, v: Tensor, window: Window) -> tuple[Tensor | None, Tensor | None]:
+    """The sink buffers after new keys k and values v ``(B, Hkv, t, X)`` at positions ``state.length ..``: copies
+    with the new tokens that are sink positions written in, or the state's own buffers when none is."""
+    k_sink, v_sink, L = state.k_sink, state.v_sink, state.length
+    if k_sink is None or v_sink is None or L >= window.sinks:
+        return k_sink, v_sink
+    n = min(L + k.shape[2], window.sinks) - L
+    k_sink, v_sink = k_sink.clone(), v_sink.clone()
+    k_sink[:, :, L : L + n], v_sink[:, :, L : L + n] = k[:, :, :n], v[:, :, :n]
+    return k_sink, v_sink
+
+
 def hybrid_step(
     q: Tensor,
     k: Tensor,
@@ -192,8 +204,6 @@ def hybrid_step(
         k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
             k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
         )
-        if lin_decay is not None:  # sinks are never linear keys: any factor will do
-            lin_decay = torch.cat([lin_decay.new_ones(*lin_decay.shape[:-1], window.sinks), lin_decay], dim=-1)
 
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
@@ -205,14 +215,10 @@ def hybrid_step(
     if log_decay is not None:  # keys enter decayed to the new length L + t
         fk_in = fk_in * decay_weights(log_decay, (L + t - k_pos[leaving])[None])
     dS, dz = kv_state(fk_in, v_all[:, :, leaving].float())
-    k_sink, v_sink = state.k_sink, state.v_sink
-    if k_sink is not None and v_sink is not None and L < window.sinks:  # the first tokens: fill the sinks
-        n = min(L + t, window.sinks) - L
-        k_sink, v_sink = k_sink.clone(), v_sink.clone()
-        k_sink[:, :, L : L + n], v_sink[:, :, L : L + n] = k[:, :, :n], v[:, :, :n]
+    k_sink, v_sink = filled_sinks(state, k, v, window)
     S, z = decay_state(state.S, log_decay, t) + dS, decay_state(state.z, log_decay, t) + dz
     new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink)
     return y.to(q.dtype), new_state
 
 
-__all__ = ["HybridState", "check_state", "folded_before", "hybrid_step", "last_positions"]
+__all__ = ["HybridState", "check_state", "filled_sinks", "folded_before", "hybrid_step", "last_positions"]
