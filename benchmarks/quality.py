@@ -19,6 +19,9 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
   sinks_gate_decay_2k   the same on 2048-token sequences (batch 4: the same tokens per step and in all):
                         the shipped GPU recipe
   sinks_gate_decay_2k_passkey  the same with 5% synthetic passkey sequences in both stages
+  sinks_gate_decay_2k_random_window  sinks_gate_decay_2k with a window size drawn per training batch from
+                        32 / 48 / 64 / 96 / 128 (attention.train_window_sizes), evaluated at 64
+  sinks_gate_decay_2k_random_window_passkey  the same with 5% synthetic passkey sequences
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
   window_lora_2k  the same on 2048-token sequences: the honest competitor of sinks_gate_decay_2k
@@ -41,6 +44,7 @@ from lolcats_cli.core.rundir import METRICS, finished_run, has_checkpoint
 K1 = ["data.seq_len=1024", "transfer.batch_size=8", "finetune.batch_size=8"]
 K2 = ["data.seq_len=2048", "transfer.batch_size=4", "finetune.batch_size=4"]
 SINKS_GATE = ["attention.window_params.sinks=4", "attention.linear_gate=true"]
+RANDOM_WINDOW = ["attention.train_window_sizes=[32,48,64,96,128]"]
 NO_TRAINING = ["transfer.max_steps=1", "transfer.lr=1e-9", "transfer.max_tokens=null"]  # stage 1 changes nothing
 VARIANTS: dict[str, list[str]] = {
     "paper": ["attention.window_params.sinks=0", "attention.linear_gate=false", "attention.decay=false", *K1],
@@ -49,6 +53,9 @@ VARIANTS: dict[str, list[str]] = {
     "sinks_gate_decay": [*SINKS_GATE, "attention.decay=true", *K1],
     "sinks_gate_decay_2k": [*SINKS_GATE, "attention.decay=true", *K2],
     "sinks_gate_decay_2k_passkey": [*SINKS_GATE, "attention.decay=true", *K2, "data.passkey_fraction=0.05"],
+    "sinks_gate_decay_2k_random_window": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW],
+    "sinks_gate_decay_2k_random_window_passkey": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW,
+                                                  "data.passkey_fraction=0.05"],
     "window_lora": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K1],
     "window_lora_2k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K2],
 }
@@ -136,6 +143,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=65_536, help="perplexity tokens per context length")
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--extra", default="", help="overrides added to every variant, space-separated")
+    p.add_argument("--no-stage1-eval", dest="stage1_eval", action="store_false",
+                   help="skip evaluating each variant after stage 1 alone (saves an evaluation per variant)")
     args = p.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     args.passkey = [int(c) for c in args.passkey.split(",") if c]
@@ -180,7 +189,8 @@ def main() -> None:
         if out_of_time():
             break
         t = time.perf_counter()
-        done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)["rows"]
+        if args.stage1_eval:
+            done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)["rows"]
         done["eval"] = evaluate(run / "finetune", None, ["linearized", "linear_zeroed"], args)["rows"]
         done["eval_s"] = time.perf_counter() - t
         for kind in ("transfer", "finetune"):

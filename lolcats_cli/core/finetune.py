@@ -26,8 +26,9 @@ from .evaluate import mean_token_nll as heldout_loss
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
 from .trainer import Trainer, TrainSettings
-from .convert import teacher_view
+from .convert import linearized_layers, teacher_view
 from .precision import autocast_for
+from .train_window import random_window
 from .rundir import ADAPTER_DIR, ATTENTION_WEIGHTS, CHECKPOINTS, METRICS, RESOLVED_RECIPE, SOURCE
 from .workspace import new_run_dir, open_run, pick_device, record_run
 
@@ -149,7 +150,14 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     for p in params.values():  # fp32 master weights
         p.data = p.data.float()
 
+    window_sizes = recipe.attention.train_window_sizes  # a random window size per batch (core/train_window.py)
+    hybrid_layers = [m for _, m in linearized_layers(model)]
+
     def loss_fn(ids: torch.Tensor, lab: torch.Tensor | None) -> torch.Tensor:
+        with random_window(hybrid_layers, window_sizes):
+            return objective_loss(ids, lab)
+
+    def objective_loss(ids: torch.Tensor, lab: torch.Tensor | None) -> torch.Tensor:
         if fcfg.objective == "kl":
             with torch.no_grad(), teacher_view(model), autocast_for(device):
                 teacher = model(input_ids=ids, use_cache=False).logits

@@ -71,6 +71,9 @@ class AttentionConfig:
             metrics.json once it finished) or a list of layer indices. Stage 1 trains every converted layer;
             from then on (finetune, eval, chat, export) these layers run the original attention, with a KV
             cache that grows with the context.
+        train_window_sizes: window sizes to draw from at random for each training micro-batch of both stages
+            (e.g. [32, 48, 64, 96, 128]), so the linear branch must answer for keys at every distance the
+            window may drop; evaluation, chat and export always use window_params.size. None = always that size.
         kernel: the attention kernel every converted layer runs ("chunked", "naive", or one registered in
             lolcats_cli/kernels/registry.py); None = the best available for the device (LOLCATS_KERNEL
             overrides that automatic choice).
@@ -87,6 +90,7 @@ class AttentionConfig:
     linear_gate: bool = False
     decay: bool = False
     softmax_layers: str | list[int] | None = None
+    train_window_sizes: list[int] | None = None
     kernel: str | None = None
 
 
@@ -256,11 +260,28 @@ def _cross_checks(r: Recipe) -> list[str]:
     from .softmax_layers import check_softmax_layers
 
     out += check_softmax_layers(r.attention.softmax_layers, r.attention.layers)
+    out += _check_train_window_sizes(r.attention.train_window_sizes, r.attention.window)
     if r.transfer.mse_weight == 0 and r.transfer.attn_ce_weight == 0:
         out.append("transfer.mse_weight: both mse_weight and attn_ce_weight are 0, so nothing would train")
     if r.model.gguf_file is not None and r.model.name.endswith(".gguf"):
         out.append("model.gguf_file: set either model.name to a .gguf path or model.gguf_file, not both")
     return out
+
+
+def _check_train_window_sizes(value: Any, window: str) -> list[str]:
+    """Recipe problems of ``attention.train_window_sizes`` (given ``attention.window``), as messages."""
+    if value is None:
+        return []
+    if not value:
+        return ["attention.train_window_sizes: an empty list; give window sizes such as [32, 48, 64, 96, 128], "
+                "or null to train with window_params.size only"]
+    bad = [s for s in value if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+    if bad:
+        return [f"attention.train_window_sizes: {bad} are not positive integers (e.g. [32, 48, 64, 96, 128])"]
+    if window == "none":
+        return ["attention.train_window_sizes: the window 'none' has no softmax keys, so it has no size to vary; "
+                "set it to null or choose a window (terrace, sliding)"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------- overrides

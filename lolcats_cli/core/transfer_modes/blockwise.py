@@ -188,7 +188,7 @@ def _train_block(job: TransferJob, model: nn.Module, cache: BlockCache, block: B
     ckpt = job.run_dir / CHECKPOINTS / block.name
     objective = TransferObjective(model, cache.stored("heldout", block), job.device, tcfg.mse_weight,
                                   tcfg.attn_ce_weight, forward=lambda x: block_forward(model, block, x),
-                                  layers=layers, where=ckpt)
+                                  layers=layers, where=ckpt, window_sizes=job.recipe.attention.train_window_sizes)
     title = f"attention transfer, block {block.index + 1} ({block.label})"
     if job.dist.world > 1:
         title += f" on rank {job.dist.rank}"

@@ -20,6 +20,7 @@ from ..precision import autocast_for
 from ..progress import Reporter
 from ..recipe import Recipe
 from ..rundir import CHECKPOINTS, METRICS
+from ..train_window import random_window
 from ..trainer import FitResult, RowSource, Trainer, TrainSettings, latest_checkpoint
 from .distributed import Dist
 
@@ -58,12 +59,15 @@ class TransferObjective:
     ``evaluate()``: the same MSE per layer on held-out rows, with the first evaluation kept as "before".
     ``forward(inputs)`` runs the model on a batch (default: the decoder on token ids); ``layers`` are the
     converted layers it scores (default: all of ``model``'s). ``eval_ids``: a tensor or a RowSource.
+    ``window_sizes`` (``attention.train_window_sizes``): each training batch runs a window size drawn from
+    them (:mod:`~lolcats_cli.core.train_window`); evaluation always runs the layers' own window.
     """
 
     def __init__(self, model, eval_ids: torch.Tensor | RowSource, device: torch.device, mse_weight: float,
                  ce_weight: float = 0.0, run_dir: Path | None = None, *,
                  forward: Callable[[torch.Tensor], Any] | None = None, layers: Layers | None = None,
-                 where: Path | None = None) -> None:
+                 where: Path | None = None, window_sizes: Sequence[int] | None = None) -> None:
+        self.window_sizes = window_sizes  # attention.train_window_sizes: a random window size per training batch
         self.model, self.eval_ids, self.device = model, eval_ids, device
         self.mse_weight, self.ce_weight = mse_weight, ce_weight
         decoder = getattr(model, model.base_model_prefix)  # the transformer without its LM head
@@ -78,7 +82,8 @@ class TransferObjective:
         return [(i, m.transfer_loss, getattr(m, "transfer_ce", None)) for i, m in self.layers]
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        per_layer = self._forward(ids)
+        with random_window([m for _, m in self.layers], self.window_sizes):
+            per_layer = self._forward(ids)
         for i, mse, ce in per_layer:
             if not torch.isfinite(mse) or (ce is not None and not torch.isfinite(ce)):
                 raise TrainingError(

@@ -44,7 +44,8 @@ def setup_joint(job: TransferJob, load_on: torch.device) -> tuple[torch.nn.Modul
         raise ConfigError("data.holdout: no held-out sequences to evaluate on", "raise data.holdout")
     prepare_for_transfer(model, recipe)
     tcfg = recipe.transfer
-    objective = TransferObjective(model, eval_ids, job.device, tcfg.mse_weight, tcfg.attn_ce_weight, job.run_dir)
+    objective = TransferObjective(model, eval_ids, job.device, tcfg.mse_weight, tcfg.attn_ce_weight, job.run_dir,
+                                  window_sizes=recipe.attention.train_window_sizes)
     return model, train.input_ids, objective
 
 
