@@ -69,6 +69,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--feature-map", default="hedgehog")
     ap.add_argument("--window", default="terrace")
+    ap.add_argument("--window-size", type=int, default=64)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--no-gate", dest="gate", action="store_false", help="the paper's linear weight 1, no gate")
+    ap.add_argument("--no-decay", dest="decay", action="store_false", help="no decay of the linear branch")
+    ap.add_argument("--kernel", default=None, help="a kernel name (chunked, triton, naive); default: the device's")
+    ap.add_argument("--json", default=None, help="also write the report here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None)
@@ -76,15 +82,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lolcats_cli.core.convert import attention_parameters, convert_model, freeze_for_transfer
+    from lolcats_cli.core.convert import attention_parameters, convert_model, freeze_for_transfer, linearized_layers
     from lolcats_cli.core.transfer import TransferObjective
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.perf_counter()
     model = build_model(args, device, dtype)
-    convert_model(model, feature_map=args.feature_map, window=args.window, mode="transfer")
+    convert_model(model, feature_map=args.feature_map, window=args.window, mode="transfer", linear_gate=args.gate,
+                  window_params={"size": args.window_size, "sinks": args.sinks}, decay=args.decay)
     freeze_for_transfer(model)
+    layers = linearized_layers(model)
+    for _, m in layers:
+        m.kernel = args.kernel
     params = list(attention_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=device)
@@ -116,6 +126,8 @@ def main() -> None:
         "layers": model.config.num_hidden_layers,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."),
+        "kernel": layers[0][1].kernel.name,
+        "window": f"{args.window} {args.window_size} + {args.sinks} sinks, gate {args.gate}, decay {args.decay}",
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "trainable_params": sum(p.numel() for p in params),
@@ -129,6 +141,9 @@ def main() -> None:
         report["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     for k, v in report.items():
         print(f"{k:>18}: {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
