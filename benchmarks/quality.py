@@ -22,9 +22,11 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
   sinks_gate_decay_2k_random_window  sinks_gate_decay_2k with a window size drawn per training batch from
                         32 / 48 / 64 / 96 / 128 (attention.train_window_sizes), evaluated at 64
   sinks_gate_decay_2k_random_window_passkey  the same with 5% synthetic passkey sequences
+  sinks_gate_decay_4k   the same on 4096-token sequences (batch 2)
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
   window_lora_2k  the same on 2048-token sequences: the honest competitor of sinks_gate_decay_2k
+  window_lora_4k  the same on 4096-token sequences: the competitor of sinks_gate_decay_4k
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lolcats_cli.core.rundir import METRICS, finished_run, has_checkpoint
 # the base recipe does not change what a variant measures.
 K1 = ["data.seq_len=1024", "transfer.batch_size=8", "finetune.batch_size=8"]
 K2 = ["data.seq_len=2048", "transfer.batch_size=4", "finetune.batch_size=4"]
+K4 = ["data.seq_len=4096", "transfer.batch_size=2", "finetune.batch_size=2"]
 SINKS_GATE = ["attention.window_params.sinks=4", "attention.linear_gate=true"]
 RANDOM_WINDOW = ["attention.train_window_sizes=[32,48,64,96,128]"]
 NO_TRAINING = ["transfer.max_steps=1", "transfer.lr=1e-9", "transfer.max_tokens=null"]  # stage 1 changes nothing
@@ -56,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     "sinks_gate_decay_2k_random_window": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW],
     "sinks_gate_decay_2k_random_window_passkey": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW,
                                                   "data.passkey_fraction=0.05"],
+    "sinks_gate_decay_4k": [*SINKS_GATE, "attention.decay=true", *K4],
+    "window_lora_4k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4],
     "window_lora": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K1],
     "window_lora_2k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K2],
 }
