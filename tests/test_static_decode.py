@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from lolcats_cli.core.static_decode import (
+    _DECODERS,
     StaticDecoder,
     decoder_for,
+    install_static_generate,
+    plain_loop_needed,
     static_decode_enabled,
     static_decode_problem,
     static_sample,
@@ -119,12 +122,36 @@ def test_models_the_static_path_cannot_run_are_refused(tiny_model_dir) -> None:
     assert "span 0" in static_decode_problem(_converted(tiny_model_dir, window="none"))
 
 
-def test_the_env_var_turns_the_default_off(monkeypatch) -> None:
-    assert not static_decode_enabled(torch.device("cpu"))
+def test_the_env_var_turns_the_default_off_and_on(monkeypatch) -> None:
+    monkeypatch.delenv("LOLCATS_STATIC_DECODE", raising=False)
+    assert static_decode_enabled(torch.device("cuda")) and not static_decode_enabled(torch.device("cpu"))
     monkeypatch.setenv("LOLCATS_STATIC_DECODE", "0")
     assert not static_decode_enabled(torch.device("cuda"))
     monkeypatch.setenv("LOLCATS_STATIC_DECODE", "1")
-    assert static_decode_enabled(torch.device("cuda"))
+    assert static_decode_enabled(torch.device("cuda")) and static_decode_enabled(torch.device("cpu"))
+
+
+def test_plain_generate_takes_the_static_loop_where_it_can(tiny_model_dir, monkeypatch) -> None:
+    model = install_static_generate(_converted(tiny_model_dir))
+    ids, mask = _batch(model.config.vocab_size)
+    monkeypatch.setenv("LOLCATS_STATIC_DECODE", "0")
+    want = _generate(model, ids, mask, 30, **GREEDY)
+    beams = _generate(model, ids, mask, 12, num_beams=2, **GREEDY)
+    assert model not in _DECODERS  # both through transformers' loop
+    monkeypatch.setenv("LOLCATS_STATIC_DECODE", "1")  # the CUDA default, on this CPU (eager static steps)
+    assert torch.equal(_generate(model, ids, mask, 12, num_beams=2, **GREEDY), beams)
+    assert model not in _DECODERS  # beam search stays on transformers' loop
+    got = _generate(model, ids, mask, 30, **GREEDY)
+    assert model in _DECODERS and _DECODERS[model].batch == 2  # the static loop ran
+    assert torch.equal(got, want)
+
+
+def test_calls_the_static_loop_cannot_run_are_named() -> None:
+    assert plain_loop_needed(None, {"num_beams": 3}) == "beam search"
+    assert plain_loop_needed(None, {"custom_generate": None}) == "the call names its own custom_generate"
+    assert plain_loop_needed(None, {"output_hidden_states": True}) == "attentions or hidden states are returned"
+    assert plain_loop_needed(None, {"prompt_lookup_num_tokens": 3}) == "assisted decoding"
+    assert plain_loop_needed(None, {"do_sample": True, "temperature": 0.7}) is None
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")

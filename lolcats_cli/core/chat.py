@@ -180,6 +180,8 @@ class ChatSession:
 
             kwargs["custom_generate"] = static_sample
             kwargs["static_streamer"] = kwargs.pop("streamer")  # generate() drops `streamer` for a custom loop
+        else:
+            kwargs["custom_generate"] = None  # transformers' own loop, also where open_run installed the static one
 
         def work() -> None:
             import torch

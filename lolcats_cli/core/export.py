@@ -31,6 +31,7 @@ from .rundir import (
     has_lora,
     require_finished_run,
 )
+from .static_decode import install_static_generate
 
 if TYPE_CHECKING:
     from torch import nn
@@ -285,7 +286,7 @@ def load_adapter_export(
         if merge_lora:
             model = model.merge_and_unload()
     model.eval()
-    return model
+    return install_static_generate(model)
 
 
 def list_files(folder: Path | str) -> list[tuple[str, int]]:

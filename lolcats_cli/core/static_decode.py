@@ -15,12 +15,18 @@ one model decode step captured in a CUDA graph, and a generation loop around it.
 
 :func:`static_decode_problem` says why a model cannot use this path (a softmax layer, a window without a ring,
 batch or device); callers use plain ``model.generate``. ``LOLCATS_STATIC_DECODE=0`` turns the path off
-where it would be used by default (``lolcats chat`` on CUDA).
+where it would be used by default (``lolcats chat`` and :func:`install_static_generate` models on CUDA);
+``LOLCATS_STATIC_DECODE=1`` turns it on on any device (eager steps off CUDA).
+
+:func:`install_static_generate` makes a model's plain ``generate()`` take the static loop where it can (greedy
+or sampling, a model the path runs, the device default above) and transformers' own loop otherwise; the models
+lolcats loads (``open_run``, ``load_adapter_export``) have it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import weakref
@@ -42,8 +48,12 @@ ENV = "LOLCATS_STATIC_DECODE"  # "0" turns the static/CUDA-graph path off where 
 
 
 def static_decode_enabled(device: torch.device) -> bool:
-    """Whether the static path is the default on ``device``: CUDA, unless ``LOLCATS_STATIC_DECODE=0``."""
-    return device.type == "cuda" and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether the static path is the default on ``device``: CUDA, unless ``LOLCATS_STATIC_DECODE=0``; any device
+    with ``LOLCATS_STATIC_DECODE=1`` (off CUDA the steps run eagerly, without a graph)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    return value in ("1", "true", "yes", "on") or device.type == "cuda"
 
 
 def static_decode_problem(model: Any) -> str | None:
@@ -74,6 +84,49 @@ def static_wanted(model: Any, static: bool | None) -> bool:
     if why:
         log.debug("static decoding is off: %s", why)
     return why is None
+
+
+def plain_loop_needed(model: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why ``model.generate(**kwargs)`` needs transformers' own loop (beam search, assisted or contrastive
+    decoding, attentions or hidden states to return, synced GPUs, a custom loop already named); None when
+    :func:`static_sample` runs it (greedy or sampling)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def setting(name: str, default: Any = None) -> Any:
+        return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, default)
+
+    if "custom_generate" in kwargs:
+        return "the call names its own custom_generate"
+    if (setting("num_beams", 1) or 1) > 1:
+        return "beam search"
+    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+        return "assisted decoding"
+    if setting("penalty_alpha"):
+        return "contrastive search"
+    if setting("output_attentions") or setting("output_hidden_states"):
+        return "attentions or hidden states are returned"
+    if kwargs.get("synced_gpus"):
+        return "synced GPUs"
+    return None
+
+
+def install_static_generate(model: Any) -> Any:
+    """Make ``model.generate()`` decode through :func:`static_sample` when :func:`static_wanted` (on CUDA by
+    default; see :data:`ENV`) and the call is greedy or sampling (:func:`plain_loop_needed`); every other call
+    goes to the model's own ``generate`` unchanged. A ``streamer`` is handed over as ``static_streamer``.
+    Returns ``model`` (its ``generate`` replaced on the instance)."""
+    plain = model.generate
+
+    @functools.wraps(plain)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if plain_loop_needed(model, kwargs) is None and static_wanted(model, None):
+            kwargs["custom_generate"] = static_sample
+            if kwargs.get("streamer") is not None:
+                kwargs["static_streamer"] = kwargs.pop("streamer")
+        return plain(*args, **kwargs)
+
+    model.generate = generate
+    return model
 
 
 class StaticHybridLayer(HybridLayer):
@@ -305,6 +358,6 @@ def static_sample(
 
 
 __all__ = [
-    "ENV", "StaticDecoder", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "static_decode_enabled",
-    "static_decode_problem", "static_sample", "static_wanted",
+    "ENV", "StaticDecoder", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
+    "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_sample", "static_wanted",
 ]

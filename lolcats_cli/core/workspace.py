@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError, LolcatsError, TrainingError
 from .models import pick_device
 from .recipe import Recipe, load_recipe, save_resolved, write_versions
+from .static_decode import install_static_generate
 from .rundir import (
     ADAPTER_DIR,
     ATTENTION_WEIGHTS,
@@ -266,7 +267,7 @@ def open_run(run_dir: Path, device: torch.device | None = None, mode: str = "stu
         if merge_lora:
             model = model.merge_and_unload()
     model.eval()
-    return recipe, model, tokenizer
+    return recipe, install_static_generate(model), tokenizer
 
 
 __all__ = [
