@@ -172,3 +172,16 @@ def test_cuda_graph_generate_equals_generate(tiny_model_dir) -> None:
     assert torch.equal(got, want)
     again = _generate(model, ids, mask, 64, custom_generate=static_sample, **GREEDY)
     assert decoder_for(model, 2) is decoder and torch.equal(again, got)  # the captured graph is reused
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_plain_generate_replays_a_cuda_graph_by_default(tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.delenv("LOLCATS_STATIC_DECODE", raising=False)
+    model = _converted(tiny_model_dir, device="cuda")
+    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = ids.cuda(), mask.cuda()
+    want = _generate(model, ids, mask, 48, **GREEDY)  # not installed yet: transformers' loop
+    assert model not in _DECODERS
+    got = _generate(install_static_generate(model), ids, mask, 48, **GREEDY)
+    assert model in _DECODERS and _DECODERS[model]._graph is not None
+    assert torch.equal(got, want)
