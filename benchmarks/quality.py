@@ -6,7 +6,9 @@ interrupted one resumes), then evaluates perplexity at every ``--contexts`` leng
 position 1024) and passkey retrieval on ``--heldout`` text, beside the teacher and the training-free sink
 window (64 keys + 4 sinks), which are evaluated once. It prints a table as multiples of the teacher's
 perplexity and writes everything to ``OUT/quality.json`` after every variant, so a call that runs out of
-time loses nothing: run it again with the same ``--out`` and it continues.
+time loses nothing: run it again with the same ``--out`` and it continues. Run it again with more ``--contexts``
+/ ``--passkey`` lengths (or ``--recall N``) and only those are evaluated, for the baselines and for every
+variant named in ``--variants`` whose runs are in ``--out``.
 
     python benchmarks/quality.py --model SmolLM2.gguf --train train.txt --heldout heldout.txt \\
         --out runs/quality --variants paper,sinks_gate --budget-s 540
@@ -87,14 +89,30 @@ def stage(kind: str, run: Path, args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace) -> dict:
+def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace,
+             have: dict | None = None) -> dict:
+    """``{row: results}`` of ``rows`` at every ``--contexts`` / ``--passkey`` length, evaluating only what
+    ``have`` (earlier results of the same rows) lacks: a rerun with a new length or row fills in just that."""
     from lolcats_cli.core.evaluate import evaluate_run
 
+    have = {name: row for name, row in (have or {}).items() if name in rows}
+    lacking = [r for r in rows if r not in have]
+    contexts = [c for c in args.contexts if lacking or any(str(c) not in have[r]["perplexity"] for r in rows)]
+    passkey = [n for n in args.passkey if lacking or any(str(n) not in have[r]["passkey"] for r in rows)]
+    if not contexts and not passkey:
+        return have
     report = evaluate_run(
-        run, None if run is not None else model, text_file=args.heldout, contexts=args.contexts,
-        passkey_lengths=args.passkey, passkey_n=args.passkey_n, rows=rows, max_tokens=args.max_tokens,
+        run, None if run is not None else model, text_file=args.heldout, contexts=contexts, passkey_lengths=passkey,
+        passkey_n=args.passkey_n, rows=rows, max_tokens=args.max_tokens,
+        recall_slots=args.recall if "linearized_recall" in rows else None,
     )  # fmt: skip
-    return report.to_dict()
+    got = report.to_dict()["rows"]
+    for name, row in got.items():
+        old = have.get(name)
+        if old is not None:  # merge the new lengths into the earlier results
+            for key in ("perplexity", "perplexity_past_1024", "passkey"):
+                row[key] = {**old.get(key, {}), **row.get(key, {})}
+    return {**have, **got}
 
 
 def ratio_table(results: dict) -> str:
@@ -110,13 +128,13 @@ def ratio_table(results: dict) -> str:
     def fmt(row: dict) -> list[str]:
         cells = []
         for c in contexts:
-            value, base = row["perplexity"].get(str(c)), teacher["perplexity"][str(c)]
+            value, base = row["perplexity"].get(str(c)), teacher["perplexity"].get(str(c))
             past, past_base = row["perplexity_past_1024"].get(str(c)), teacher["perplexity_past_1024"].get(str(c))
-            cell = f"{value / base:.3f}" if value else "-"
+            cell = f"{value / base:.3f}" if value and base else "-"
             if past and past_base:
                 cell += f" / {past / past_base:.3f}"
             cells.append(cell)
-        cells += [f"{row['passkey'].get(str(n), 0) * 100:.0f}%" for n in passkeys]
+        cells += [f"{row['passkey'][str(n)] * 100:.0f}%" if str(n) in row["passkey"] else "-" for n in passkeys]
         return cells
 
     lines.append("| teacher (ppl " + ", ".join(f"{teacher['perplexity'][str(c)]:.2f}" for c in contexts) + ") | "
@@ -124,10 +142,11 @@ def ratio_table(results: dict) -> str:
     sink = results["baselines"].get("sink_window")
     if sink:
         lines.append("| sink window 64 + 4, no training | " + " | ".join(fmt(sink)) + " |")
+    suffix = {"linearized": "", "linear_zeroed": ", linear branch zeroed", "linearized_recall": ", recall cache"}
     for name, variant in results.get("variants", {}).items():
-        for row in ("linearized", "linear_zeroed"):
+        for row in suffix:
             if row in variant.get("eval", {}):
-                label = f"{name}" + (", linear branch zeroed" if row == "linear_zeroed" else "")
+                label = f"{name}{suffix[row]}"
                 lines.append(f"| {label} | " + " | ".join(fmt(variant["eval"][row])) + " |")
     return "\n".join(lines)
 
@@ -148,6 +167,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=65_536, help="perplexity tokens per context length")
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--extra", default="", help="overrides added to every variant, space-separated")
+    p.add_argument("--recall", type=int, default=0,
+                   help="also evaluate each trained variant with a recall cache of this many keys per KV head")
     p.add_argument("--no-stage1-eval", dest="stage1_eval", action="store_false",
                    help="skip evaluating each variant after stage 1 alone (saves an evaluation per variant)")
     args = p.parse_args()
@@ -166,16 +187,21 @@ def main() -> None:
     def out_of_time() -> bool:
         return args.budget_s is not None and time.perf_counter() - start > args.budget_s
 
-    if not results["baselines"]:
-        t = time.perf_counter()
-        ev = evaluate(None, args.model, ["teacher", "sink_window"], args)
-        results["baselines"] = {**ev["rows"], "eval_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    baselines = evaluate(None, args.model, ["teacher", "sink_window"], args, results["baselines"])
+    if baselines != {k: v for k, v in results["baselines"].items() if k in ("teacher", "sink_window")}:
+        results["baselines"] = {**baselines, "eval_s": time.perf_counter() - t}
         save()
+    final_rows = ["linearized", "linear_zeroed"] + (["linearized_recall"] if args.recall else [])
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         done = results["variants"].setdefault(name, {})
-        if "eval" in done:
+        if "eval" in done:  # trained and evaluated: only lengths or rows asked for since then are evaluated
+            run = args.out / name / "finetune"
+            if finished_run(run) is not None:
+                done["eval"] = evaluate(run, None, final_rows, args, done["eval"])
+                save()
             continue
         if out_of_time():
             print(f"budget reached before {name}: run again to continue", flush=True)
@@ -195,8 +221,8 @@ def main() -> None:
             break
         t = time.perf_counter()
         if args.stage1_eval:
-            done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)["rows"]
-        done["eval"] = evaluate(run / "finetune", None, ["linearized", "linear_zeroed"], args)["rows"]
+            done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)
+        done["eval"] = evaluate(run / "finetune", None, final_rows, args)
         done["eval_s"] = time.perf_counter() - t
         for kind in ("transfer", "finetune"):
             metrics = run / kind / METRICS

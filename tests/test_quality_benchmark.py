@@ -1,0 +1,45 @@
+"""benchmarks/quality.py: a rerun evaluates only the lengths and rows the earlier results lack, and the table
+shows what is missing as "-"."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(heldout: Path, contexts: list[int]) -> argparse.Namespace:
+    return argparse.Namespace(heldout=heldout, contexts=contexts, passkey=[], passkey_n=1, max_tokens=256, recall=0)
+
+
+def test_a_rerun_evaluates_only_the_new_lengths(bench, tiny_model_dir, tmp_path) -> None:
+    from pydoc_data.topics import topics
+
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join(topics.values())[:20_000])
+    rows = ["teacher", "sink_window"]
+    first = bench.evaluate(None, str(tiny_model_dir), rows, _args(heldout, [32]))
+    assert set(first) == set(rows) and set(first["teacher"]["perplexity"]) == {"32"}
+    first["teacher"]["perplexity"]["32"] = 123.0  # a value no evaluation gives: kept only if 32 is not evaluated again
+    again = bench.evaluate(None, str(tiny_model_dir), rows, _args(heldout, [32, 64]), first)
+    assert again["teacher"]["perplexity"]["32"] == 123.0
+    assert set(again["sink_window"]["perplexity"]) == {"32", "64"} and again["teacher"]["perplexity"]["64"] > 1
+    assert bench.evaluate(None, str(tiny_model_dir), rows, _args(heldout, [64]), again) == again  # nothing to do
+
+    results = {"baselines": {"teacher": again["teacher"], "sink_window": first["sink_window"]}, "variants": {}}
+    table = bench.ratio_table(results)
+    assert "| teacher (ppl 123.00, " in table
+    assert table.splitlines()[-1].endswith("| - |")  # the sink window has no 64-token perplexity yet
