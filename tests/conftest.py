@@ -46,6 +46,17 @@ def build_tiny_tokenizer(folder: Path, vocab_size: int = 512):
     return fast
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tiny_model(folder: Path, tokenizer, model_type: str = "llama", seed: int = 0, **overrides):
     """A 2-layer random causal LM of ``model_type`` saved with ``tokenizer`` in ``folder``."""
     import torch

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+from conftest import BENCHMARKS, load_benchmark  # tests/ is on sys.path (rootdir conftest)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("generation_benchmark", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generation")
 
 
 def test_presets_give_the_models_shapes(bench) -> None:
@@ -59,7 +55,7 @@ def test_prefill_computes_the_last_positions_logits_only(bench, tiny_model_dir, 
 def _run(tmp_path, *args: str) -> tuple[str, list[dict]]:
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--preset", "smollm2-135m", "--layers", "1", "--contexts", "24", "--steps", "2",
+        [sys.executable, str(BENCHMARKS / "generation.py"), "--preset", "smollm2-135m", "--layers", "1", "--contexts", "24", "--steps", "2",
          "--warmup", "1", "--prefill-chunk", "16", "--threads", "1", "--device", "cpu", "--json", str(out), *args],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -89,7 +85,4 @@ def test_one_failing_engine_loses_no_other_row(tmp_path) -> None:
 
 
 def bench_engines() -> tuple[str, ...]:
-    spec = importlib.util.spec_from_file_location("generation_benchmark_engines", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ENGINES
+    return load_benchmark("generation").ENGINES
