@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,9 @@ EXAMPLES = """
 
   [dim]# continue an interrupted finetune[/dim]
   lolcats finetune runs/smollm2-135m --output runs/smol-r16 --resume
+
+  [dim]# data parallel over 2 processes, the frozen weights sharded with FSDP2 (gloo on CPU, nccl on GPUs)[/dim]
+  torchrun --nproc-per-node 2 -m lolcats_cli finetune runs/smollm2-135m
 """
 
 
@@ -34,8 +38,13 @@ def finetune(
 ) -> None:
     """Stage 2: LoRA on the q, k, v, o projections of a linearized model, feature maps frozen."""
     from ..core.finetune import run_finetune
+    from ..core.progress import set_phase_handler
 
-    stderr.print(f"[bold]lolcats finetune[/bold] {run_dir} → {output or str(run_dir) + '-finetune'}")
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun, one display: rank 0's
+    if rank != 0:
+        set_phase_handler(None)
+    else:
+        stderr.print(f"[bold]lolcats finetune[/bold] {run_dir} → {output or str(run_dir) + '-finetune'}")
     try:
         result = run_finetune(run_dir, output, overrides or [], resume=resume, overwrite=overwrite, reporter=RichReporter(), device=device)
     except KeyboardInterrupt as stop:
@@ -43,6 +52,8 @@ def finetune(
         again = ["lolcats", "finetune", str(run_dir), "--output", str(out), "--resume",
                  *(["--device", device] if device else [])]
         report_interrupt(stop, out, again)
+    if rank != 0:
+        return
     data = {
         "run_dir": str(result.run_dir), "steps": result.steps, "tokens_seen": result.tokens_seen,
         "wall_time_s": result.wall_time_s, "heldout_ppl_before": result.ppl_before, "heldout_ppl_after": result.ppl_after,

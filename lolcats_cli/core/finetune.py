@@ -8,6 +8,15 @@ teacher's next-token distribution, the teacher being the same model with its ori
 LoRA disabled (:func:`teacher_view`), so no second copy of the weights is held. The finetune run directory is self-contained: the resolved recipe, a
 copy of ``attention.safetensors``, the peft adapter in ``adapter/`` (adapter_config.json +
 adapter_model.safetensors), ``metrics.json`` and ``checkpoints/``.
+
+Under torchrun (``torchrun --nproc-per-node N -m lolcats_cli finetune ...``; gloo on CPU, nccl on CUDA) every
+rank opens the transfer run on its own device, and the frozen weights are sharded over the ranks with FSDP2
+(one group per decoder layer plus the whole model, :func:`~.transfer_modes.fsdp.shard_model`); the
+trainables (the LoRA weights, and the attention parameters) stay whole on every rank. Each update's
+micro-batches are split over the ranks and their gradients summed (:class:`~.trainer.Trainer`), so the run
+matches the one-process run up to float reassociation, as long as nothing random runs inside a micro-batch
+(``lora.dropout`` 0 and no ``attention.train_window_sizes``: each rank draws from the step's seed, not after
+the micro-batches before it). Rank 0 writes the run directory; the adapter holds the full LoRA weights.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ from .trainer import Trainer, TrainSettings
 from .convert import linearized_layers, teacher_view
 from .precision import autocast_for
 from .train_window import random_window
+from .transfer_modes.distributed import Dist, session
 from .rundir import ADAPTER_DIR, ATTENTION_WEIGHTS, CHECKPOINTS, METRICS, RESOLVED_RECIPE, SOURCE
-from .workspace import new_run_dir, open_run, pick_device, record_run
+from .workspace import new_run_dir, open_run, record_run
 
 
 @dataclasses.dataclass
@@ -99,17 +109,22 @@ def run_finetune(
     """LoRA-finetune the linearized model of ``source_run`` (a transfer run directory).
 
     A run that fails before its first checkpoint removes what it wrote; Ctrl-C raises
-    :class:`~lolcats_cli.core.trainer.TrainingInterrupted`.
+    :class:`~lolcats_cli.core.trainer.TrainingInterrupted`. Under torchrun (WORLD_SIZE > 1) every rank calls
+    this; rank 0 prepares the run directory and reports, the others wait for it and stay quiet.
     """
     source_run = Path(source_run)
     run_dir = Path(run_dir) if run_dir is not None else source_run.with_name(source_run.name + "-finetune")
-    device = pick_device(device)
-    with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
-        return _finetune(source_run, run_dir, list(overrides), resume, reporter, device)
+    with session(device) as dist:
+        if not dist.is_main:
+            dist.barrier()  # rank 0 has prepared the folder
+            return _finetune(source_run, run_dir, list(overrides), resume, None, dist.device(device), dist)
+        with new_run_dir(run_dir, resume=resume, overwrite=overwrite) as run_dir:
+            dist.barrier()
+            return _finetune(source_run, run_dir, list(overrides), resume, reporter, dist.device(device), dist)
 
 
 def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: bool, reporter: Reporter | None,
-              device: torch.device) -> FinetuneResult:
+              device: torch.device, dist: Dist) -> FinetuneResult:
     from peft import get_peft_model
 
     from .convert import attention_state_dict
@@ -126,9 +141,10 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
         # the layers the transfer run keeps as softmax, by index: this run never reads its metrics again
         softmax = resolve_softmax_layers(base.attention.softmax_layers, source_run)
         recipe.attention.softmax_layers = softmax or None
-        save_json(run_dir / SOURCE, {"transfer_run": str(source_run.resolve())})  # before the recipe,
-        record_run(run_dir, recipe)  # which marks a run directory that --resume can start again from
-        shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)
+        if dist.is_main:
+            save_json(run_dir / SOURCE, {"transfer_run": str(source_run.resolve())})  # before the recipe,
+            record_run(run_dir, recipe)  # which marks a run directory that --resume can start again from
+            shutil.copyfile(source_run / ATTENTION_WEIGHTS, run_dir / ATTENTION_WEIGHTS)
     fcfg = recipe.finetune
     if fcfg.lora.rank <= 0:
         raise ConfigError(f"finetune.lora.rank: must be positive (got {fcfg.lora.rank})", "the paper uses 8")
@@ -140,6 +156,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
 
     for p in model.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(fcfg.seed)  # the LoRA initialisation: the same on every rank and in every process
     model = get_peft_model(model, lora_config(recipe))
     if fcfg.train_attention:
         from .convert import attention_parameters
@@ -149,6 +166,10 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():  # fp32 master weights
         p.data = p.data.float()
+    if dist.world > 1:  # the frozen weights sharded over the ranks; the trainables whole on each
+        from .transfer_modes.fsdp import shard_model
+
+        shard_model(model.get_base_model(), device, dist.world, keep=params.values(), whole=True)
 
     window_sizes = recipe.attention.train_window_sizes  # a random window size per batch (core/train_window.py)
     hybrid_layers = [m for _, m in linearized_layers(model)]
@@ -177,23 +198,26 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
 
     trainer = Trainer(
         params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / CHECKPOINTS,
-        labels=labels, reporter=reporter, title="LoRA finetune", device=device,
+        labels=labels, reporter=reporter, title="LoRA finetune", device=device, ranks=(dist.rank, dist.world),
     )
     fit = trainer.fit(resume=resume)
     trainer.restore_best()
-    _, final = eval_fn()
-    model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
-    save_tensors(run_dir / ATTENTION_WEIGHTS, attention_state_dict(model), metadata={"format": "lolcats-attention"})
+    _, final = eval_fn()  # on every rank: the sharded model all-gathers its weights in each forward
     first = fit.history[0]["perplexity"] if fit.history else final["perplexity"]
     result = FinetuneResult(run_dir, fit.steps, fit.tokens, fit.wall_time_s, first, final["perplexity"])
-    save_json(run_dir / METRICS, {
-        "stage": "finetune", "transfer_run": str(source_run), "steps": fit.steps, "tokens_seen": fit.tokens,
-        "wall_time_s": fit.wall_time_s, "best_step": fit.best_step,
-        "tokens_per_s": fit.tokens / fit.wall_time_s if fit.wall_time_s > 0 else None,  # evaluations included "heldout_ppl_before": result.ppl_before,
-        "heldout_ppl_after": result.ppl_after, "eval_history": fit.history,
-        "trainable_parameters": sum(p.numel() for p in params.values()), "device": str(device),
-        "objective": fcfg.objective, "passkey_sequences": int(train.stats.get("passkey_sequences", 0)),
-    })
+    if dist.is_main:  # the LoRA weights (whole on every rank) as peft would take them from model.state_dict()
+        model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True, state_dict=dict(params))
+        save_tensors(run_dir / ATTENTION_WEIGHTS, attention_state_dict(model), metadata={"format": "lolcats-attention"})
+        save_json(run_dir / METRICS, {
+            "stage": "finetune", "transfer_run": str(source_run), "steps": fit.steps, "tokens_seen": fit.tokens,
+            "wall_time_s": fit.wall_time_s, "best_step": fit.best_step,
+            "tokens_per_s": fit.tokens / fit.wall_time_s if fit.wall_time_s > 0 else None,  # evaluations included
+            "heldout_ppl_before": result.ppl_before, "heldout_ppl_after": result.ppl_after, "eval_history": fit.history,
+            "trainable_parameters": sum(p.numel() for p in params.values()), "device": str(device),
+            "world_size": dist.world, "objective": fcfg.objective,
+            "passkey_sequences": int(train.stats.get("passkey_sequences", 0)),
+        })
+    dist.barrier()  # the run directory is complete before any rank returns
     return result
 
 

@@ -11,6 +11,8 @@ one-process run up to float reassociation. Every rank reads the weights into CPU
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -23,16 +25,17 @@ from .common import TransferJob, TransferResult, fit_layers, save_attention, wri
 from .joint import joint_metrics, setup_joint
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> None:
-    """FSDP2 over ``world`` ranks: every decoder layer, then the decoder; the attention trainables and
-    buffers stay whole on every rank (moved to ``device``)."""
+def shard_model(model: torch.nn.Module, device: torch.device, world: int, *,
+                keep: Iterable[torch.nn.Parameter] = (), whole: bool = False) -> None:
+    """FSDP2 over ``world`` ranks: every decoder layer, then the decoder (``whole``: the whole model instead,
+    its LM head and tied embeddings included, for stage 2 that uses them); the attention parameters, ``keep``
+    (stage 2's LoRA weights) and the buffers stay whole on every rank (moved to ``device``)."""
     mesh = init_device_mesh(device.type, (world,))
-    keep = set(attention_parameters(model).values())
+    keep = set(attention_parameters(model).values()) | set(keep)
     for layer in arch_spec(model.config).decoder_layers(model):
         fully_shard(layer, mesh=mesh, ignored_params=keep)
-    decoder = getattr(model, model.base_model_prefix)
-    fully_shard(decoder, mesh=mesh, ignored_params=keep)
-    model.to(device)  # the local shards, the trainables, the buffers and the (unused) LM head
+    fully_shard(model if whole else getattr(model, model.base_model_prefix), mesh=mesh, ignored_params=keep)
+    model.to(device)  # the local shards, the trainables, the buffers (and, unless whole, the unused LM head)
 
 
 def run_fsdp(job: TransferJob) -> TransferResult:
