@@ -306,7 +306,7 @@ KEY_NOTES: dict[str, str] = {
     "transfer.attn_ce_weight": "factor on the attention-weight cross-entropy (0 at 8B / 70B, 1 at 405B)",
     "transfer.attn_ce_queries": "queries per sequence sampled for that cross-entropy",
     "transfer.block_size": "null = train all layers jointly; k = block-wise transfer in blocks of k layers",
-    "transfer.block_cache_dtype": "how block-wise transfer stores each block's inputs: bfloat16 (2 bytes a value) or float32",
+    "transfer.block_cache_dtype": "how block-wise transfer stores each block's inputs: bfloat16 (2 bytes a value), float32 or float8 (1 byte, a scale per sequence)",
     "finetune.train_attention": "also train the feature maps and window factors in stage 2",
     "finetune.mask_prompt": "no loss on the prompt tokens of instruction data",
     "finetune.lora.rank": "rank of each adapter",

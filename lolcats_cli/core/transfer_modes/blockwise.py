@@ -169,12 +169,12 @@ def _teacher_pass(job: TransferJob, model: nn.Module, cache: BlockCache, pending
     for n, (split, shard, a, b) in enumerate(mine, 1):
         if cache.shard_done(split, shard, pending):
             continue
-        parts: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
+        parts: dict[int, list[dict[str, torch.Tensor]]] = {s: [] for s in starts}
         for row in range(a, b, batch):
             got = teacher_inputs(model, data[split][row : min(row + batch, b)], starts, job.device)
             for s in starts:
-                parts[s].append(got[s].to(cache.dtype))
-        cache.write_shard(split, shard, {s: torch.cat(p) for s, p in parts.items()}, pending)
+                parts[s].append(cache.pack(got[s]))  # in the stored dtype at once (float8: with its row scales)
+        cache.write_shard(split, shard, parts, pending)
         tokens += (b - a) * cache.seq_len
         rate = tokens / max(time.perf_counter() - t0, 1e-9)
         reporter.log(f"teacher pass: {split} shard {shard + 1} stored ({n}/{len(mine)} on this rank, "

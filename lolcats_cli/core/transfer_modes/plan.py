@@ -23,7 +23,7 @@ from ..init_recipe import run_name, stage_tokens
 from ..models import EMBEDDED, read_base_config, resolve_dtype
 from ..recipe import Recipe
 from ..registry import build_feature_map, build_window
-from .block_cache import DTYPES, free_bytes, human_bytes, plan_blocks
+from .block_cache import DTYPES, disk_formula, free_bytes, human_bytes, plan_blocks
 from .blockwise import converted_layers
 
 
@@ -212,8 +212,8 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
         need = elem * cache_tokens * shape.hidden * len(blocks)
         where = Path(output) if output is not None else Path("runs")
         free = free_bytes(where)
-        disk = {"block_inputs": need, "formula": f"{elem} bytes x {cache_tokens:,} tokens x {shape.hidden} hidden x "
-                f"{len(blocks)} blocks", "free": free, "where": str(where)}
+        disk = {"block_inputs": need, "formula": disk_formula(elem, cache_tokens, shape.hidden, len(blocks)),
+                "free": free, "where": str(where)}
         if need > free:
             problems.append(f"disk: the block inputs need {human_bytes(need)}, {where} has {human_bytes(free)} free")
         teacher = cache_tokens * shape.num_layers * teacher_layer
