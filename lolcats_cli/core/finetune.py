@@ -34,7 +34,7 @@ from .checkpoint import load_json, save_json, save_tensors
 from .evaluate import mean_token_nll as heldout_loss
 from .progress import Reporter
 from .recipe import Recipe, apply_overrides, load_recipe
-from .trainer import Trainer, TrainSettings
+from .trainer import Trainer
 from .convert import linearized_layers, teacher_view
 from .precision import autocast_for
 from .train_window import random_window
@@ -197,7 +197,7 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
         return loss, details
 
     trainer = Trainer(
-        params, TrainSettings.from_section(fcfg), train.input_ids, loss_fn, eval_fn, run_dir / CHECKPOINTS,
+        params, fcfg, train.input_ids, loss_fn, eval_fn, run_dir / CHECKPOINTS,
         labels=labels, reporter=reporter, title="LoRA finetune", device=device, ranks=(dist.rank, dist.world),
     )
     fit = trainer.fit(resume=resume)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..errors import TrainingError
 from .checkpoint import load_json, load_tensors, save_json, save_tensors
 from .progress import EvalInfo, NullReporter, Reporter, StepInfo, phase
+from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the CLI prints these on stderr
 
@@ -45,31 +46,6 @@ log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the C
 LossFn = Callable[[Tensor, "Tensor | None"], Tensor]
 # eval_fn() -> (held-out loss, details for the reporter and the history)
 EvalFn = Callable[[], "tuple[float, dict[str, Any]]"]
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    lr: float
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    grad_accum: int = 8
-    epochs: int = 2
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    eval_every: int = 100
-    scheduler: str = "plateau"
-    plateau_factor: float = 0.1
-    plateau_patience: int = 10
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    save_every: int | None = None
-    save_every_minutes: float | None = 5.0
-
-    @classmethod
-    def from_section(cls, section: Any) -> TrainSettings:
-        """Take the fields of this class from a recipe section (a dataclass or a mapping)."""
-        data = section if isinstance(section, Mapping) else vars(section)
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 class RowSource(Protocol):
@@ -199,7 +175,7 @@ class Trainer:
     def __init__(
         self,
         params: Mapping[str, nn.Parameter],
-        settings: TrainSettings,
+        settings: TrainConfig,
         input_ids: Tensor | RowSource,
         loss_fn: LossFn,
         eval_fn: EvalFn,

@@ -21,7 +21,7 @@ from ..progress import Reporter
 from ..recipe import Recipe
 from ..rundir import CHECKPOINTS, METRICS
 from ..train_window import random_window
-from ..trainer import FitResult, RowSource, Trainer, TrainSettings, latest_checkpoint
+from ..trainer import FitResult, RowSource, Trainer, latest_checkpoint
 from .distributed import Dist
 
 @dataclasses.dataclass
@@ -155,7 +155,7 @@ def fit_layers(job: TransferJob, objective: TransferObjective, params: dict[str,
     ``ckpt_dir``), keep the best, and evaluate it once more for the final per-layer table. ``ranks``: see
     :class:`~lolcats_cli.core.trainer.Trainer` (data-parallel over torchrun ranks)."""
     params = {**params, **attention_buffers(objective.model)}  # buffers never train, but checkpoints keep them
-    trainer = Trainer(params, TrainSettings.from_section(job.recipe.transfer), rows, objective.loss,
+    trainer = Trainer(params, job.recipe.transfer, rows, objective.loss,
                       objective.evaluate, ckpt_dir, reporter=job.reporter, title=title, device=job.device,
                       ranks=ranks)
     if resume:  # the "before" numbers come from the first evaluation of this set of layers
