@@ -153,7 +153,8 @@ def attend_chunks(
     scale: float,
     lin_decay: Tensor | None = None,
     prefix_decay: Tensor | None = None,
-) -> Tensor:
+    parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Hybrid attention of N query chunks over their local keys plus their prefix states, all fp32.
 
     q ``(B, H, N, C, D)``, fq ``(B, H, N, C, F)``; local k ``(B, Hkv, N, K, D)``, v ``(B, Hkv, N, K, Dv)``,
@@ -161,7 +162,8 @@ def attend_chunks(
     leading batch dims that broadcast); window_logits ``(H,)``. With a decay: lin_decay ``(Bq, H, N, C, K')``
     (K' <= K: the last K' keys; keys put in front of them, sinks or a recall cache, are never linear) multiplies the
     local linear terms (:func:`decay_matrix`) and prefix_decay ``(Bq, H, N, C)`` the prefix
-    state's terms (:func:`decay_scales`, the state being decayed to the chunk's start). Returns ``(B, H, N, C, Dv)``.
+    state's terms (:func:`decay_scales`, the state being decayed to the chunk's start). Returns ``(B, H, N, C, Dv)``,
+    or with ``parts`` the unnormalised numerator ``(B, H, N, C, Dv)`` and denominator ``(B, H, N, C)``.
     """
     Hkv = k.shape[1]
     s = torch.einsum("bhgncd,bhnkd->bhgnck", grouped(q, Hkv), k).flatten(1, 2) * scale
@@ -175,6 +177,8 @@ def attend_chunks(
     num = torch.einsum("bhgnck,bhnkd->bhgncd", grouped(a, Hkv), v).flatten(1, 2)
     num = num + torch.einsum("bhncf,bhnfd->bhncd", fq_prefix, S)
     den = a.sum(dim=-1) + torch.einsum("bhncf,bhnf->bhnc", fq_prefix, z)
+    if parts:
+        return num, den
     return num / den.clamp_min(DEN_EPS).unsqueeze(-1)
 
 

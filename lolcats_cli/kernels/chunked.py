@@ -83,10 +83,12 @@ def chunked_from_features(
     scale: float,
     chunk_size: int,
     log_decay: Tensor | None = None,
-) -> Tensor:
+    parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The chunked form given the features: fq ``(B, H, T, F)`` = phi_q(q), fk ``(B, H, T, F)`` = phi_k of
     the keys expanded to the query heads, both fp32. q, k, v, log_decay as in :func:`hybrid_attention_chunked`,
-    T >= 1. Returns ``(B, H, T, Dv)`` fp32.
+    T >= 1. Returns ``(B, H, T, Dv)`` fp32, or with ``parts`` its numerator ``(B, H, T, Dv)`` and denominator
+    ``(B, H, T)`` (what the delta-rule kernel adds its own linear branch to).
     """
     T, P, C = q.shape[2], window.span, chunk_size
     N = -(-T // C)
@@ -123,7 +125,7 @@ def chunked_from_features(
 
     per_chunk = (q_c, fq_c, k_loc, _local_keys(v_p, P, C), _local_keys(fk_p, P, C), S, z)  # dim 2: chunk
     step = max(1, GROUP_QUERIES // C)
-    parts = []
+    outs = []
     for n in range(0, N, step):
         g = slice(n, n + step)
         qg, fqg, kg, vg, fkg, Sg, zg = [x[:, :, g] for x in per_chunk]
@@ -132,8 +134,11 @@ def chunked_from_features(
         if sinks:
             kg, vg, fkg, iw, il = with_sinks(kg, vg, fkg, iw, il, k[:, :, :sinks], v[:, :, :sinks], sink_window[g])
         pdg = None if prefix_decay is None else prefix_decay[:, :, g]
-        parts.append(attend_chunks(qg, fqg, kg, vg, fkg, Sg, zg, iw, il, window_logits, scale, ldg, pdg))
-    y = torch.cat(parts, dim=2)
+        outs.append(attend_chunks(qg, fqg, kg, vg, fkg, Sg, zg, iw, il, window_logits, scale, ldg, pdg, parts))
+    if parts:
+        num = torch.cat([o[0] for o in outs], dim=2).flatten(2, 3)[:, :, :T]
+        return num, torch.cat([o[1] for o in outs], dim=2).flatten(2, 3)[:, :, :T]
+    y = torch.cat(outs, dim=2)
     return y.flatten(2, 3)[:, :, :T]
 
 
