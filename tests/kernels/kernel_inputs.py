@@ -7,7 +7,8 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 
-from lolcats_cli.api import Window
+from lolcats_cli.api import Window, WindowParams
+from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
 from lolcats_cli.kernels.chunked import hybrid_prefill
 from lolcats_cli.kernels.recurrent import hybrid_step
 
@@ -17,6 +18,15 @@ FP32_TOL, BF16_TOL = 1e-5, 1e-2
 # a window) come out as rounding noise of about 1e-6, and the window-factor gradient is a long sum with
 # cancellations: a gradient also passes when no element is off by GRAD_ATOL (gradients here are ~0.1 to 1).
 GRAD_ATOL = 1e-5
+
+
+# Small windows with and without sinks, and none, for the decay and delta-rule tests.
+SMALL_WINDOWS: dict[str, Window] = {
+    "sliding5": Sliding(WindowParams(size=5)),
+    "terrace5-sinks2": Terrace(WindowParams(size=5, sinks=2)),
+    "sliding16-sinks4": Sliding(WindowParams(size=16, sinks=4)),
+    "none": NoWindow(),
+}
 
 
 class TwoSoftmaxMap(nn.Module):
@@ -50,11 +60,12 @@ def sliced(x: dict, a: int, b: int) -> dict:
     return {**x, "q": x["q"][:, :, a:b], "k": x["k"][:, :, a:b], "v": x["v"][:, :, a:b]}
 
 
-def decode(x: dict, window: Window, cuts: list[int], log_decay: Tensor | None = None) -> Tensor:
-    """Prefill ``[0, cuts[0])`` then one ``hybrid_step`` per ``[cuts[i], cuts[i+1])``; the outputs joined."""
-    y, state = hybrid_prefill(**sliced(x, 0, cuts[0]), window=window, log_decay=log_decay)
+def decode(x: dict, window: Window, cuts: list[int], log_decay: Tensor | None = None, prefill=hybrid_prefill,
+           step=hybrid_step) -> Tensor:
+    """Prefill ``[0, cuts[0])`` then one ``step`` per ``[cuts[i], cuts[i+1])``; the outputs joined."""
+    y, state = prefill(**sliced(x, 0, cuts[0]), window=window, log_decay=log_decay)
     outs = [y]
     for a, b in pairwise(cuts):
-        y, state = hybrid_step(**sliced(x, a, b), window=window, state=state, log_decay=log_decay)
+        y, state = step(**sliced(x, a, b), window=window, state=state, log_decay=log_decay)
         outs.append(y)
     return torch.cat(outs, dim=2)

@@ -9,24 +9,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from lolcats_cli.api import Window, WindowParams
-from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
 from lolcats_cli.kernels import KERNELS
 from lolcats_cli.kernels.chunked import hybrid_attention_chunked
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.naive import hybrid_attention_naive
 from lolcats_cli.kernels.padded import padded_attention, padded_prefill_state, padded_step
 
-from kernel_inputs import B, FP32_TOL, GRAD_ATOL, H, decode, make_inputs, sliced
+from kernel_inputs import B, FP32_TOL, GRAD_ATOL, H, SMALL_WINDOWS, decode, make_inputs, sliced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WINDOWS: dict[str, Window] = {
-    "sliding5": Sliding(WindowParams(size=5)),
-    "terrace5-sinks2": Terrace(WindowParams(size=5, sinks=2)),
-    "sliding16-sinks4": Sliding(WindowParams(size=16, sinks=4)),
-    "none": NoWindow(),
-}
+WINDOWS = SMALL_WINDOWS
 LENGTHS = [1, 7, 64, 65, 150]
 
 

@@ -5,14 +5,12 @@ value, where the additive state averages) and stays constant-size; left padding 
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import pytest
 import torch
 from torch import Tensor, nn
 
-from lolcats_cli.api import Window, WindowParams
-from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace
+from lolcats_cli.api import Window
+from lolcats_cli.builtins.windows import NoWindow
 from lolcats_cli.errors import ModelError
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.delta import (
@@ -25,16 +23,12 @@ from lolcats_cli.kernels.delta import (
 )
 from lolcats_cli.kernels.naive import hybrid_attention_naive
 
-from kernel_inputs import FP32_TOL, GRAD_ATOL, H, D, make_inputs, sliced
+from kernel_inputs import FP32_TOL, GRAD_ATOL, SMALL_WINDOWS, H, D, make_inputs, sliced
+from kernel_inputs import decode as decode_with
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WINDOWS: dict[str, Window] = {
-    "sliding5": Sliding(WindowParams(size=5)),
-    "terrace5-sinks2": Terrace(WindowParams(size=5, sinks=2)),
-    "sliding16-sinks4": Sliding(WindowParams(size=16, sinks=4)),
-    "none": NoWindow(),
-}
+WINDOWS = SMALL_WINDOWS
 
 
 class Beta(nn.Module):
@@ -61,12 +55,7 @@ def log_decay() -> Tensor:
 
 
 def decode(x: dict, window: Window, cuts: list[int], ld: Tensor | None) -> Tensor:
-    y, state = delta_prefill(**sliced(x, 0, cuts[0]), window=window, log_decay=ld)
-    outs = [y]
-    for a, b in pairwise(cuts):
-        y, state = delta_step(**sliced(x, a, b), window=window, state=state, log_decay=ld)
-        outs.append(y)
-    return torch.cat(outs, dim=2)
+    return decode_with(x, window, cuts, ld, prefill=delta_prefill, step=delta_step)
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
