@@ -24,6 +24,7 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
   sinks_gate_decay_2k_random_window  sinks_gate_decay_2k with a window size drawn per training batch from
                         32 / 48 / 64 / 96 / 128 (attention.train_window_sizes), evaluated at 64
   sinks_gate_decay_2k_random_window_passkey  the same with 5% synthetic passkey sequences
+  sinks_gate_decay_2k_delta  sinks_gate_decay_2k with a delta-rule linear state (attention.delta_rule)
   sinks_gate_decay_4k   the same on 4096-token sequences (batch 2)
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
@@ -61,6 +62,7 @@ VARIANTS: dict[str, list[str]] = {
     "sinks_gate_decay_2k_random_window": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW],
     "sinks_gate_decay_2k_random_window_passkey": [*SINKS_GATE, "attention.decay=true", *K2, *RANDOM_WINDOW,
                                                   "data.passkey_fraction=0.05"],
+    "sinks_gate_decay_2k_delta": [*SINKS_GATE, "attention.decay=true", "attention.delta_rule=true", *K2],
     "sinks_gate_decay_4k": [*SINKS_GATE, "attention.decay=true", *K4],
     "window_lora_4k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4],
     "window_lora": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K1],

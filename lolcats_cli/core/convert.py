@@ -71,12 +71,14 @@ def convert_model(
     mode: str = "student",
     linear_gate: bool = False,
     decay: bool = False,
+    delta_rule: bool = False,
 ) -> nn.Module:
     """Replace the attention of ``layers`` of ``model`` by :class:`LinearizedAttention`, in place.
 
     ``linear_gate``: add a learnable per-head weight on the linear branch that starts near 0, so the
     untrained model is the softmax over the window and its sinks (off: the paper's method). ``decay``: a
     learnable per-head decay of the linear branch, heads starting at horizons from 64 to 4096 tokens.
+    ``delta_rule``: the linear branch keeps a delta-rule state (:mod:`lolcats_cli.kernels.delta`).
     New parameters are created in fp32 on the device of each layer's projections; the base model's
     parameters and state-dict keys are untouched. Returns ``model``. Raises ModelError for an unsupported
     or already converted model, ConfigError for bad layers / mode / plugin parameters, PluginError for
@@ -127,6 +129,7 @@ def convert_model(
             plugins=plugins,
             linear_gate=linear_gate,
             decay=decay,
+            delta_rule=delta_rule,
         )
     for i, module in replacements.items():
         setattr(decoder_layers[i], spec.attention, module)
@@ -269,6 +272,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "layers": [i for i, _ in layers],
         "linear_gate": first.linear_gate,
         "decay": first.decay,
+        "delta_rule": first.delta_rule,
         "mode": first.mode,
         "model_type": getattr(model.config, "model_type", None),
         "plugin_api_version": PLUGIN_API_VERSION,

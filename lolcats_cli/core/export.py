@@ -188,7 +188,7 @@ def write_adapter_export(run_dir: Path, out: Path) -> None:
         "attention": {
             "feature_map": att.feature_map, "feature_map_params": dataclasses.asdict(fm_params),
             "window": att.window, "window_params": dataclasses.asdict(win_params), "layers": layers,
-            "linear_gate": att.linear_gate, "decay": att.decay,
+            "linear_gate": att.linear_gate, "decay": att.decay, "delta_rule": att.delta_rule,
         },
         "plugins": plugin_versions(recipe),
         "base_model": {
@@ -276,6 +276,7 @@ def load_adapter_export(
         model, feature_map=att["feature_map"], feature_map_params=att["feature_map_params"],
         window=att["window"], window_params=att["window_params"], layers=att["layers"], mode="student",
         linear_gate=bool(att.get("linear_gate", False)), decay=bool(att.get("decay", False)),
+        delta_rule=bool(att.get("delta_rule", False)),
     )
     weights_device = next(model.parameters()).device
     load_attention_state_dict(model, load_tensors(export_dir / ATTENTION_WEIGHTS, weights_device))

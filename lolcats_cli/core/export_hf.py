@@ -271,7 +271,7 @@ def _decoder_layers(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module
 class {model_class}({base_class}):
     config_class = {config_class}
     _keep_in_fp32_modules_strict = [  # fp32, as trained
-        "feature_map_q", "feature_map_k", "window_logits", "linear_logits", "log_horizon"
+        "feature_map_q", "feature_map_k", "window_logits", "linear_logits", "log_horizon", "beta_weight", "beta_bias"
     ]
 
     def __init__(self, config: {config_class}) -> None:
@@ -295,6 +295,7 @@ class {model_class}({base_class}):
                           "window": win["name"], "window_params": win["params"]}},
                 linear_gate=bool(settings.get("linear_gate", False)),
                 decay=bool(settings.get("decay", False)),
+                delta_rule=bool(settings.get("delta_rule", False)),
             )
             for _map, _role in ((module.feature_map_q, "q"), (module.feature_map_k, "k")):
                 _map.role, _map.layer_idx = _role, i  # as lolcats sets them (plugin API v3)
@@ -415,6 +416,7 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
         "layers": info["layers"],
         "linear_gate": info["linear_gate"],
         "decay": info["decay"],
+        "delta_rule": info["delta_rule"],
         "teacher_sliding_windows": [m.sliding_window for _, m in converted],
         "decoder_layers": list(spec.layers),
         "attention_attr": spec.attention,

@@ -274,6 +274,8 @@ KEY_NOTES: dict[str, str] = {
                              "is the softmax window with its sinks; false = the paper's method (linear weight 1)",
     "attention.decay": "a learnable per-head decay of the linear branch (heads start at horizons of 64 to 4096\n"
                        "tokens); false = no decay (the paper's method)",
+    "attention.delta_rule": "a delta-rule linear state (replaces what it holds along a key instead of adding);\n"
+                            "false = the paper's additive state",
     "attention.train_window_sizes": "window sizes drawn at random per training step (e.g. [32, 48, 64, 96, 128]) so the\n"
                                     "linear branch must carry what the window drops; null = always window_params.size",
     "attention.softmax_layers": "layers kept as softmax attention after stage 1: auto:K = the K with the highest\n"

@@ -35,6 +35,7 @@ from ..errors import ConfigError, ModelError, did_you_mean
 from ..hf_compat import attention_cache, check_cache
 from ..kernels.base import Kernel
 from ..kernels.blocks import DEN_EPS, decay_matrix, expand_kv, hybrid_weights
+from ..kernels.delta import DeltaKernel, DeltaKeys
 from ..kernels.registry import get_kernel, select_kernel
 from .generation import hybrid_cache_layer, leading_pads, real_tokens
 
@@ -50,6 +51,9 @@ LINEAR_GATE_INIT = -1.6
 # horizon at stage 1's lr, where a sigmoid parameterisation near 1 hardly moves); the heads start spread
 # log-uniformly over horizons DECAY_HORIZONS tokens, as in RetNet / GLA.
 DECAY_HORIZONS = (64.0, 4096.0)
+# The optional delta-rule state (kernels/delta.py): key j is written with strength
+# beta_j = sigmoid(b_h + k_j . w_h / sqrt(D)); w starts at 0 and b at 0, so every key starts at beta = 0.5.
+DELTA_KERNEL = DeltaKernel()
 
 
 def initial_log_horizons(num_heads: int, horizons: tuple[float, float] = DECAY_HORIZONS) -> Tensor:
@@ -172,6 +176,7 @@ class LinearizedAttention(nn.Module):
         plugins: dict[str, Any] | None = None,
         linear_gate: bool = False,
         decay: bool = False,
+        delta_rule: bool = False,
     ) -> None:
         super().__init__()
         config = original.config
@@ -215,6 +220,13 @@ class LinearizedAttention(nn.Module):
         self.log_horizon: nn.Parameter | None = None
         if self.decay:
             self.log_horizon = nn.Parameter(initial_log_horizons(self.num_heads).to(device))
+        # Optional delta-rule linear state (None: the additive state of the paper's method).
+        self.delta_rule = bool(delta_rule)
+        self.beta_weight: nn.Parameter | None = None
+        self.beta_bias: nn.Parameter | None = None
+        if self.delta_rule:
+            self.beta_weight = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, device=device))
+            self.beta_bias = nn.Parameter(torch.zeros(self.num_heads, device=device))
 
         self.mode = check_mode(mode)
         self._kernel: Kernel | None = None  # None: the registry's choice for the device (see `kernel`)
@@ -224,13 +236,16 @@ class LinearizedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}, "
-                f"linear_gate={self.linear_gate}, decay={self.decay}")
+                f"linear_gate={self.linear_gate}, decay={self.decay}, delta_rule={self.delta_rule}")
 
     @property
     def kernel(self) -> Kernel:
         """The kernel every form of this layer's hybrid attention runs through: the one set here (a name of
         :data:`~lolcats_cli.kernels.registry.KERNELS` or a Kernel), else ``LOLCATS_KERNEL``, else the best
-        available on the layer's device. Set None to go back to the automatic choice."""
+        available on the layer's device. Set None to go back to the automatic choice. A delta-rule layer always
+        runs the delta kernel (or its reference, when that was set)."""
+        if self.delta_rule:
+            return self._kernel if isinstance(self._kernel, DeltaKernel) else DELTA_KERNEL
         return select_kernel(self._kernel, self.window_logits.device)
 
     @kernel.setter
@@ -238,7 +253,11 @@ class LinearizedAttention(nn.Module):
         if choice is not None and not isinstance(choice, (str, Kernel)):
             raise ConfigError(f"layer {self.layer_idx}: kernel must be a kernel name or a Kernel; got {choice!r}",
                               hint="e.g. layer.kernel = 'naive' (see lolcats_cli.kernels.KERNELS)")
-        self._kernel = get_kernel(choice) if isinstance(choice, str) else choice
+        kernel = get_kernel(choice) if isinstance(choice, str) else choice
+        if self.delta_rule and kernel is not None and not isinstance(kernel, DeltaKernel):
+            raise ConfigError(f"layer {self.layer_idx} uses the delta rule: kernel {kernel.name!r} does not implement it",
+                              hint="a delta_rule model runs its own kernel (lolcats_cli.kernels.delta); leave the choice unset")
+        self._kernel = kernel
 
     def linear_gate_values(self) -> Tensor | None:
         """lambda_h ``(H,)`` fp32, the weight of the linear branch per head; None without a gate (weight 1)."""
@@ -254,8 +273,18 @@ class LinearizedAttention(nn.Module):
 
     def kernel_args(self) -> tuple[Any, ...]:
         """The learned arguments every form of the op takes after q, k, v: ``(phi_q, phi_k, window_logits,
-        window)``; pass ``log_decay=self.log_decay()`` beside them."""
-        return (self.phi_q, self.feature_map_k, self.window_logits, self.window)
+        window)``; pass ``log_decay=self.log_decay()`` beside them. With the delta rule phi_k is a
+        :class:`~lolcats_cli.kernels.delta.DeltaKeys` (the key features and :meth:`write_strength`)."""
+        phi_k = DeltaKeys(self.feature_map_k, self.write_strength) if self.delta_rule else self.feature_map_k
+        return (self.phi_q, phi_k, self.window_logits, self.window)
+
+    def write_strength(self, k: Tensor) -> Tensor:
+        """beta ``(B, H, T)`` fp32 in (0, 1) of keys ``(B, H, T, D)`` (expanded to the query heads): how strongly
+        the delta-rule state replaces what it holds along each key. Delta-rule layers only."""
+        if self.beta_weight is None or self.beta_bias is None:
+            raise ModelError(f"layer {self.layer_idx} has no delta-rule state (attention.delta_rule is false)")
+        logits = torch.einsum("bhtd,hd->bht", k.float(), self.beta_weight.float()) / math.sqrt(self.head_dim)
+        return torch.sigmoid(logits + self.beta_bias.float().view(1, -1, 1))
 
     def phi_q(self, x: Tensor) -> Tensor:
         """The query features the kernels use: ``feature_map_q(x)`` ``(B, H, T, F)`` times the linear gate.
@@ -360,6 +389,9 @@ class LinearizedAttention(nn.Module):
             teacher = softmax_attention(q, k, v, mask, self.scaling, self.sliding_window)
         student = self._hybrid(q, k, v)
         self.transfer_loss = F.mse_loss(student.float(), teacher.float())
+        if self.attn_ce_queries > 0 and self.delta_rule:
+            raise ConfigError(f"layer {self.layer_idx}: the attention cross-entropy is defined for the additive linear "
+                              "branch, not the delta rule", hint="set transfer.attn_ce_weight: 0 with delta_rule")
         if self.attn_ce_queries > 0:
             self.transfer_ce = self._attention_ce(q, k, mask)
         return teacher
@@ -404,6 +436,8 @@ class LinearizedAttention(nn.Module):
             out["linear_logits"] = self.linear_logits
         if self.log_horizon is not None:
             out["log_horizon"] = self.log_horizon
+        if self.beta_weight is not None and self.beta_bias is not None:
+            out["beta_weight"], out["beta_bias"] = self.beta_weight, self.beta_bias
         return out
 
 

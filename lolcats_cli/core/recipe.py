@@ -66,6 +66,9 @@ class AttentionConfig:
             lowers the loss (false: the paper's method, linear weight 1).
         decay: a learnable per-head decay of the linear branch (key j weighs d_h^(n - j) at query n), the
             heads starting spread over horizons of 64 to 4096 tokens (false: no decay, the paper's method).
+        delta_rule: the linear branch keeps a delta-rule state (it replaces what it holds along a key instead of
+            adding to it; a learned write strength per key; kernels/delta.py) instead of the paper's additive state.
+            Runs the delta kernel (PyTorch) on every device; no static CUDA-graph decoding, no left-padded batches.
         softmax_layers: layers kept as ordinary softmax attention after stage 1: None (none), "auto:K" (the K
             layers whose attention transfer left the highest held-out MSE, read from the transfer run's
             metrics.json once it finished) or a list of layer indices. Stage 1 trains every converted layer;
@@ -89,6 +92,7 @@ class AttentionConfig:
     layers: Literal["all"] | list[int] = option("all", min_len=1, items={"ge": 0})
     linear_gate: bool = False
     decay: bool = False
+    delta_rule: bool = False
     softmax_layers: str | list[int] | None = None
     train_window_sizes: list[int] | None = None
     kernel: str | None = None
@@ -262,6 +266,9 @@ def _cross_checks(r: Recipe) -> list[str]:
 
     out += check_softmax_layers(r.attention.softmax_layers, r.attention.layers)
     out += _check_train_window_sizes(r.attention.train_window_sizes, r.attention.window)
+    if r.attention.delta_rule and r.transfer.attn_ce_weight > 0:
+        out.append("transfer.attn_ce_weight: the attention cross-entropy needs the additive linear branch; set it to 0 "
+                   "with attention.delta_rule: true")
     if r.transfer.mse_weight == 0 and r.transfer.attn_ce_weight == 0:
         out.append("transfer.mse_weight: both mse_weight and attn_ce_weight are 0, so nothing would train")
     if r.model.gguf_file is not None and r.model.name.endswith(".gguf"):

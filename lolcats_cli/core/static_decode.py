@@ -66,6 +66,8 @@ def static_decode_problem(model: Any) -> str | None:
     for i, m in layers:
         if m.mode != "student":
             return f"layer {i} is in {m.mode} mode"
+        if m.delta_rule:
+            return f"layer {i} keeps a delta-rule state (the static step implements the additive one)"
         if why := static_supported(m.window):
             return f"layer {i}: {why}"
         if not getattr(m.kernel, "exact", True):  # an approximation keeps a state the static step does not know

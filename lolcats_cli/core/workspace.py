@@ -237,6 +237,7 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
         mode=mode,
         linear_gate=att.linear_gate,
         decay=att.decay,
+        delta_rule=att.delta_rule,
     )
     if att.kernel is not None:  # one kernel for every converted layer (None: chosen per device)
         from .convert import linearized_layers

@@ -212,7 +212,8 @@ def test_layer_selection_converts_only_those_layers() -> None:
     assert not isinstance(model.model.layers[0].self_attn, LinearizedAttention)
     assert describe(model) == {
         "feature_map": "hedgehog", "feature_map_params": {"feature_dim": 16, "eps": 1e-12}, "window": "terrace",
-        "window_params": {"size": 8, "sinks": 0}, "layers": [1], "linear_gate": False, "decay": False, "mode": "student",
+        "window_params": {"size": 8, "sinks": 0}, "layers": [1], "linear_gate": False, "decay": False, "delta_rule": False,
+        "mode": "student",
         "model_type": "llama",
         "plugin_api_version": describe(model)["plugin_api_version"],
     }  # fmt: skip

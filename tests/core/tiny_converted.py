@@ -14,13 +14,13 @@ SMALL = dict(
 )  # fmt: skip
 
 
-def converted_model(sinks: int, gate: bool, size: int = 8, seed: int = 0, decay: bool = False):
+def converted_model(sinks: int, gate: bool, size: int = 8, seed: int = 0, decay: bool = False, delta_rule: bool = False):
     """The model in student mode, its base weights from ``seed``, Hedgehog maps of 16 features."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**SMALL)
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     convert_model(model, feature_map="hedgehog", feature_map_params={"feature_dim": 16}, window="sliding",
-                  window_params={"size": size, "sinks": sinks}, linear_gate=gate, decay=decay,
+                  window_params={"size": size, "sinks": sinks}, linear_gate=gate, decay=decay, delta_rule=delta_rule,
                   mode="student")  # fmt: skip
     return model

@@ -169,7 +169,8 @@ def plan_transfer(recipe: Recipe, *, processes: int | None = None, output: Path 
 
     fm = build_feature_map(att.feature_map, shape.heads, shape.head_dim, att.feature_map_params)
     f_out = fm(torch.zeros(1, shape.heads, 1, shape.head_dim)).shape[-1]
-    per_layer = 2 * sum(p.numel() for p in fm.parameters()) + shape.heads * (1 + att.linear_gate + getattr(att, "decay", False))
+    per_head = 1 + att.linear_gate + att.decay + att.delta_rule * (shape.head_dim + 1)  # window, gate, decay, beta
+    per_layer = 2 * sum(p.numel() for p in fm.parameters()) + shape.heads * per_head
     span = build_window(att.window, att.window_params).span
 
     # FLOPs per token: the teacher forward of one layer, the student's hybrid attention of one layer (x3: backward)
