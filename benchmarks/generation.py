@@ -6,7 +6,7 @@ time per step (profiler) and the GPU-busy fraction (kernel time / wall time), th
 sequence, and peak memory. Engines (``--engines``):
 
 * ``hybrid-eager``: the converted model through transformers, one ``HybridLayer`` step per layer (the reference);
-* ``hybrid-static``: the static decode path (``core/static_decode.py``): preallocated state buffers, one model
+* ``hybrid-static``: the static decode path (``core/decode/static_decode.py``): preallocated state buffers, one model
   step captured in a CUDA graph and replayed (eager static steps off CUDA);
 * ``softmax-eager``: the same weights in teacher mode with a growing ``DynamicCache``;
 * ``softmax-compiled``: teacher mode with a transformers ``StaticCache`` and ``torch.compile`` (reduce-overhead
@@ -79,8 +79,8 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     from transformers import AutoModelForCausalLM
 
     if args.model:
-        from lolcats_cli.core.models import load_model
-        from lolcats_cli.core.recipe import Recipe, apply_overrides
+        from lolcats_cli.core.model.models import load_model
+        from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
 
         recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={args.model}"]))
         model, _, _ = load_model(recipe.model, device=device)
@@ -132,9 +132,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def synthetic_hybrid_cache(model: Any, batch: int, context: int, device: torch.device, dtype: torch.dtype) -> Any:
     """A cache of random hybrid states at length ``context``: the shapes a real prefill leaves (decode is as fast)."""
-    from lolcats_cli.core.cache import make_cache
-    from lolcats_cli.core.convert import linearized_layers
-    from lolcats_cli.core.static_decode import empty_hybrid_state
+    from lolcats_cli.core.decode.cache import make_cache
+    from lolcats_cli.core.decode.static_decode import empty_hybrid_state
+    from lolcats_cli.core.model.convert import linearized_layers
 
     cache = make_cache(model)
     for i, m in linearized_layers(model):
@@ -177,7 +177,7 @@ def fill_kv(cache: Any, model: Any, batch: int, context: int, device: torch.devi
 def new_cache(model: Any, engine: str, batch: int, context: int, args: argparse.Namespace) -> Any:
     from transformers import DynamicCache, StaticCache
 
-    from lolcats_cli.core.cache import make_cache
+    from lolcats_cli.core.decode.cache import make_cache
 
     if engine.startswith("hybrid"):
         return make_cache(model)
@@ -188,7 +188,7 @@ def new_cache(model: Any, engine: str, batch: int, context: int, args: argparse.
 
 
 def cache_bytes(cache: Any) -> int:
-    from lolcats_cli.core.generation import state_nbytes
+    from lolcats_cli.core.decode.generation import state_nbytes
 
     return state_nbytes(cache)
 
@@ -201,7 +201,7 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
     box = {"tok": nxt.view(-1, 1)}
     kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
     if engine == "hybrid-static":
-        from lolcats_cli.core.static_decode import StaticDecoder
+        from lolcats_cli.core.decode.static_decode import StaticDecoder
 
         decoder = StaticDecoder(model, nxt.shape[0])
         if cache is None:  # synthetic: random buffers at length `context`, no eager copy (it would double the memory)
@@ -237,7 +237,7 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
 def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse.Namespace,
                device: torch.device, dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
     """Fill a cache for ``batch`` rows of ``context`` tokens, then time ``args.steps`` decode steps of ``engine``."""
-    from lolcats_cli.core.convert import set_mode
+    from lolcats_cli.core.model.convert import set_mode
 
     set_mode(model, "student" if engine.startswith("hybrid") else "teacher")
     synthetic = args.prefill == "synthetic" or (args.prefill == "auto" and batch * context > args.real_prefill_max)
@@ -394,7 +394,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.model.convert import convert_model
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from lolcats_cli.core.rundir import METRICS, finished_run, has_checkpoint
+from lolcats_cli.core.runs.rundir import METRICS, finished_run, has_checkpoint
 
 # Sequence length and batch (the same tokens per step); every variant states all it depends on, so a change of
 # the base recipe does not change what a variant measures.
@@ -95,7 +95,7 @@ def evaluate(run: Path | None, model: str | None, rows: list[str], args: argpars
              have: dict | None = None) -> dict:
     """``{row: results}`` of ``rows`` at every ``--contexts`` / ``--passkey`` length, evaluating only what
     ``have`` (earlier results of the same rows) lacks: a rerun with a new length or row fills in just that."""
-    from lolcats_cli.core.evaluate import evaluate_run
+    from lolcats_cli.core.eval.evaluate import evaluate_run
 
     have = {name: row for name, row in (have or {}).items() if name in rows}
     lacking = [r for r in rows if r not in have]

@@ -34,8 +34,8 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if args.model:
-        from lolcats_cli.core.models import load_model
-        from lolcats_cli.core.recipe import Recipe, apply_overrides
+        from lolcats_cli.core.model.models import load_model
+        from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
 
         recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={args.model}"]))
         model, _, _ = load_model(recipe.model, device=device)
@@ -82,8 +82,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lolcats_cli.core.convert import attention_parameters, convert_model, freeze_for_transfer, linearized_layers
-    from lolcats_cli.core.transfer import TransferObjective
+    from lolcats_cli.core.model.convert import (
+        attention_parameters,
+        convert_model,
+        freeze_for_transfer,
+        linearized_layers,
+    )
+    from lolcats_cli.core.train.transfer import TransferObjective
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

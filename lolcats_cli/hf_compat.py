@@ -139,7 +139,7 @@ def check_cache(cache: Any, where: str) -> Cache:
         raise TransformersCompatError(
             f"{where}: the cache is a {type(cache).__name__}, not a transformers Cache "
             f"(transformers {transformers_version()})",
-            hint="pass lolcats_cli.core.cache.make_cache(model) or transformers.DynamicCache(), or leave "
+            hint="pass lolcats_cli.core.decode.cache.make_cache(model) or transformers.DynamicCache(), or leave "
             "the cache to generate()",
         )
     return cache
@@ -155,7 +155,7 @@ def check_replaceable_layer(layer: Any, layer_idx: int) -> None:
         f"layer {layer_idx}: a cache layer of type {type(layer).__name__} (transformers {transformers_version()}) "
         "cannot hold a linear-attention state",
         hint="use the default dynamic cache: drop cache_implementation= / a StaticCache from generate(), or pass "
-        "lolcats_cli.core.cache.make_cache(model)",
+        "lolcats_cli.core.decode.cache.make_cache(model)",
     )
 
 

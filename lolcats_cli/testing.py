@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .api import PLUGIN_API_VERSION, FeatureMap, PluginParams, Window
 from .builtins.windows import NoWindow, Terrace
-from .core.registry import build_params
+from .core.model.registry import build_params
 from .errors import ConfigError, LolcatsError
 from .kernels.chunked import hybrid_attention_chunked, hybrid_prefill
 from .kernels.compare import rel_rms

@@ -191,7 +191,7 @@ def example_plugin(example_plugin_site):
     import importlib
     import sys
 
-    from lolcats_cli.core import registry
+    from lolcats_cli.core.model import registry
 
     sys.path.insert(0, str(example_plugin_site))
     importlib.invalidate_caches()

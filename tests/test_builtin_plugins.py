@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lolcats_cli.api import FeatureMap, Window
 from lolcats_cli.builtins.feature_maps import Hedgehog, Taylor
 from lolcats_cli.builtins.windows import Sliding
-from lolcats_cli.core import registry
+from lolcats_cli.core.model import registry
 from lolcats_cli.testing import ConformanceError, check_feature_map, check_window
 
 PLUGINS = registry.list_plugins()

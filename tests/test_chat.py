@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lolcats_cli.core.chat import HELP, ChatSession, read_message, run_repl, softmax_kv_bytes
+from lolcats_cli.core.decode.chat import HELP, ChatSession, read_message, run_repl, softmax_kv_bytes
 from lolcats_cli.errors import LolcatsError
 
 # ------------------------------------------------------------------------------- the loop, without a model
@@ -183,7 +183,7 @@ def _lines(lines: list[str]):
 
 
 def _tiny_recipe(model_dir: Path):
-    from lolcats_cli.core.recipe import Recipe, apply_overrides
+    from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
 
     overrides = [
         f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=64", "attention.window_params.size=16",
@@ -197,7 +197,7 @@ def _tiny_recipe(model_dir: Path):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished (one-step) transfer run of the tiny Llama."""
-    from lolcats_cli.core.transfer import run_transfer
+    from lolcats_cli.core.train.transfer import run_transfer
 
     run = tmp_path_factory.mktemp("chat") / "run"
     run_transfer(_tiny_recipe(tiny_model_dir), run, device="cpu")
@@ -206,7 +206,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_run):
-    from lolcats_cli.core.chat import load_chat_model
+    from lolcats_cli.core.decode.chat import load_chat_model
 
     model, tokenizer, description = load_chat_model(tiny_run, "cpu")
     assert description.startswith("transfer run of ")
@@ -258,7 +258,7 @@ def test_stats_are_positive_and_the_state_does_not_grow_with_the_prompt(tiny_cha
 
 
 def test_original_reply_uses_softmax_with_a_kv_cache_matching_the_formula(tiny_chat):
-    from lolcats_cli.core.convert import linearized_layers
+    from lolcats_cli.core.model.convert import linearized_layers
 
     model, tokenizer = tiny_chat
     session = ChatSession(model, tokenizer, max_new_tokens=4, temperature=0)
@@ -297,7 +297,7 @@ def letter_chat(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from conftest import build_tiny_model, build_tiny_tokenizer
-    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.model.convert import convert_model
 
     folder = tmp_path_factory.mktemp("letters")
     tokenizer = build_tiny_tokenizer(folder, vocab_size=200)  # the byte alphabet + 3 specials: no merges
@@ -366,7 +366,7 @@ def test_a_rerendered_history_falls_back_to_a_whole_reread(letter_chat, caplog):
     session = _greedy(model, tokenizer)
     "".join(session.reply("hello"))
     session.set_system("Now a pirate.")  # the template renders the start of the conversation differently
-    with caplog.at_level("DEBUG", logger="lolcats_cli.core.chat"):
+    with caplog.at_level("DEBUG", logger="lolcats_cli.core.decode.chat"):
         reply = "".join(session.reply("ahoy"))
     assert "reading the whole conversation again" in caplog.text
     stats = session.last_stats
@@ -431,7 +431,7 @@ def test_bad_sampling_settings_are_named(kwargs, message):
 
 
 def test_a_folder_that_is_neither_a_run_nor_an_export_is_refused(tmp_path):
-    from lolcats_cli.core.chat import load_chat_model
+    from lolcats_cli.core.decode.chat import load_chat_model
 
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(LolcatsError, match="neither a lolcats run directory.*notes.txt") as err:
@@ -472,8 +472,8 @@ def test_prompt_flag_prints_only_the_reply(tiny_run, tiny_chat):
 @pytest.mark.slow
 def test_interactive_chat_with_smollm2_in_a_terminal(smollm2_gguf, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    from lolcats_cli.core.recipe import Recipe, apply_overrides
-    from lolcats_cli.core.transfer import run_transfer
+    from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+    from lolcats_cli.core.train.transfer import run_transfer
 
     recipe = Recipe.from_dict(apply_overrides(Recipe().to_dict(), [
         "model.name=smollm2-135m", "data.dataset=pydoc", "data.seq_len=160", "data.max_samples=10", "data.holdout=2",

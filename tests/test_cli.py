@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lolcats_cli import __version__
 from lolcats_cli.cli.main import app, main, register_commands
-from lolcats_cli.core import registry
+from lolcats_cli.core.model import registry
 
 # Pinned: a command added or renamed is a deliberate change to this list.
 COMMANDS = ["init", "transfer", "finetune", "eval", "chat", "export", "plugins"]

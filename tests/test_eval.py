@@ -12,11 +12,11 @@ import typer
 from typer.testing import CliRunner
 
 from lolcats_cli.cli.main import register_commands
-from lolcats_cli.core import lm_eval_bridge
-from lolcats_cli.core.evaluate import DEFAULT_ROWS, as_row, evaluate_run, sink_mask, zero_linear_branch
-from lolcats_cli.core.passkey import build_prompts
+from lolcats_cli.core.eval import lm_eval_bridge
+from lolcats_cli.core.eval.evaluate import DEFAULT_ROWS, as_row, evaluate_run, sink_mask, zero_linear_branch
+from lolcats_cli.core.eval.passkey import build_prompts
 from lolcats_cli.core.progress import NullReporter
-from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import ConfigError, DataError, LolcatsError
 
 from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
@@ -188,7 +188,7 @@ def test_recall_row_spans_linearized_to_teacher(run_dir, text_file):
 
 
 def test_a_heavy_cpu_evaluation_says_so_with_a_lighter_command(recorded, run_dir):
-    from lolcats_cli.core.evaluate import cpu_load_warning
+    from lolcats_cli.core.eval.evaluate import cpu_load_warning
 
     logs = [c[1] for c in recorded[1].calls if c[0] == "log"]
     assert not any("reads" in m and "tokens on the CPU" in m for m in logs)  # this small one does not warn
@@ -200,7 +200,7 @@ def test_a_heavy_cpu_evaluation_says_so_with_a_lighter_command(recorded, run_dir
 def test_context_managers_put_everything_back(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lolcats_cli.core.convert import convert_model, linearized_layers
+    from lolcats_cli.core.model.convert import convert_model, linearized_layers
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), mode="student")
     maps = [m.feature_map_q for _, m in linearized_layers(model)]

@@ -47,7 +47,7 @@ def test_listed_by_the_cli_as_json(example_plugin_site: Path) -> None:
 def test_buildable_by_name(example_plugin_site: Path) -> None:
     got = run_code(example_plugin_site, """
         import json, torch, lolcats_example_plugin
-        from lolcats_cli.core import registry
+        from lolcats_cli.core.model import registry
 
         fm = registry.build_feature_map("softplus", num_heads=4, head_dim=16, params={"feature_dim": 8})
         y = fm(torch.randn(2, 4, 5, 16))
@@ -61,7 +61,7 @@ def test_buildable_by_name(example_plugin_site: Path) -> None:
 def test_env_var_can_leave_it_out(example_plugin_site: Path) -> None:
     got = run_code(example_plugin_site, f"""
         import json, os
-        from lolcats_cli.core import registry
+        from lolcats_cli.core.model import registry
         from lolcats_cli.errors import PluginError
 
         os.environ[registry.ENV_VAR] = ""
@@ -82,7 +82,7 @@ def test_usable_by_name_in_a_conversion(example_plugin_site: Path, tiny_model_di
     got = run_code(example_plugin_site, """
         import json, sys, torch
         from transformers import AutoModelForCausalLM
-        from lolcats_cli.core.convert import convert_model, describe, linearized_layers
+        from lolcats_cli.core.model.convert import convert_model, describe, linearized_layers
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(sys.argv[1])

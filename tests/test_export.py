@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lolcats_cli.core.export import ADAPTER_CONFIG, export_run, load_adapter_export
-from lolcats_cli.core.export_hf import bundle_modules, flat_name, write_code
-from lolcats_cli.core.recipe import Recipe, apply_overrides
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.export.export import ADAPTER_CONFIG, export_run, load_adapter_export
+from lolcats_cli.core.export.export_hf import bundle_modules, flat_name, write_code
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+from lolcats_cli.core.runs.workspace import open_run
 from lolcats_cli.errors import LolcatsError, ModelError, PluginError
 from lolcats_cli.kernels import KERNELS
 
@@ -46,8 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     """A transfer run and a finetune run on top of it (LoRA with a large lr, so merging visibly matters)."""
-    from lolcats_cli.core.finetune import run_finetune
-    from lolcats_cli.core.transfer import run_transfer
+    from lolcats_cli.core.train.finetune import run_finetune
+    from lolcats_cli.core.train.transfer import run_transfer
 
     root = tmp_path_factory.mktemp("export-runs")
     run_transfer(_recipe(tiny_model_dir), root / "transfer", device="cpu")
@@ -61,8 +61,8 @@ def plugin_run(tmp_path_factory, tiny_model_dir, example_plugin) -> Path | None:
     """A transfer run with the third-party example feature map (softplus), a sliding window and only layer 1
     converted (the plugin comes from the temporary install of conftest.py's ``example_plugin``); None when
     the plugin is still not there."""
-    from lolcats_cli.core import registry
-    from lolcats_cli.core.transfer import run_transfer
+    from lolcats_cli.core.model import registry
+    from lolcats_cli.core.train.transfer import run_transfer
 
     if "softplus" not in {p.name for p in registry.list_plugins("feature_map")}:
         return None

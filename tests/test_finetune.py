@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lolcats_cli.core.finetune import run_finetune
-from lolcats_cli.core.recipe import Recipe, apply_overrides
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+from lolcats_cli.core.runs.workspace import open_run
+from lolcats_cli.core.train.finetune import run_finetune
+from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import LolcatsError
 
 SMALL = [
@@ -99,7 +99,7 @@ def test_ctrl_c_during_finetune_says_the_step_the_checkpoint_and_the_command_tha
 
 
 def test_distill_kl_is_the_masked_mean_of_next_token_kl() -> None:
-    from lolcats_cli.core.finetune import distill_kl
+    from lolcats_cli.core.train.finetune import distill_kl
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen)
@@ -116,8 +116,8 @@ def test_distill_kl_is_the_masked_mean_of_next_token_kl() -> None:
 
 
 def test_kl_objective_moves_the_student_towards_its_teacher(transfer_run, tmp_path):
-    from lolcats_cli.core.data import build_datasets
-    from lolcats_cli.core.finetune import heldout_kl
+    from lolcats_cli.core.data.data import build_datasets
+    from lolcats_cli.core.train.finetune import heldout_kl
 
     out = tmp_path / "kl"
     steps = ["finetune.max_steps=6", "finetune.grad_accum=1", "finetune.lr=1e-4", "finetune.eval_every=3",
@@ -141,9 +141,9 @@ def test_kl_objective_moves_the_student_towards_its_teacher(transfer_run, tmp_pa
 def test_kl_gradient_moves_lora_towards_the_teacher(transfer_run):
     from peft import get_peft_model
 
-    from lolcats_cli.core.data import build_datasets
-    from lolcats_cli.core.convert import teacher_view
-    from lolcats_cli.core.finetune import distill_kl, lora_config
+    from lolcats_cli.core.data.data import build_datasets
+    from lolcats_cli.core.model.convert import teacher_view
+    from lolcats_cli.core.train.finetune import distill_kl, lora_config
 
     recipe, model, tokenizer = open_run(transfer_run, "cpu", mode="student")
     for p in model.parameters():

@@ -1,7 +1,7 @@
 """Stage 2 (LoRA) over two gloo ranks under torchrun, the frozen weights sharded with FSDP2, against the same
 recipe in one process.
 
-What "the same result" means here, from core/trainer.py: update ``s`` takes the micro-batches
+What "the same result" means here, from core/train/trainer.py: update ``s`` takes the micro-batches
 ``s * grad_accum ...`` of one global, seeded order; rank r computes those at positions r, r + 2, ... (a rank
 short of one runs a zero-weight batch), each scaled by ``1 / grad_accum``, and the gradients are summed over
 the ranks before clipping and AdamW. The LoRA initialisation is seeded with ``finetune.seed``, and nothing random
@@ -26,9 +26,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lolcats_cli.core.finetune import run_finetune
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.runs.workspace import open_run
+from lolcats_cli.core.train.finetune import run_finetune
+from lolcats_cli.core.train.transfer import run_transfer
 from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -34,8 +34,8 @@ def test_presets_give_the_models_shapes(bench) -> None:
 def test_prefill_computes_the_last_positions_logits_only(bench, tiny_model_dir, chunk) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lolcats_cli.core.cache import make_cache
-    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.decode.cache import make_cache
+    from lolcats_cli.core.model.convert import convert_model
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), window_params={"size": 8}).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))

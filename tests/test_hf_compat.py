@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
-from lolcats_cli.core.convert import convert_model, linearized_layers  # noqa: E402
-from lolcats_cli.core.generation import HybridLayer  # noqa: E402
+from lolcats_cli.core.decode.generation import HybridLayer  # noqa: E402
+from lolcats_cli.core.model.convert import convert_model, linearized_layers  # noqa: E402
 from lolcats_cli.hf_compat import (  # noqa: E402
     TESTED_RANGE,
     TransformersCompatError,

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from lolcats_cli.cli.main import main
-from lolcats_cli.core.init_recipe import (
+from lolcats_cli.core.model.registry import list_plugins
+from lolcats_cli.core.recipe.init_recipe import (
     InitAnswers,
     format_tokens,
     parse_tokens,
@@ -20,8 +21,7 @@ from lolcats_cli.core.init_recipe import (
     resolve_answers,
     write_recipe,
 )
-from lolcats_cli.core.recipe import Recipe, load_recipe
-from lolcats_cli.core.registry import list_plugins
+from lolcats_cli.core.recipe.recipe import Recipe, load_recipe
 from lolcats_cli.errors import ConfigError, LolcatsError
 
 NEXT = ["lolcats transfer --recipe {path}", "lolcats finetune {run}", "lolcats eval {run}", "lolcats chat {run}"]

@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from lolcats_cli.core.checkpoint import load_tensors
-from lolcats_cli.core.convert import attention_state_dict, linearized_layers, load_attention_state_dict
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.model.convert import attention_state_dict, linearized_layers, load_attention_state_dict
+from lolcats_cli.core.runs.workspace import open_run
+from lolcats_cli.core.train.checkpoint import load_tensors
+from lolcats_cli.core.train.transfer import run_transfer
 
 from test_registry import FM, Site  # tests/ is on sys.path (rootdir conftest)
 from test_transfer import tiny_recipe
@@ -41,7 +41,7 @@ class RandomFeatures(FeatureMap):
 
 @pytest.fixture
 def random_features(tmp_path, monkeypatch):
-    from lolcats_cli.core import registry
+    from lolcats_cli.core.model import registry
 
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
@@ -71,7 +71,7 @@ def test_buffers_are_saved_in_runs_and_checkpoints_and_restored_on_load(random_f
     _, model, _ = open_run(run, torch.device("cpu"))
     assert torch.equal(_proj(model), saved[key])  # ... and loading puts the trained run's back
 
-    from lolcats_cli.core.export import export_run, load_adapter_export
+    from lolcats_cli.core.export.export import export_run, load_adapter_export
 
     export_run(run, tmp_path / "adapter", "adapter")
     torch.manual_seed(3)
@@ -81,14 +81,14 @@ def test_buffers_are_saved_in_runs_and_checkpoints_and_restored_on_load(random_f
 def test_weights_saved_without_buffers_keep_the_fresh_values_with_a_warning(random_features, tiny_model_dir, caplog):
     from transformers import AutoModelForCausalLM
 
-    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.model.convert import convert_model
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), feature_map="randfeat")
     state = attention_state_dict(model)
     assert "model.layers.0.self_attn.feature_map_q.proj" in state and "model.layers.0.self_attn.feature_map_q.scale" in state
     fresh = _proj(model).clone()
     old = {k: v for k, v in state.items() if not k.endswith(".proj")}  # as lolcats wrote them before
-    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.convert"):
+    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.model.convert"):
         load_attention_state_dict(model, old)
     assert torch.equal(_proj(model), fresh)
     assert "these weights hold no value for 4 feature-map buffer(s) (model.layers.0.self_attn.feature_map_k.proj" in caplog.text

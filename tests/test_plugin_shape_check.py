@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lolcats_cli.core.convert import convert_model, linearized_layers
+from lolcats_cli.core.model.convert import convert_model, linearized_layers
 from lolcats_cli.errors import PluginError
 
 from test_registry import FM, Site  # tests/ is on sys.path (rootdir conftest)
@@ -36,7 +36,7 @@ class Crashes(_Base):
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    from lolcats_cli.core import registry
+    from lolcats_cli.core.model import registry
 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(registry.ENV_VAR, raising=False)

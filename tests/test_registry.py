@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lolcats_cli import api
-from lolcats_cli.core import registry
+from lolcats_cli.core.model import registry
 from lolcats_cli.errors import ConfigError, PluginError
 
 GOOD_MAP = """
@@ -86,7 +86,7 @@ def test_listing_imports_no_plugin_code(site: Site) -> None:
 
 
 def test_listing_imports_neither_torch_nor_builtins() -> None:
-    code = ("import sys; from lolcats_cli.core.registry import list_plugins; list_plugins(); "
+    code = ("import sys; from lolcats_cli.core.model.registry import list_plugins; list_plugins(); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('lolcats_cli.builtins')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -372,7 +372,7 @@ class OldStyle(FeatureMap):  # plugin API v2: the old __init__, no role argument
 def test_feature_maps_learn_their_role_layer_and_teacher(site: Site) -> None:
     import transformers
 
-    from lolcats_cli.core.convert import convert_model, linearized_layers
+    from lolcats_cli.core.model.convert import convert_model, linearized_layers
 
     site.add("fake-roles", "fake_roles", ROLE_MAPS,
              {FM: {"calibrated": "fake_roles:Calibrated", "old_style": "fake_roles:OldStyle"}})

@@ -70,8 +70,8 @@ def test_phases_show_through_the_handler_and_a_plain_line_off_a_terminal() -> No
 
 
 def test_a_gguf_not_yet_cached_is_read_under_a_named_phase(tmp_path, monkeypatch) -> None:
-    from lolcats_cli.core import gguf_cache
-    from lolcats_cli.core.models import _first_gguf_load
+    from lolcats_cli.core.model import gguf_cache
+    from lolcats_cli.core.model.models import _first_gguf_load
 
     monkeypatch.setenv("LOLCATS_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "tiny.gguf"
@@ -100,9 +100,9 @@ def phase_none():
 def test_transformers_loading_bars_hide_unless_debug(tiny_model_dir, capfd) -> None:
     import transformers.modeling_gguf_pytorch_utils as gguf_loader
 
-    from lolcats_cli.core.models import load_model
+    from lolcats_cli.core.model.models import load_model
     from lolcats_cli.core.progress import show_library_bars
-    from lolcats_cli.core.recipe import ModelConfig
+    from lolcats_cli.core.recipe.recipe import ModelConfig
     from lolcats_cli.hf_compat import quiet_progress_bars
 
     bar = gguf_loader.tqdm

@@ -1,4 +1,4 @@
-"""core/static_decode.py: a converted tiny Llama decodes through the static cache (eagerly on CPU; the CUDA-graph
+"""core/decode/static_decode.py: a converted tiny Llama decodes through the static cache (eagerly on CPU; the CUDA-graph
 replay on CUDA only) exactly as model.generate does, left-padded batches included; the state is written back."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lolcats_cli.core.static_decode import (
+from lolcats_cli.core.decode.static_decode import (
     _DECODERS,
     StaticDecoder,
     decoder_for,
@@ -26,7 +26,7 @@ CUDA = torch.cuda.is_available()
 def _converted(model_dir, device="cpu", dtype=torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from lolcats_cli.core.convert import convert_model
+    from lolcats_cli.core.model.convert import convert_model
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     defaults = dict(window="terrace", window_params={"size": 4, "sinks": 2}, decay=True)
@@ -85,7 +85,7 @@ def test_the_static_loop_returns_the_cache_scores_and_stops_at_eos(tiny) -> None
 
 def _forced_decode(model, graph: bool, tol: float) -> None:
     """Prefill a left-padded batch, then 12 steps of the decoder against the eager cache fed the same tokens."""
-    from lolcats_cli.core.cache import make_cache
+    from lolcats_cli.core.decode.cache import make_cache
 
     ids, mask = _batch(model.config.vocab_size)
     device = next(model.parameters()).device

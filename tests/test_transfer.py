@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lolcats_cli.core.recipe import Recipe, apply_overrides
-from lolcats_cli.core.transfer import TransferObjective, run_transfer
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+from lolcats_cli.core.train.transfer import TransferObjective, run_transfer
 from lolcats_cli.errors import LolcatsError, TrainingError
 
 
@@ -74,7 +74,7 @@ def test_existing_output_directory_is_refused_unless_resume_or_overwrite(tiny_mo
 
 
 def test_non_finite_loss_names_the_layer(tiny_model_dir):
-    from lolcats_cli.core.convert import convert_model, freeze_for_transfer, linearized_layers
+    from lolcats_cli.core.model.convert import convert_model, freeze_for_transfer, linearized_layers
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -178,7 +178,7 @@ def test_a_sequence_the_window_covers_entirely_is_refused(tiny_model_dir, tmp_pa
         run_transfer(recipe, tmp_path / "never", device="cpu")
     assert not (tmp_path / "never").exists()
     # one key more than the window reaches (past the sinks) is enough to train on
-    from lolcats_cli.core.workspace import check_window_fits
+    from lolcats_cli.core.runs.workspace import check_window_fits
 
     check_window_fits(tiny_recipe(tiny_model_dir, f"attention.window={window}", f"attention.window_params.size={size}",
                                   f"attention.window_params.sinks={sinks}", f"data.seq_len={seq_len + 1}"))
@@ -239,7 +239,7 @@ def test_a_run_stopped_before_its_first_evaluation_resumes_from_its_step_0_check
 
 
 def test_checkpoints_are_also_written_on_a_time_basis_and_resume_exactly(peaky_model_dir, uninterrupted, tmp_path):
-    from lolcats_cli.core.recipe import TrainConfig
+    from lolcats_cli.core.recipe.recipe import TrainConfig
 
     assert TrainConfig().save_every_minutes == 5.0
     run = tmp_path / "run"
@@ -287,7 +287,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_transfer import tiny_recipe
 from lolcats_cli.core.progress import NullReporter
-from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import TrainingError
 
 disk = Path(sys.argv[1])
@@ -391,7 +391,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_way(
 
 
 def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused(peaky_model_dir, tmp_path, caplog):
-    from lolcats_cli.core.workspace import record_run
+    from lolcats_cli.core.runs.workspace import record_run
 
     recipe = tiny_recipe(peaky_model_dir, "transfer.max_steps=2")
     killed = tmp_path / "killed"

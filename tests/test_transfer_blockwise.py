@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lolcats_cli.core.transfer import run_transfer
+from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import TrainingError
 from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
@@ -66,8 +66,8 @@ def test_one_block_of_every_layer_matches_joint_transfer(model_dir, tmp_path):
 def test_the_stored_block_input_is_the_raw_residual_stream(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lolcats_cli.core.convert import convert_model
-    from lolcats_cli.core.transfer_modes.blockwise import teacher_inputs
+    from lolcats_cli.core.model.convert import convert_model
+    from lolcats_cli.core.train.transfer_modes.blockwise import teacher_inputs
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
@@ -131,7 +131,7 @@ class StopAfterFirstShard(InterruptIn):
 
 
 def test_a_run_killed_in_the_teacher_pass_keeps_the_shards_it_stored(model_dir, blocks_of_one, tmp_path, monkeypatch):
-    from lolcats_cli.core.transfer_modes import block_cache
+    from lolcats_cli.core.train.transfer_modes import block_cache
 
     monkeypatch.setattr(block_cache, "SHARD_BYTES", 8 * 96 * 64 * 4)  # 8 fp32 rows of 96 x 64 per shard file
     run = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_a_run_killed_in_the_teacher_pass_keeps_the_shards_it_stored(model_dir, 
 
 
 def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(model_dir, tmp_path, monkeypatch):
-    from lolcats_cli.core.transfer_modes import block_cache
+    from lolcats_cli.core.train.transfer_modes import block_cache
 
     monkeypatch.setattr(block_cache, "free_bytes", lambda path: 10_000)
     with pytest.raises(TrainingError) as err:
@@ -168,7 +168,7 @@ def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(mode
 
 def _torchrun_transfer(recipe, tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """``torchrun --nproc-per-node 2 -m lolcats_cli transfer`` (gloo on CPU) of ``recipe``: (run, process)."""
-    from lolcats_cli.core.recipe import save_resolved
+    from lolcats_cli.core.recipe.recipe import save_resolved
 
     run, path = tmp_path / "run", save_resolved(recipe, tmp_path / "recipe")
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
@@ -209,7 +209,7 @@ E4M3_REL, E4M3_SUBNORMAL = 2.0**-4, 2.0**-10
 
 
 def _float8_cache(root: Path, dtype: str, rows: int):
-    from lolcats_cli.core.transfer_modes.block_cache import BlockCache, plan_blocks
+    from lolcats_cli.core.train.transfer_modes.block_cache import BlockCache, plan_blocks
 
     blocks = plan_blocks(2, 1, [0, 1])
     return BlockCache(root, blocks, seq_len=96, hidden=64, dtype=dtype, rows={"train": rows, "heldout": 1},
@@ -262,8 +262,8 @@ def test_float8_block_inputs_read_back_within_e4m3_precision_with_a_scale_per_ro
 
 
 def test_float8_block_inputs_take_half_the_disk_of_bfloat16(tmp_path, tiny_model_dir, monkeypatch):
-    from lolcats_cli.core.transfer_modes import block_cache
-    from lolcats_cli.core.transfer_modes.plan import Hardware, plan_transfer
+    from lolcats_cli.core.train.transfer_modes import block_cache
+    from lolcats_cli.core.train.transfer_modes.plan import Hardware, plan_transfer
 
     inputs = {"train": torch.randn(5, 96, 64), "heldout": torch.randn(1, 96, 64)}
     sizes = {}

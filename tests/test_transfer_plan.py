@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lolcats_cli.core.recipe import load_recipe
-from lolcats_cli.core.transfer_modes.plan import KNOWN_SHAPES, Hardware, plan_transfer
+from lolcats_cli.core.recipe.recipe import load_recipe
+from lolcats_cli.core.train.transfer_modes.plan import KNOWN_SHAPES, Hardware, plan_transfer
 
 EIGHT_H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 8, 80 * 10**9, 700e12)
 

@@ -1,6 +1,6 @@
 """`lolcats chat`: talk to a linearized model, streamed, with constant memory per sequence.
 
-The loop and the session live in :mod:`lolcats_cli.core.chat`; this module only loads, renders and reads
+The loop and the session live in :mod:`lolcats_cli.core.decode.chat`; this module only loads, renders and reads
 the keyboard. Replies go to stdout; loading messages and warnings to stderr.
 """
 
@@ -54,7 +54,7 @@ def chat(
     state vs a softmax KV cache), /quit.
     For several lines, end a line with a backslash, or open and close a block with three double quotes.
     """
-    from ..core.chat import ChatSession, load_chat_model, original_caveat, require_original
+    from ..core.decode.chat import ChatSession, load_chat_model, original_caveat, require_original
 
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
@@ -84,7 +84,7 @@ def chat(
 
 
 def _interactive(session: Any, compare: bool) -> None:
-    from ..core.repl import run_repl
+    from ..core.decode.repl import run_repl
 
     stderr.print("[bold]lolcats chat[/bold] · /help for commands · /quit or Ctrl-D to leave")
 

@@ -141,7 +141,7 @@ def eval_command(
     recall: Optional[int] = typer.Option(None, "--recall", help="Add a row with a recall cache of this many keys per KV head: the keys the linear state recalls worst, kept exactly (inference only)."),
 ) -> None:
     """Evaluate a linearized run beside its teacher, a 64+4 sink-window softmax, and its window alone."""
-    from ..core.evaluate import evaluate_run
+    from ..core.eval.evaluate import evaluate_run
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if not as_json:

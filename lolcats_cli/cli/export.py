@@ -34,7 +34,8 @@ EXAMPLES = """
 LOAD_HINTS = {
     "hf": "load: AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)  "
     "(AutoTokenizer too: trust_remote_code=True)",
-    "adapter": "load: from lolcats_cli.core.export import load_adapter_export; model = load_adapter_export({out!r})",
+    "adapter": "load: from lolcats_cli.core.export.export import load_adapter_export; "
+    "model = load_adapter_export({out!r})",
 }
 
 
@@ -62,7 +63,7 @@ def export(
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not an export format; use one of: {', '.join(FORMATS)}",
                                  param_hint="--format")
-    from ..core.export import export_run, list_files
+    from ..core.export.export import export_run, list_files
 
     stderr.print(f"[bold]lolcats export[/bold] {run_dir} → {out} ({fmt})")
     folder = export_run(run_dir, out, fmt, overwrite=overwrite, dtype=dtype)  # type: ignore[arg-type]

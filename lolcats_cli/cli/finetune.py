@@ -37,8 +37,8 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Stage 2: LoRA on the q, k, v, o projections of a linearized model, feature maps frozen."""
-    from ..core.finetune import run_finetune
     from ..core.progress import set_phase_handler
+    from ..core.train.finetune import run_finetune
 
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun, one display: rank 0's
     if rank != 0:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..core.init_recipe import (
+from ..core.recipe.init_recipe import (
     InitAnswers,
     check_answers,
     check_positive_int,
@@ -162,7 +162,7 @@ def _select(message: str, kind: str, default: str) -> str:
     """A choice among the installed plugins of ``kind``, each shown with its distribution."""
     import questionary
 
-    from ..core.registry import list_plugins
+    from ..core.model.registry import list_plugins
 
     plugins = list_plugins(kind)  # type: ignore[arg-type]
     width = max(len(p.name) for p in plugins)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..core import registry
+from ..core.model import registry
 from .reporting import stderr, stdout
 
 EPILOG = """[bold]Examples[/bold]

@@ -210,7 +210,7 @@ def report_interrupt(stop: KeyboardInterrupt, run_dir: Any, resume_command: list
     import typer
     from rich.markup import escape as esc
 
-    from ..core.rundir import CHECKPOINTS, has_checkpoint, is_run_dir
+    from ..core.runs.rundir import CHECKPOINTS, has_checkpoint, is_run_dir
 
     run_dir = Path(run_dir)
     step, total = getattr(stop, "step", None), getattr(stop, "total_steps", None)

@@ -40,8 +40,8 @@ def choose_recipe(model: Optional[str], recipe: Optional[str], revision: Optiona
     """The recipe to run: --recipe if given; else for --model the shipped recipe named after it or made for
     what it is (its architecture and size), else the paper's defaults, saying which on stderr; with neither,
     the embedded default. Overrides apply last."""
-    from ..core.init_recipe import recipe_for_model
-    from ..core.recipe import Recipe, apply_overrides, load_recipe
+    from ..core.recipe.init_recipe import recipe_for_model
+    from ..core.recipe.recipe import Recipe, apply_overrides, load_recipe
 
     extra = list(overrides)
     if model is not None:
@@ -74,7 +74,7 @@ def transfer(
 ) -> None:
     """Stage 1: swap every softmax attention for a hybrid linear one and train it to mimic the original."""
     from ..core.progress import NullReporter
-    from ..core.transfer import run_transfer
+    from ..core.train.transfer import run_transfer
 
     if block_size is not None:
         overrides = [*(overrides or []), f"transfer.block_size={block_size}"]
@@ -103,7 +103,7 @@ def transfer(
     else:
         rec = choose_recipe(model, recipe, revision, overrides or [])
         if output is None:
-            from ..core.init_recipe import run_name
+            from ..core.recipe.init_recipe import run_name
 
             output = Path(rec.output.dir) if rec.output.dir else Path("runs") / run_name(rec.model.name)
     if rank == 0:
@@ -165,9 +165,9 @@ def _relaunch_under_torchrun(gpus: int) -> None:
 
 def _dry_run(model, recipe, revision, overrides, output, resume, gpus, as_json) -> None:
     """``--dry-run``: the plan of the recipe (or of the run in --output with --resume) on this machine."""
-    from ..core.recipe import load_recipe
-    from ..core.transfer_modes.plan import plan_transfer, render_plan
-    from ..core.rundir import RESOLVED_RECIPE
+    from ..core.recipe.recipe import load_recipe
+    from ..core.runs.rundir import RESOLVED_RECIPE
+    from ..core.train.transfer_modes.plan import plan_transfer, render_plan
 
     if resume:
         if output is None:

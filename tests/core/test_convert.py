@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lolcats_cli.core.convert import (  # noqa: E402
+from lolcats_cli.core.model.convert import (  # noqa: E402
     LinearizedAttention,
     attention_parameters,
     attention_state_dict,
@@ -24,7 +24,7 @@ from lolcats_cli.core.convert import (  # noqa: E402
     load_attention_state_dict,
     set_mode,
 )
-from lolcats_cli.core.linear_attention import softmax_attention  # noqa: E402
+from lolcats_cli.core.model.linear_attention import softmax_attention  # noqa: E402
 from lolcats_cli.errors import ConfigError, ModelError  # noqa: E402
 from lolcats_cli.hf_compat import cache_kwarg  # noqa: E402
 

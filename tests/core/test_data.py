@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lolcats_cli.core.data import (
+from lolcats_cli.core.data.data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     IGNORE,
     build_datasets,
     load_texts,
 )
-from lolcats_cli.core.recipe import DataConfig
+from lolcats_cli.core.recipe.recipe import DataConfig
 from lolcats_cli.errors import DataError
 
 
@@ -135,7 +135,7 @@ def test_too_short_and_other_errors(tmp_path, tiny_tokenizer):
 
 
 def test_uncached_hub_dataset_fails_offline_without_asking_the_hub(monkeypatch):
-    from lolcats_cli.core import hub
+    from lolcats_cli.core.model import hub
 
     asked = []
     monkeypatch.setattr(hub, "_ask", lambda *a: asked.append(a) or hub.HubStatus("ok"))
@@ -145,7 +145,7 @@ def test_uncached_hub_dataset_fails_offline_without_asking_the_hub(monkeypatch):
 
 
 def test_unreachable_hub_dataset_fails_fast(monkeypatch):
-    from lolcats_cli.core import hub
+    from lolcats_cli.core.model import hub
 
     monkeypatch.setattr(hub, "offline", lambda repo_type="model": False)
     monkeypatch.setattr(hub, "probe", lambda *a, **k: hub.HubStatus("unreachable", "DNS failure"))
@@ -155,8 +155,8 @@ def test_unreachable_hub_dataset_fails_fast(monkeypatch):
 
 @pytest.mark.slow
 def test_pydoc_with_the_smollm2_tokenizer(smollm2_gguf):
-    from lolcats_cli.core.models import load_tokenizer
-    from lolcats_cli.core.recipe import load_recipe
+    from lolcats_cli.core.model.models import load_tokenizer
+    from lolcats_cli.core.recipe.recipe import load_recipe
 
     recipe = load_recipe("smollm2-135m")
     tok = load_tokenizer(recipe.model)
@@ -167,7 +167,7 @@ def test_pydoc_with_the_smollm2_tokenizer(smollm2_gguf):
 
 
 def test_passkey_fraction_mixes_retrieval_prompts_with_only_the_answer_as_label(tiny_tokenizer):
-    from lolcats_cli.core.passkey import build_prompts
+    from lolcats_cli.core.eval.passkey import build_prompts
 
     plain, held = build_datasets(DataConfig(dataset="pydoc", seq_len=256, holdout=3), tiny_tokenizer)
     mixed, held2 = build_datasets(DataConfig(dataset="pydoc", seq_len=256, holdout=3, passkey_fraction=0.2),

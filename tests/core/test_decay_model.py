@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lolcats_cli.core import convert as cv  # noqa: E402
-from lolcats_cli.core.linear_attention import DECAY_HORIZONS, initial_log_horizons  # noqa: E402
+from lolcats_cli.core.model import convert as cv  # noqa: E402
+from lolcats_cli.core.model.linear_attention import DECAY_HORIZONS, initial_log_horizons  # noqa: E402
 from lolcats_cli.hf_compat import DynamicCache, cache_kwarg  # noqa: E402
 
 from tiny_converted import converted_model  # noqa: E402

@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 
-from lolcats_cli.core import convert as cv
-from lolcats_cli.core.checkpoint import load_tensors
-from lolcats_cli.core.evaluate import evaluate_run
-from lolcats_cli.core.export import export_run, load_adapter_export
-from lolcats_cli.core.finetune import run_finetune
-from lolcats_cli.core.recipe import Recipe, apply_overrides
-from lolcats_cli.core.static_decode import static_decode_problem
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.model import convert as cv
+from lolcats_cli.core.train.checkpoint import load_tensors
+from lolcats_cli.core.eval.evaluate import evaluate_run
+from lolcats_cli.core.export.export import export_run, load_adapter_export
+from lolcats_cli.core.train.finetune import run_finetune
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+from lolcats_cli.core.decode.static_decode import static_decode_problem
+from lolcats_cli.core.train.transfer import run_transfer
+from lolcats_cli.core.runs.workspace import open_run
 from lolcats_cli.errors import ConfigError, ModelError
 from lolcats_cli.hf_compat import DynamicCache, cache_kwarg
 from lolcats_cli.kernels.delta import DeltaKernel

@@ -1,4 +1,4 @@
-"""Decoding converted models with the constant-size cache (``core/generation.py``), on tiny random models.
+"""Decoding converted models with the constant-size cache (``core/decode/generation.py``), on tiny random models.
 
 Reference everywhere: one full forward without a cache (the chunked kernel over the whole sequence). Windows of
 4 and 8 keys so that window and terrace-block boundaries are crossed within a few dozen tokens; fp32 and a
@@ -15,9 +15,14 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
-from lolcats_cli.core.convert import attention_parameters, convert_model, linearized_layers, set_mode  # noqa: E402
-from lolcats_cli.core.cache import LinearAttentionCache, make_cache  # noqa: E402
-from lolcats_cli.core.generation import HybridLayer, state_nbytes  # noqa: E402
+from lolcats_cli.core.decode.cache import LinearAttentionCache, make_cache  # noqa: E402
+from lolcats_cli.core.decode.generation import HybridLayer, state_nbytes  # noqa: E402
+from lolcats_cli.core.model.convert import (  # noqa: E402
+    attention_parameters,
+    convert_model,
+    linearized_layers,
+    set_mode,
+)
 from lolcats_cli.errors import ModelError  # noqa: E402
 from lolcats_cli.hf_compat import cache_kwarg, output_cache  # noqa: E402
 from lolcats_cli.kernels.chunked import hybrid_prefill  # noqa: E402

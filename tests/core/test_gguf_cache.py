@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lolcats_cli.core import gguf_cache
+from lolcats_cli.core.model import gguf_cache
 from lolcats_cli.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache  # noqa: E402
 
-from lolcats_cli.core.convert import attention_parameters, convert_model, linearized_layers  # noqa: E402
+from lolcats_cli.core.model.convert import attention_parameters, convert_model, linearized_layers  # noqa: E402
 from lolcats_cli.errors import ConfigError  # noqa: E402
 from lolcats_cli.hf_compat import cache_kwarg  # noqa: E402
 from lolcats_cli.kernels import ENV_VAR, KERNELS, Kernel, hybrid_attention_naive, register_kernel  # noqa: E402
@@ -135,8 +135,8 @@ def test_unknown_kernel_names_fail_with_a_suggestion(clean_registry: None, monke
 
 
 def test_the_recipe_key_picks_the_kernel_of_every_layer(tiny_model_dir) -> None:
-    from lolcats_cli.core.recipe import Recipe, apply_overrides
-    from lolcats_cli.core.workspace import check_plugins, load_converted_model
+    from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
+    from lolcats_cli.core.runs.workspace import check_plugins, load_converted_model
 
     def recipe(kernel: str) -> Recipe:
         return Recipe.from_dict(apply_overrides(Recipe().to_dict(), [f"model.name={tiny_model_dir}",

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lolcats_cli.core.data import check_data_budget
-from lolcats_cli.core.init_recipe import recipe_for_model
-from lolcats_cli.core.model_facts import match_recipe, read_gguf_header, read_model_facts
-from lolcats_cli.core.recipe import Recipe, apply_overrides
+from lolcats_cli.core.data.data import check_data_budget
+from lolcats_cli.core.model.model_facts import match_recipe, read_gguf_header, read_model_facts
+from lolcats_cli.core.recipe.init_recipe import recipe_for_model
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
 from lolcats_cli.errors import DataError
 
 
@@ -111,7 +111,7 @@ def _recipe(model: Path, *extra: str) -> Recipe:
 
 
 def test_a_dataset_too_small_fails_before_any_weights_load(tiny_model_dir, tmp_path) -> None:
-    from lolcats_cli.core.transfer import run_transfer
+    from lolcats_cli.core.train.transfer import run_transfer
 
     no_weights = tmp_path / "no-weights"  # config and tokenizer only: loading weights would fail otherwise
     shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -124,14 +124,14 @@ def test_a_dataset_too_small_fails_before_any_weights_load(tiny_model_dir, tmp_p
 
 def test_too_few_sequences_for_the_steps_warn_with_the_numbers(tiny_model_dir, tiny_tokenizer, caplog) -> None:
     recipe = _recipe(tiny_model_dir, "data.max_samples=40", "transfer.max_steps=500")
-    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.data"):
+    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.data.data"):
         train = check_data_budget(recipe, tokenizer=tiny_tokenizer)
     assert len(train) == 40
     assert ("data: transfer.max_steps=500 asks for 500 updates of 2 x 96 tokens (1,000 sequences), but 'pydoc' gives "
             "40 training sequences after the held-out ones, so transfer.epochs=2 passes make 40 updates and the run "
             "stops there; for all 500, set transfer.epochs=25") in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.data"):
+    with caplog.at_level(logging.WARNING, logger="lolcats_cli.core.data.data"):
         check_data_budget(_recipe(tiny_model_dir, "data.max_samples=40", "transfer.max_steps=40"), tokenizer=tiny_tokenizer)
     assert caplog.text == ""
 

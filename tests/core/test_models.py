@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lolcats_cli.core import gguf_cache, hub
-from lolcats_cli.core.models import (
+from lolcats_cli.core.model import gguf_cache, hub
+from lolcats_cli.core.model.models import (
     check_seq_len,
     load_model,
     max_positions,
     resolve_dtype,
     resolve_model_source,
 )
-from lolcats_cli.core.recipe import ModelConfig
+from lolcats_cli.core.recipe.recipe import ModelConfig
 from lolcats_cli.errors import ConfigError, ModelError
 
 
@@ -129,7 +129,7 @@ def test_unknown_hub_id_online_mode_fails_after_one_bounded_probe(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_HOME"] = str(tmp_path)  # an empty cache
     code = (
-        "from lolcats_cli.core import hub\nfrom lolcats_cli.core.models import resolve_model_source\n"
+        "from lolcats_cli.core.model import hub\nfrom lolcats_cli.core.model.models import resolve_model_source\n"
         "from lolcats_cli.errors import ModelError\nasks, ask = [], hub._ask\n"
         "hub._ask = lambda *a: asks.append(a[-1]) or ask(*a)\n"
         "try:\n    resolve_model_source('lolcats-test/no-such-model-xyz')\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lolcats_cli.core.recipe import (
+from lolcats_cli.core.recipe.recipe import (
     Recipe,
     apply_overrides,
     load_recipe,
@@ -16,7 +16,7 @@ from lolcats_cli.core.recipe import (
     shipped_recipes,
     write_versions,
 )
-from lolcats_cli.core.recipe_files import recipes_dir
+from lolcats_cli.core.recipe.recipe_files import recipes_dir
 from lolcats_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

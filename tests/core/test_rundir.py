@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lolcats_cli.core import rundir
+from lolcats_cli.core.runs import rundir
 from lolcats_cli.errors import LolcatsError
 
 
@@ -60,25 +60,25 @@ def test_checkpoints_of_every_mode_are_seen(tmp_path: Path) -> None:
 
 
 def _open(run: Path, tmp_path: Path) -> None:
-    from lolcats_cli.core.workspace import open_run
+    from lolcats_cli.core.runs.workspace import open_run
 
     open_run(run, "cpu")
 
 
 def _export(run: Path, tmp_path: Path) -> None:
-    from lolcats_cli.core.export import export_run
+    from lolcats_cli.core.export.export import export_run
 
     export_run(run, tmp_path / "out", "adapter")
 
 
 def _evaluate(run: Path, tmp_path: Path) -> None:
-    from lolcats_cli.core.evaluate import evaluate_run
+    from lolcats_cli.core.eval.evaluate import evaluate_run
 
     evaluate_run(run, device="cpu")
 
 
 def _finetune(run: Path, tmp_path: Path) -> None:
-    from lolcats_cli.core.finetune import run_finetune
+    from lolcats_cli.core.train.finetune import run_finetune
 
     run_finetune(run, tmp_path / "ft", device="cpu")
 

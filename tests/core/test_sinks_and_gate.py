@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 from lolcats_cli.api import window_masks  # noqa: E402
 from lolcats_cli.builtins.feature_maps import Hedgehog  # noqa: E402
 from lolcats_cli.builtins.windows import NoWindow, Sliding, Terrace  # noqa: E402
-from lolcats_cli.core.convert import (  # noqa: E402
+from lolcats_cli.core.eval.evaluate import sink_attention  # noqa: E402
+from lolcats_cli.core.model.convert import (  # noqa: E402
     attention_parameters,
     attention_state_dict,
     freeze_for_transfer,
@@ -24,8 +25,7 @@ from lolcats_cli.core.convert import (  # noqa: E402
     load_attention_state_dict,
     set_mode,
 )
-from lolcats_cli.core.evaluate import sink_attention  # noqa: E402
-from lolcats_cli.core.registry import build_window  # noqa: E402
+from lolcats_cli.core.model.registry import build_window  # noqa: E402
 from lolcats_cli.errors import ConfigError  # noqa: E402
 from lolcats_cli.kernels.chunked import hybrid_attention_chunked  # noqa: E402
 from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from lolcats_cli.core.checkpoint import load_json
-from lolcats_cli.core.convert import LinearizedAttention, linearized_layers
-from lolcats_cli.core.evaluate import evaluate_run
-from lolcats_cli.core.export import export_run, load_adapter_export
-from lolcats_cli.core.finetune import run_finetune
-from lolcats_cli.core.recipe import Recipe, apply_overrides, load_recipe
-from lolcats_cli.core.softmax_layers import drop_layers, resolve_softmax_layers, worst_layers
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.workspace import open_run
+from lolcats_cli.core.eval.evaluate import evaluate_run
+from lolcats_cli.core.export.export import export_run, load_adapter_export
+from lolcats_cli.core.model.convert import LinearizedAttention, linearized_layers
+from lolcats_cli.core.model.softmax_layers import drop_layers, resolve_softmax_layers, worst_layers
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides, load_recipe
+from lolcats_cli.core.runs.workspace import open_run
+from lolcats_cli.core.train.checkpoint import load_json
+from lolcats_cli.core.train.finetune import run_finetune
+from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import ConfigError
 from lolcats_cli.hf_compat import DynamicCache, cache_kwarg
 

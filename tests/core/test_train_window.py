@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lolcats_cli.core.convert import linearized_layers, set_mode
-from lolcats_cli.core.finetune import run_finetune
-from lolcats_cli.core.recipe import Recipe, apply_overrides, load_recipe
-from lolcats_cli.core.train_window import random_window
-from lolcats_cli.core.transfer import run_transfer
-from lolcats_cli.core.transfer_modes.common import TransferObjective
+from lolcats_cli.core.model.convert import linearized_layers, set_mode
+from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides, load_recipe
+from lolcats_cli.core.train.finetune import run_finetune
+from lolcats_cli.core.train.train_window import random_window
+from lolcats_cli.core.train.transfer import run_transfer
+from lolcats_cli.core.train.transfer_modes.common import TransferObjective
 from lolcats_cli.errors import ConfigError
 
 from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)

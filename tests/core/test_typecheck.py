@@ -9,9 +9,10 @@ from typing import Any, Literal
 import pytest
 
 from lolcats_cli.api import PluginParams
-from lolcats_cli.core import registry, typecheck
-from lolcats_cli.core.recipe import load_recipe
-from lolcats_cli.core.workspace import check_plugins
+from lolcats_cli.core.model import registry
+from lolcats_cli.core.recipe import typecheck
+from lolcats_cli.core.recipe.recipe import load_recipe
+from lolcats_cli.core.runs.workspace import check_plugins
 from lolcats_cli.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from lolcats_cli.core.convert import convert_model
+from lolcats_cli.core.model.convert import convert_model
 
 SMALL = dict(
     hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,

@@ -1,0 +1,1 @@
+"""Training and evaluation text: packing (``data``) and where it is read from (``data_sources``)."""
