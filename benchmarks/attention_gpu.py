@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from lolcats_cli.api import WindowParams
 from lolcats_cli.builtins.windows import Terrace
 from lolcats_cli.kernels import KERNELS
+from lolcats_cli.kernels.delta import DeltaKernel, DeltaKeys
 
 SHAPES = {  # name: (query heads, KV heads, head dim)
     "llama": (32, 8, 128),  # Llama-3-8B attention
@@ -49,7 +50,7 @@ SHAPES = {  # name: (query heads, KV heads, head dim)
 }
 F_HALF = 64  # Hedgehog feature_dim 64 of the recipes: 128 features
 WINDOW = Terrace(WindowParams(size=64, sinks=4))
-METHODS = ["sdpa", "chunked", "triton", "triton+decay"]
+METHODS = ["sdpa", "chunked", "triton", "triton+decay", "delta"]  # delta: the delta-rule state (PyTorch, no fused kernel)
 GiB = 2**30
 DEVICE = "cuda"
 
@@ -77,6 +78,7 @@ def make_inputs(shape: str, B: int, N: int, dtype: torch.dtype, seed: int = 0) -
         "q": q, "k": k, "v": v, "phi_q": HedgehogLike(H, D, dev), "phi_k": HedgehogLike(H, D, dev),
         "window_logits": torch.full((H,), -2.1972, device=dev),  # sigmoid = 0.1, the paper's start
         "log_decay": -1.0 / torch.logspace(math.log10(64), math.log10(4096), H, device=dev),
+        "beta_weight": torch.zeros(H, D, device=dev),  # the delta rule's write strength: sigmoid(k . w) = 0.5
     }  # fmt: skip
 
 
@@ -85,8 +87,10 @@ def leaves(x: dict, method: str) -> list[Tensor]:
     out = [x["q"], x["k"], x["v"]]
     if method != "sdpa":
         out += [x["phi_q"].W, x["phi_k"].W, x["window_logits"]]
-    if method == "triton+decay":
+    if method in ("triton+decay", "delta"):
         out.append(x["log_decay"])
+    if method == "delta":
+        out.append(x["beta_weight"])
     return out
 
 
@@ -110,6 +114,11 @@ def call(method: str, x: dict) -> Tensor:
     if method == "chunked":
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             return KERNELS["chunked"].sequence(*args)
+    if method == "delta":
+        w = x["beta_weight"]
+        keys = DeltaKeys(x["phi_k"], lambda k: torch.sigmoid(torch.einsum("bhtd,hd->bht", k.float(), w)))
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return DeltaKernel().sequence(*args[:4], keys, *args[5:], log_decay=x["log_decay"])
     ld = x["log_decay"] if method == "triton+decay" else None
     return KERNELS["triton"].sequence(*args, log_decay=ld)
 
