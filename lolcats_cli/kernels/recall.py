@@ -31,17 +31,10 @@ from .blocks import (
     FeatureFn,
     attend_chunks,
     check_inputs,
-    chunk_masks,
-    decay_matrix,
-    decay_scales,
-    decay_state,
-    decay_weights,
     expand_kv,
     kv_state,
-    not_sinks,
-    with_sinks,
 )
-from .recurrent import HybridState, check_state, filled_sinks, folded_before
+from .recurrent import HybridState, check_state, filled_sinks, fold_leaving, step_keys, step_locals
 
 DEFAULT_SLOTS = 64
 SLOTS_ENV = "LOLCATS_RECALL_SLOTS"
@@ -106,21 +99,12 @@ def recall_step(
     scale = D**-0.5 if scale is None else scale
     rec = state.recall if isinstance(state.recall, RecallSlots) else RecallSlots.empty(k, v, slots)
     M = rec.pos.shape[-1]
-
-    k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)  # (B, Hkv, P + t, D): positions [L - P, L + t)
-    v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
-    k_pos = torch.arange(L - P, L + t, device=q.device)
-    q_pos = k_pos[P:]
-    lo, hi = folded_before(window, L), folded_before(window, L + t)
-    leaving = slice(lo - (L - P), hi - (L - P))
-    n = hi - lo
-    fk = q.new_zeros(B, H, P + t, state.S.shape[2], dtype=torch.float32)
-    if n:
-        fk[:, :, leaving] = not_sinks(phi_k(expand_kv(k_all[:, :, leaving], H)).float(), k_pos[leaving], window.sinks)
+    keys = step_keys(q, k, v, phi_k, window, state)
+    leaving, n = keys.leaving, keys.hi - keys.lo
 
     # choose what the cache keeps: its keys and the leaving (non-sink) ones, by recall error against S, z
-    cand_pos = k_pos[leaving].expand(B, Hkv, n)
-    cand_score = recall_error(fk[:, :, leaving], v_all[:, :, leaving], state.S, state.z, Hkv)
+    cand_pos = keys.k_pos[leaving].expand(B, Hkv, n)
+    cand_score = recall_error(keys.fk[:, :, leaving], keys.v_all[:, :, leaving], state.S, state.z, Hkv)
     cand_score = cand_score.masked_fill(cand_pos < window.sinks, float("-inf"))
     pool_score = torch.cat([rec.score, cand_score], dim=-1)  # (B, Hkv, M + n)
     top = pool_score.topk(M, dim=-1).indices if M else pool_score.new_zeros(B, Hkv, 0, dtype=torch.long)
@@ -138,25 +122,16 @@ def recall_step(
         dS, dz = kv_state(phi_k(expand_kv(rec.k, H)).float() * w, rec.v.float())
         S, z = S + dS, z + dz
 
-    # masks: chosen leaving keys are softmax keys wherever they are not in the window any more
-    in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
+    # chosen leaving keys are softmax keys wherever they are not in the window any more
     sel = torch.zeros(B, H, P + t, dtype=torch.bool, device=q.device)
     sel[:, :, leaving] = _per_query_head(chosen, H)
-    sel = sel[:, :, None, None, :]  # (B, H, 1, 1, P + t)
-    in_window, in_linear = in_window | (in_linear & sel), in_linear & ~sel  # (B, H, 1, t, P + t)
-    k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
-    lin_decay = decay_matrix(log_decay, q_pos[None, None], k_pos[None, None])  # (1, H, 1, t, P + t)
-    prefix_decay = decay_scales(log_decay, q_pos[None, None], torch.full((1, 1), L, device=q.device))
-    if state.k_sink is not None and state.v_sink is not None:
-        sink_window = (torch.arange(window.sinks, device=q.device) < lo)[None, None, :].expand(1, t, -1)
-        k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
-            k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
-        )
+    k_loc, v_loc, fk_loc, in_window, in_linear, lin_decay, prefix_decay = step_locals(keys, window, state, log_decay,
+                                                                                      softmax=sel)  # fmt: skip
     if M:  # the kept cached keys: softmax keys for every query of the step
         rec_window = _per_query_head(kept_old, H)[:, :, None, None, :].expand(B, H, 1, t, M)
         k_loc = torch.cat([rec.k.float().unsqueeze(2), k_loc], dim=3)
         v_loc = torch.cat([rec.v.float().unsqueeze(2), v_loc], dim=3)
-        fk_loc = torch.cat([fk_loc.new_zeros(B, H, 1, M, fk.shape[-1]), fk_loc], dim=3)
+        fk_loc = torch.cat([fk_loc.new_zeros(B, H, 1, M, keys.fk.shape[-1]), fk_loc], dim=3)
         in_window = torch.cat([rec_window, in_window.expand(B, H, 1, t, -1)], dim=-1)
         in_linear = torch.cat([torch.zeros_like(rec_window), in_linear.expand(B, H, 1, t, -1)], dim=-1)
 
@@ -166,13 +141,10 @@ def recall_step(
     ).squeeze(2)  # fmt: skip
 
     # leaving keys the cache did not take join the state, decayed to the new length L + t
-    fk_in = fk[:, :, leaving] * (~_per_query_head(chosen, H)).unsqueeze(-1)
-    if log_decay is not None:
-        fk_in = fk_in * decay_weights(log_decay, (L + t - k_pos[leaving])[None])
-    dS, dz = kv_state(fk_in, v_all[:, :, leaving].float())
-    S, z = decay_state(S, log_decay, t) + dS, decay_state(z, log_decay, t) + dz
+    S, z = fold_leaving(keys, S, z, log_decay, keep=~_per_query_head(chosen, H))
 
-    pool_k, pool_v = torch.cat([rec.k, k_all[:, :, leaving]], dim=2), torch.cat([rec.v, v_all[:, :, leaving]], dim=2)
+    pool_k = torch.cat([rec.k, keys.k_all[:, :, leaving]], dim=2)
+    pool_v = torch.cat([rec.v, keys.v_all[:, :, leaving]], dim=2)
     pool_pos = torch.cat([rec.pos, cand_pos], dim=-1)
     taken = keep.gather(-1, top)
     new_rec = RecallSlots(
@@ -182,7 +154,8 @@ def recall_step(
         torch.where(taken, pool_score.gather(-1, top), torch.full_like(pool_score[..., :M], float("-inf"))),
     )  # fmt: skip
     k_sink, v_sink = filled_sinks(state, k, v, window)
-    new = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink, recall=new_rec)
+    new = HybridState(keys.k_all[:, :, t:].clone(), keys.v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink,
+                      recall=new_rec)  # fmt: skip
     return y.to(q.dtype), new
 
 

@@ -157,6 +157,79 @@ def filled_sinks(state: HybridState, k: Tensor, v: Tensor, window: Window) -> tu
     return k_sink, v_sink
 
 
+@dataclasses.dataclass
+class StepKeys:
+    """The keys one decode step attends beside the state, and those that leave the window in it.
+
+    ``k_all`` ``(B, Hkv, P + t, D)`` and ``v_all``: the buffer and the new tokens, positions ``k_pos`` =
+    ``[L - P, L + t)``; ``q_pos`` the new tokens' positions; ``end`` = L + t. Keys in ``[lo, hi)`` (slice ``leaving`` of k_all) are
+    the only ones that can be in a query's linear branch in this step (older ones are in S and z, newer ones in
+    every query's window); ``fk`` ``(B, H, P + t, F)`` fp32 holds phi_k of those (0 for sinks), zeros elsewhere.
+    """
+
+    k_all: Tensor
+    v_all: Tensor
+    k_pos: Tensor
+    q_pos: Tensor
+    lo: int
+    hi: int
+    leaving: slice
+    fk: Tensor
+    end: int
+
+
+def step_keys(q: Tensor, k: Tensor, v: Tensor, phi_k: FeatureFn, window: Window, state: HybridState) -> StepKeys:
+    """The :class:`StepKeys` of new tokens q ``(B, H, t, D)``, k, v after ``state``. phi_k runs on the leaving keys
+    alone (one key per decode step with a sliding window)."""
+    H, t, P, L = q.shape[1], q.shape[2], window.span, state.length
+    k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)
+    v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
+    k_pos = torch.arange(L - P, L + t, device=q.device)
+    lo, hi = folded_before(window, L), folded_before(window, L + t)
+    leaving = slice(lo - (L - P), hi - (L - P))
+    fk = q.new_zeros(q.shape[0], H, P + t, state.S.shape[2], dtype=torch.float32)
+    if hi > lo:
+        fk[:, :, leaving] = not_sinks(phi_k(expand_kv(k_all[:, :, leaving], H)).float(), k_pos[leaving], window.sinks)
+    return StepKeys(k_all, v_all, k_pos, k_pos[P:], lo, hi, leaving, fk, L + t)
+
+
+def step_locals(
+    keys: StepKeys, window: Window, state: HybridState, log_decay: Tensor | None, softmax: Tensor | None = None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """The arguments of :func:`~.blocks.attend_chunks` for one step as one chunk, after q and phi_q:
+    ``(k, v, fk, S, z, in_window, in_linear, lin_decay, prefix_decay)`` with the sink buffer put in front.
+    ``softmax`` ``(B, H, P + t)`` bool: keys of k_all kept exact (softmax) wherever they would be linear."""
+    t, L, dev = keys.q_pos.shape[0], state.length, keys.k_pos.device
+    in_window, in_linear = chunk_masks(window, keys.q_pos[None], keys.k_pos[None], torch.tensor([keys.lo], device=dev))
+    if softmax is not None:
+        sel = softmax[:, :, None, None, :]  # (B, H, 1, 1, P + t)
+        in_window, in_linear = in_window | (in_linear & sel), in_linear & ~sel
+    k_loc, v_loc, fk_loc = keys.k_all.float().unsqueeze(2), keys.v_all.float().unsqueeze(2), keys.fk.unsqueeze(2)
+    lin_decay = decay_matrix(log_decay, keys.q_pos[None, None], keys.k_pos[None, None])  # (1, H, 1, t, P + t)
+    prefix_decay = decay_scales(log_decay, keys.q_pos[None, None], torch.full((1, 1), L, device=dev))
+    if state.k_sink is not None and state.v_sink is not None:
+        # sink j comes from the sink buffer once it is older than the fresh local keys [lo, L + t)
+        sink_window = (torch.arange(window.sinks, device=dev) < keys.lo)[None, None, :].expand(1, t, -1)
+        k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
+            k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
+        )
+    return k_loc, v_loc, fk_loc, in_window, in_linear, lin_decay, prefix_decay
+
+
+def fold_leaving(keys: StepKeys, S: Tensor, z: Tensor, log_decay: Tensor | None, keep: Tensor | None = None,
+                 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """S and z after the step: decayed by its t tokens, plus the leaving keys (``keep`` ``(B, H, n)``: only those),
+    each decayed to the new length."""
+    fk_in = keys.fk[:, :, keys.leaving]
+    if keep is not None:
+        fk_in = fk_in * keep.unsqueeze(-1)
+    if log_decay is not None:  # keys enter decayed to the new length L + t
+        fk_in = fk_in * decay_weights(log_decay, (keys.end - keys.k_pos[keys.leaving])[None])
+    dS, dz = kv_state(fk_in, keys.v_all[:, :, keys.leaving].float())
+    t = keys.q_pos.shape[0]
+    return decay_state(S, log_decay, t) + dS, decay_state(z, log_decay, t) + dz
+
+
 def hybrid_step(
     q: Tensor,
     k: Tensor,
@@ -177,48 +250,23 @@ def hybrid_step(
     """
     check_inputs(q, k, v, window_logits, log_decay)
     check_state(q, k, v, state, window)
-    H, t, D = q.shape[1], q.shape[2], q.shape[3]
-    P, L = window.span, state.length
+    t, D = q.shape[2], q.shape[3]
     scale = D**-0.5 if scale is None else scale
-
-    k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)  # (B, Hkv, P + t, D): positions [L - P, L + t)
-    v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
-    k_pos = torch.arange(L - P, L + t, device=q.device)
-    q_pos = k_pos[P:]
-    lo, hi = folded_before(window, L), folded_before(window, L + t)
-    # Only keys in [lo, hi) can be in a query's linear branch here (older ones are folded into S, newer
-    # ones are inside every query's window), and they are exactly the keys that leave the buffer: phi_k
-    # runs on them alone (one key per decode step with a sliding window), the rest stay zero (masked out).
-    leaving = slice(lo - (L - P), hi - (L - P))  # positions [lo, hi) in k_all
-    fk = q.new_zeros(q.shape[0], H, P + t, state.S.shape[2], dtype=torch.float32)  # (B, H, P + t, F)
-    if hi > lo:
-        fk_leaving = phi_k(expand_kv(k_all[:, :, leaving], H)).float()
-        fk[:, :, leaving] = not_sinks(fk_leaving, k_pos[leaving], window.sinks)
-    in_window, in_linear = chunk_masks(window, q_pos[None], k_pos[None], torch.tensor([lo], device=q.device))
-    k_loc, v_loc, fk_loc = k_all.float().unsqueeze(2), v_all.float().unsqueeze(2), fk.unsqueeze(2)
-    lin_decay = decay_matrix(log_decay, q_pos[None, None], k_pos[None, None])  # (1, H, 1, t, P + t)
-    prefix_decay = decay_scales(log_decay, q_pos[None, None], torch.full((1, 1), L, device=q.device))
-    if state.k_sink is not None and state.v_sink is not None:
-        # sink j comes from the sink buffer once it is older than the fresh local keys [lo, L + t)
-        sink_window = (torch.arange(window.sinks, device=q.device) < lo)[None, None, :].expand(1, t, -1)
-        k_loc, v_loc, fk_loc, in_window, in_linear = with_sinks(
-            k_loc, v_loc, fk_loc, in_window, in_linear, state.k_sink.float(), state.v_sink.float(), sink_window
-        )
-
+    keys = step_keys(q, k, v, phi_k, window, state)
+    k_loc, v_loc, fk_loc, in_window, in_linear, lin_decay, prefix_decay = step_locals(keys, window, state, log_decay)
     y = attend_chunks(
         q.float().unsqueeze(2), phi_q(q).float().unsqueeze(2), k_loc, v_loc, fk_loc,
         state.S.unsqueeze(2), state.z.unsqueeze(2), in_window, in_linear, window_logits, scale,
         lin_decay, prefix_decay,
     ).squeeze(2)  # fmt: skip
-
-    fk_in = fk[:, :, leaving]
-    if log_decay is not None:  # keys enter decayed to the new length L + t
-        fk_in = fk_in * decay_weights(log_decay, (L + t - k_pos[leaving])[None])
-    dS, dz = kv_state(fk_in, v_all[:, :, leaving].float())
+    S, z = fold_leaving(keys, state.S, state.z, log_decay)
     k_sink, v_sink = filled_sinks(state, k, v, window)
-    S, z = decay_state(state.S, log_decay, t) + dS, decay_state(state.z, log_decay, t) + dz
-    new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), S, z, L + t, k_sink, v_sink)
+    new_state = HybridState(keys.k_all[:, :, t:].clone(), keys.v_all[:, :, t:].clone(), S, z, state.length + t,
+                            k_sink, v_sink)  # fmt: skip
     return y.to(q.dtype), new_state
 
 
-__all__ = ["HybridState", "check_state", "filled_sinks", "folded_before", "hybrid_step", "last_positions"]
+__all__ = [
+    "HybridState", "StepKeys", "check_state", "filled_sinks", "fold_leaving", "folded_before", "hybrid_step",
+    "last_positions", "step_keys", "step_locals",
+]
