@@ -3,6 +3,10 @@
 Never reach the Hugging Face Hub (a hub call would hang for tens of seconds). Tiny models are built from
 configs with seeded random weights and a small byte-level BPE tokenizer trained on text that ships with
 Python, so the fast suite needs no download at all.
+
+The tests mirror the package (``tests/core/train/test_transfer.py`` tests ``core/train/transfer.py``). pytest's
+default import mode puts this file's folder, ``tests/``, on ``sys.path``: test files import the helpers that live
+here by name (``from conftest import build_tiny_model``, ``from tiny_recipes import tiny_recipe``) from any folder.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def build_tiny_tokenizer(folder: Path, vocab_size: int = 512):
     return fast
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]  # tests/ is REPO / "tests", on sys.path as this file's folder
+BENCHMARKS = REPO / "benchmarks"
 
 
 def load_benchmark(name: str):
@@ -159,7 +164,7 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "lolcats-example-plugin"
+EXAMPLE_PLUGIN = REPO / "plugins" / "lolcats-example-plugin"
 
 
 @pytest.fixture(scope="session")

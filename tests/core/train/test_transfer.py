@@ -17,6 +17,9 @@ from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
 from lolcats_cli.core.train.transfer import TransferObjective, run_transfer
 from lolcats_cli.errors import LolcatsError, TrainingError
 
+from conftest import REPO  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe
+
 
 @pytest.fixture(scope="module")
 def peaky_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
@@ -24,25 +27,6 @@ def peaky_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     from conftest import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("peaky"), tiny_tokenizer, initializer_range=0.25)
-
-
-def tiny_recipe(model_dir: Path, *extra: str) -> Recipe:
-    overrides = [
-        f"model.name={model_dir}",
-        "data.dataset=pydoc",
-        "data.seq_len=96",
-        "attention.window_params.size=16",
-        "data.holdout=4",
-        "data.num_eval_sequences=2",
-        "data.max_samples=40",
-        "transfer.batch_size=1",
-        "transfer.grad_accum=2",
-        "transfer.max_steps=6",
-        "transfer.eval_every=3",
-        "transfer.lr=0.01",
-        *extra,
-    ]
-    return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
 
 
 def test_transfer_trains_every_layer_and_writes_a_self_describing_run(peaky_model_dir, tmp_path):
@@ -285,7 +269,7 @@ DISK_FULL_SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_transfer import tiny_recipe
+from tiny_recipes import tiny_recipe
 from lolcats_cli.core.progress import NullReporter
 from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import TrainingError
@@ -335,7 +319,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(peaky_model_
     disk = tmp_path / "disk"
     disk.mkdir()
     script = tmp_path / "disk_full.py"
-    script.write_text(DISK_FULL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(peaky_model_dir)))
+    script.write_text(DISK_FULL_SCRIPT.format(tests=str(REPO / "tests"), model=str(peaky_model_dir)))
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare(1) to mount a small tmpfs")
     mount = f"mount -t tmpfs -o size=8m tmpfs {disk} && exec {sys.executable} {script} {disk}"

@@ -21,8 +21,8 @@ from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import ConfigError
 from lolcats_cli.hf_compat import DynamicCache, cache_kwarg
 
-from conftest import build_tiny_model
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
+from conftest import build_tiny_model  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

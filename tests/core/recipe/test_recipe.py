@@ -19,7 +19,8 @@ from lolcats_cli.core.recipe.recipe import (
 from lolcats_cli.core.recipe.recipe_files import recipes_dir
 from lolcats_cli.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO  # tests/ is on sys.path (rootdir conftest)
+
 RECIPE_FILES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import TrainingError
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCKS_OF_ONE = ("transfer.block_size=1", "transfer.block_cache_dtype=float32", "transfer.max_steps=4",

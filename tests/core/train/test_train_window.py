@@ -14,8 +14,8 @@ from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.core.train.transfer_modes.common import TransferObjective
 from lolcats_cli.errors import ConfigError
 
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
-from tiny_converted import converted_model
+from tiny_converted import converted_model  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

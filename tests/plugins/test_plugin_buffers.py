@@ -13,8 +13,8 @@ from lolcats_cli.core.runs.workspace import open_run
 from lolcats_cli.core.train.checkpoint import load_tensors
 from lolcats_cli.core.train.transfer import run_transfer
 
-from test_registry import FM, Site  # tests/ is on sys.path (rootdir conftest)
-from test_transfer import tiny_recipe
+from plugin_sites import FM, Site  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,8 +23,8 @@ from lolcats_cli.errors import ConfigError, ModelError
 from lolcats_cli.hf_compat import DynamicCache, cache_kwarg
 from lolcats_cli.kernels.delta import DeltaKernel
 
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
-from tiny_converted import converted_model
+from tiny_converted import converted_model  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ import pytest
 from lolcats_cli import api
 from lolcats_cli.core.model import registry
 from lolcats_cli.errors import ConfigError, PluginError
+
+from plugin_sites import FM, Site  # tests/ is on sys.path (rootdir conftest)
 
 GOOD_MAP = """
 from lolcats_cli.api import FeatureMap
@@ -34,24 +35,6 @@ def not_a_class():
 """
 
 
-class Site:
-    """A temporary site directory to install fake distributions into."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def add(self, dist: str, module: str, code: str, entry_points: dict[str, dict[str, str]]) -> None:
-        """Write distribution ``dist`` 1.2.3 with ``module``.py and the given {group: {name: target}}."""
-        info = self.root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-        sections = [f"[{group}]\n" + "".join(f"{n} = {t}\n" for n, t in eps.items())
-                    for group, eps in entry_points.items()]
-        (info / "entry_points.txt").write_text("\n".join(sections))
-        (self.root / f"{module}.py").write_text(textwrap.dedent(code))
-        registry.refresh()
-
-
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -63,9 +46,6 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         if name.startswith("fake_"):
             del sys.modules[name]
     registry.refresh()
-
-
-FM = "lolcats.feature_maps"
 
 
 def test_group_names_match_the_api() -> None:
@@ -281,7 +261,7 @@ def test_env_var_typo_warns_on_stderr_in_the_cli(
 # ------------------------------------------------------------------------------------------ parameters
 
 
-def test_params_convert_as_recipe_fields_do() -> None:  # tests/core/test_typecheck.py: the same verdicts
+def test_params_convert_as_recipe_fields_do() -> None:  # tests/core/recipe/test_typecheck.py: the same verdicts
     cls = registry.get_feature_map("hedgehog")
     p = registry.build_params(cls, {"feature_dim": 32, "eps": 1e-6}, "fm")
     assert (p.feature_dim, p.eps) == (32, 1e-6)

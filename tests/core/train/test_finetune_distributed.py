@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from lolcats_cli.core.runs.workspace import open_run
 from lolcats_cli.core.train.finetune import run_finetune
 from lolcats_cli.core.train.transfer import run_transfer
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # grad_accum 3 over 2 ranks: rank 0 takes micro-batches 0 and 2, rank 1 takes 1 and a zero-weight one.

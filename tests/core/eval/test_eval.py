@@ -19,7 +19,7 @@ from lolcats_cli.core.progress import NullReporter
 from lolcats_cli.core.train.transfer import run_transfer
 from lolcats_cli.errors import ConfigError, DataError, LolcatsError
 
-from test_transfer import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
+from tiny_recipes import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
 CONTEXTS = (68, 1100)  # 68 = window 64 + 4 sinks: the sink row sees every key; 1100 > 1024: "past 1024" exists
 MAX_TOKENS = 2200

@@ -182,25 +182,16 @@ def _lines(lines: list[str]):
 # ------------------------------------------------------------------------ a real session on a tiny run
 
 
-def _tiny_recipe(model_dir: Path):
-    from lolcats_cli.core.recipe.recipe import Recipe, apply_overrides
-
-    overrides = [
-        f"model.name={model_dir}", "data.dataset=pydoc", "data.seq_len=64", "attention.window_params.size=16",
-        "data.holdout=1",
-        "data.num_eval_sequences=1", "data.max_samples=8", "transfer.batch_size=1", "transfer.grad_accum=1",
-        "transfer.max_steps=1", "transfer.eval_every=1",
-    ]  # fmt: skip
-    return Recipe.from_dict(apply_overrides(Recipe().to_dict(), overrides))
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished (one-step) transfer run of the tiny Llama."""
     from lolcats_cli.core.train.transfer import run_transfer
+    from tiny_recipes import tiny_recipe  # tests/ is on sys.path (rootdir conftest)
 
+    one_step = ["data.seq_len=64", "data.holdout=1", "data.num_eval_sequences=1", "data.max_samples=8",
+                "transfer.grad_accum=1", "transfer.max_steps=1", "transfer.eval_every=1"]
     run = tmp_path_factory.mktemp("chat") / "run"
-    run_transfer(_tiny_recipe(tiny_model_dir), run, device="cpu")
+    run_transfer(tiny_recipe(tiny_model_dir, *one_step), run, device="cpu")
     return run
 
 

@@ -7,7 +7,7 @@ import pytest
 from lolcats_cli.core.model.convert import convert_model, linearized_layers
 from lolcats_cli.errors import PluginError
 
-from test_registry import FM, Site  # tests/ is on sys.path (rootdir conftest)
+from plugin_sites import FM, Site  # tests/ is on sys.path (rootdir conftest)
 
 MAPS = """
 import torch
