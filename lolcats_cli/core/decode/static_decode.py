@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ModelError
-from ...hf_compat import cache_kwarg, last_logits_kwargs
+from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
 from ..model.convert import linearized_layers
@@ -297,8 +297,6 @@ def static_sample(
     """
     from transformers import DynamicCache
     from transformers.generation import GenerateDecoderOnlyOutput
-
-    from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS
 
     if why := static_decode_problem(model):
         raise ModelError(f"static decoding cannot run this model: {why}", hint=_PLAIN)

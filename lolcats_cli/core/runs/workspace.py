@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError, LolcatsError, TrainingError
+from ...errors import ConfigError, LolcatsError, PluginError, TrainingError
 from ..decode.static_decode import install_static_generate
-from ..model.models import pick_device
+from ..model.models import check_seq_len, load_model, pick_device
 from ..recipe.recipe import Recipe, load_recipe, save_resolved, write_versions
 from .rundir import (
     ADAPTER_DIR,
@@ -163,7 +163,6 @@ def record_run(run_dir: Path, recipe: Recipe) -> None:
 
 def check_plugins(recipe: Recipe) -> None:
     """Resolve the recipe's feature map and window and validate their parameters; every problem at once."""
-    from ...errors import ConfigError, PluginError
     from ..model.registry import build_params, get_feature_map, get_window
 
     att, errors = recipe.attention, []
@@ -193,7 +192,6 @@ def check_window_fits(recipe: Recipe) -> None:
     most the window's reach, the linear branch sees nothing and attention transfer would train nothing."""
     import torch
 
-    from ...errors import ConfigError
     from ..model.registry import build_window
 
     att, seq_len = recipe.attention, recipe.data.seq_len
@@ -216,7 +214,6 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
     ``softmax_layers``: layers left unconverted although ``attention.layers`` names them (the resolved
     ``attention.softmax_layers`` of a finished transfer run)."""
     from ..model.convert import convert_model
-    from ..model.models import check_seq_len, load_model
     from ..model.softmax_layers import without
 
     check_plugins(recipe)  # fail before the (slow) model load

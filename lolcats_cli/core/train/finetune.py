@@ -31,7 +31,7 @@ import torch
 
 from ...errors import ConfigError
 from ..eval.evaluate import mean_token_nll as heldout_loss
-from ..model.convert import linearized_layers, teacher_view
+from ..model.convert import attention_parameters, attention_state_dict, linearized_layers, teacher_view
 from ..progress import Reporter
 from ..recipe.recipe import Recipe, apply_overrides, load_recipe
 from ..runs.rundir import ADAPTER_DIR, ATTENTION_WEIGHTS, CHECKPOINTS, METRICS, RESOLVED_RECIPE, SOURCE
@@ -128,7 +128,6 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     from peft import get_peft_model
 
     from ..data.data import build_datasets
-    from ..model.convert import attention_state_dict
     from ..model.softmax_layers import resolve_softmax_layers
 
     if resume:
@@ -159,8 +158,6 @@ def _finetune(source_run: Path, run_dir: Path, overrides: list[str], resume: boo
     torch.manual_seed(fcfg.seed)  # the LoRA initialisation: the same on every rank and in every process
     model = get_peft_model(model, lora_config(recipe))
     if fcfg.train_attention:
-        from ..model.convert import attention_parameters
-
         for p in attention_parameters(model).values():
             p.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -20,6 +20,7 @@ from ...model.convert import (
     attention_state_dict,
     freeze_for_transfer,
     linearized_layers,
+    set_mode,
 )
 from ...progress import Reporter
 from ...recipe.recipe import Recipe
@@ -133,8 +134,6 @@ class TransferObjective:
 def prepare_for_transfer(model: torch.nn.Module, recipe: Recipe) -> None:
     """Every converted layer in transfer mode with the recipe's attention cross-entropy; only the attention
     parameters trainable."""
-    from ...model.convert import set_mode
-
     tcfg = recipe.transfer
     set_mode(model, "transfer")
     for _, layer in linearized_layers(model):
