@@ -124,10 +124,8 @@ def hybrid_delta_naive(
     d = _decay(log_decay, torch.ones(())).view(1, -1, 1, 1)
     A = q.new_zeros(B, H, kh.shape[-1], vt.shape[-1], dtype=torch.float32)
     states = []
-    for j in range(T):
-        kj, bj = kh[:, :, j], beta[:, :, j, None, None]
-        A = d * (A - bj * kj.unsqueeze(-1) * torch.einsum("bhf,bhfv->bhv", kj, A).unsqueeze(-2))
-        A = A + bj * kj.unsqueeze(-1) * vt[:, :, j].unsqueeze(-2)
+    for j in range(T):  # the state after each key, by the one update the decode step also folds with
+        A = _fold(A, kh[:, :, j : j + 1], vt[:, :, j : j + 1], beta[:, :, j : j + 1], d)
         states.append(A)
     start = window.start(pos).clamp(0, T)  # (T,) keys before it are linear
     read = torch.stack([A.new_zeros(A.shape), *states], dim=2)[:, :, start]  # (B, H, T, F, Dv + 1): A(s - 1)
