@@ -26,6 +26,8 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
   sinks_gate_decay_2k_random_window_passkey  the same with 5% synthetic passkey sequences
   sinks_gate_decay_2k_delta  sinks_gate_decay_2k with a delta-rule linear state (attention.delta_rule)
   sinks_gate_decay_4k   the same on 4096-token sequences (batch 2)
+  sinks_gate_decay_4k_8m  the same with 8M tokens (4.5M of stage 1, 3.5M of LoRA) instead of 3.5M
+  sinks_gate_decay_4k_kl  sinks_gate_decay_4k with LoRA trained on the KL to the teacher (finetune.objective=kl)
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
   window_lora_2k  the same on 2048-token sequences: the honest competitor of sinks_gate_decay_2k
@@ -64,6 +66,9 @@ VARIANTS: dict[str, list[str]] = {
                                                   "data.passkey_fraction=0.05"],
     "sinks_gate_decay_2k_delta": [*SINKS_GATE, "attention.decay=true", "attention.delta_rule=true", *K2],
     "sinks_gate_decay_4k": [*SINKS_GATE, "attention.decay=true", *K4],
+    "sinks_gate_decay_4k_8m": [*SINKS_GATE, "attention.decay=true", *K4, "transfer.max_tokens=4500000",
+                               "finetune.max_tokens=3500000"],
+    "sinks_gate_decay_4k_kl": [*SINKS_GATE, "attention.decay=true", *K4, "finetune.objective=kl"],
     "window_lora_4k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4],
     "window_lora": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K1],
     "window_lora_2k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K2],
@@ -89,6 +94,19 @@ def stage(kind: str, run: Path, args: list[str]) -> float:
     else:
         lolcats("finetune", *args[:1], "--output", str(run), *resume, *args[1:])
     return time.perf_counter() - start
+
+
+def stage_args(name: str, run: Path, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The ``lolcats transfer`` and ``lolcats finetune`` arguments of variant ``name`` into ``run``: the token
+    budgets of ``args`` first, then the variant's overrides (its ``finetune.*`` ones again on the finetune
+    command, after its budget), so a variant can state its own budget or LoRA settings."""
+    common = [f"data.dataset={args.train}", *args.extra.split()]
+    own = VARIANTS[name]
+    transfer = ["--model", args.model, "--recipe", args.recipe, *common,
+                f"transfer.max_tokens={args.transfer_tokens}", *own]
+    finetune = [str(run / "transfer"), *common, f"finetune.max_tokens={args.finetune_tokens}",
+                *(o for o in own if o.startswith("finetune."))]
+    return transfer, finetune
 
 
 def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace,
@@ -209,14 +227,11 @@ def main() -> None:
             print(f"budget reached before {name}: run again to continue", flush=True)
             break
         run = args.out / name
-        common = [f"data.dataset={args.train}", *args.extra.split()]
-        transfer = ["--model", args.model, "--recipe", args.recipe, *common,
-                    f"transfer.max_tokens={args.transfer_tokens}", *VARIANTS[name]]
+        transfer, finetune = stage_args(name, run, args)
         done["transfer_s"] = done.get("transfer_s", 0.0) + stage("transfer", run / "transfer", transfer)
         save()
         if out_of_time():
             break
-        finetune = [str(run / "transfer"), *common, f"finetune.max_tokens={args.finetune_tokens}"]
         done["finetune_s"] = done.get("finetune_s", 0.0) + stage("finetune", run / "finetune", finetune)
         save()
         if out_of_time():

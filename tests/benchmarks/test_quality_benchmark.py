@@ -40,3 +40,17 @@ def test_a_rerun_evaluates_only_the_new_lengths(bench, tiny_model_dir, tmp_path)
     table = bench.ratio_table(results)
     assert "| teacher (ppl 123.00, " in table
     assert table.splitlines()[-1].endswith("| - |")  # the sink window has no 64-token perplexity yet
+
+
+def test_a_variant_states_its_own_budget_after_the_default_one(bench, tmp_path) -> None:
+    args = argparse.Namespace(train="t.txt", extra="", model="m", recipe="r", transfer_tokens=7, finetune_tokens=5)
+    transfer, finetune = bench.stage_args("sinks_gate_decay_4k_8m", tmp_path / "v", args)
+    # the last setting of a key wins in a lolcats override list
+    assert [a for a in transfer if a.startswith("transfer.max_tokens=")][-1] == "transfer.max_tokens=4500000"
+    assert [a for a in finetune if a.startswith("finetune.max_tokens=")][-1] == "finetune.max_tokens=3500000"
+    assert finetune[0] == str(tmp_path / "v" / "transfer")
+    plain_t, plain_f = bench.stage_args("sinks_gate_decay_4k", tmp_path / "v", args)
+    assert "transfer.max_tokens=7" in plain_t
+    assert [a for a in plain_f if a.startswith("finetune.max_tokens=")] == ["finetune.max_tokens=5"]
+    _, kl = bench.stage_args("sinks_gate_decay_4k_kl", tmp_path / "v", args)
+    assert kl[-1] == "finetune.objective=kl"

@@ -186,6 +186,9 @@ def save_attention(model: torch.nn.Module, path: Path) -> None:
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` of a transfer run; on CUDA with this process's peak GPU memory (``peak_gpu_mem_gib``)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics = {**metrics, "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     save_json(run_dir / METRICS, metrics)
 
 
