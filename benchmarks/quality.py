@@ -32,6 +32,7 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
   window_lora_2k  the same on 2048-token sequences: the honest competitor of sinks_gate_decay_2k
   window_lora_4k  the same on 4096-token sequences: the competitor of sinks_gate_decay_4k
+  window_lora_4k_8m  the same with 3.5M tokens of LoRA: the competitor of sinks_gate_decay_4k_8m
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ VARIANTS: dict[str, list[str]] = {
                                "finetune.max_tokens=3500000"],
     "sinks_gate_decay_4k_kl": [*SINKS_GATE, "attention.decay=true", *K4, "finetune.objective=kl"],
     "window_lora_4k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4],
+    "window_lora_4k_8m": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4, "finetune.max_tokens=3500000"],
     "window_lora": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K1],
     "window_lora_2k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K2],
 }
