@@ -3,11 +3,14 @@
 A benchmark, not a test. For each context, batch size and engine it fills the cache with ``context`` tokens per
 row, then times ``--steps`` greedy decode steps of one token per row: tokens/s, ms per step, on a GPU the kernel
 time per step (profiler) and the GPU-busy fraction (kernel time / wall time), the state (or KV cache) per
-sequence, and peak memory. Engines (``--engines``):
+sequence, peak memory and, for the static engines, which decode step ran (``step``: triton or torch). Engines
+(``--engines``):
 
 * ``hybrid-eager``: the converted model through transformers, one ``HybridLayer`` step per layer (the reference);
 * ``hybrid-static``: the static decode path (``core/decode/static_decode.py``): preallocated state buffers, one model
-  step captured in a CUDA graph and replayed (eager static steps off CUDA);
+  step captured in a CUDA graph and replayed (eager static steps off CUDA); on CUDA with Triton its layers run the
+  fused Triton step (``kernels/triton_step.py``) unless ``LOLCATS_TRITON_STEP=0``;
+* ``hybrid-static-torch``: the same with the PyTorch step (``kernels/static.py``) forced, to time both in one run;
 * ``softmax-eager``: the same weights in teacher mode with a growing ``DynamicCache``;
 * ``softmax-compiled``: teacher mode with a transformers ``StaticCache`` and ``torch.compile`` (reduce-overhead
   on CUDA).
@@ -126,7 +129,7 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tens
 
 
 
-ENGINES = ("hybrid-eager", "hybrid-static", "softmax-eager", "softmax-compiled")
+ENGINES = ("hybrid-eager", "hybrid-static", "hybrid-static-torch", "softmax-eager", "softmax-compiled")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -193,17 +196,21 @@ def cache_bytes(cache: Any) -> int:
     return state_nbytes(cache)
 
 
+Step = tuple[Callable[[], None], Callable[[], int], Callable[[], "str | None"]]
+
+
 def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context: int, args: argparse.Namespace,
-                device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:  # fmt: skip
-    """``(step, state_bytes)``: one greedy decode step of ``engine`` after ``cache``, and the bytes it holds."""
+                device: torch.device) -> Step:  # fmt: skip
+    """``(step, state_bytes, step_name)``: one greedy decode step of ``engine`` after ``cache``, the bytes it holds,
+    and which attention step it ran (``triton`` or ``torch`` for the static engines, None for the others)."""
     from lolcats_cli.hf_compat import cache_kwarg, last_logits_kwargs
 
     box = {"tok": nxt.view(-1, 1)}
     kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
-    if engine == "hybrid-static":
+    if engine.startswith("hybrid-static"):
         from lolcats_cli.core.decode.static_decode import StaticDecoder
 
-        decoder = StaticDecoder(model, nxt.shape[0])
+        decoder = StaticDecoder(model, nxt.shape[0], triton=False if engine == "hybrid-static-torch" else None)
         if cache is None:  # synthetic: random buffers at length `context`, no eager copy (it would double the memory)
             randomize_static(decoder, context)
         else:
@@ -214,7 +221,7 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
         def static_step() -> None:
             box["tok"] = decoder.step(box["tok"]).argmax(dim=-1)
 
-        return static_step, decoder.state_nbytes
+        return static_step, decoder.state_nbytes, lambda: decoder.step_name
     if engine == "softmax-compiled":
         positions = torch.full((nxt.shape[0], 1), context, dtype=torch.long, device=device)
         options = dict(mode="reduce-overhead") if device.type == "cuda" else dict(backend=args.cpu_compile_backend)
@@ -225,12 +232,12 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
             box["tok"] = out.logits[:, -1:].argmax(dim=-1)
             positions.add_(1)
 
-        return compiled_step, lambda: cache_bytes(cache)
+        return compiled_step, lambda: cache_bytes(cache), lambda: None
 
     def eager_step() -> None:
         box["tok"] = model(box["tok"], **kwargs).logits[:, -1:].argmax(dim=-1)
 
-    return eager_step, lambda: cache_bytes(cache)
+    return eager_step, lambda: cache_bytes(cache), lambda: None
 
 
 @torch.no_grad()
@@ -244,7 +251,7 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    if synthetic and engine == "hybrid-static":
+    if synthetic and engine.startswith("hybrid-static"):
         cache = None  # the decoder's own buffers get random states
     elif synthetic and engine.startswith("hybrid"):
         cache = synthetic_hybrid_cache(model, batch, context, device, dtype)
@@ -260,7 +267,7 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
     sync(device)
     prefill_s = time.perf_counter() - t
     t = time.perf_counter()
-    step, state_bytes = decode_step(model, engine, cache, nxt, context, args, device)
+    step, state_bytes, step_name = decode_step(model, engine, cache, nxt, context, args, device)
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -284,6 +291,7 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
         "gpu_ms": gpu_ms,
         "gpu_busy": gpu_ms / ms_step,
         "state_mib_per_seq": state_bytes() / batch / 2**20,
+        "step": step_name(),
         "prefill": "synthetic" if synthetic else "real",
         "prefill_s": prefill_s,
         "prefill_tok_s": float("nan") if synthetic else batch * context / prefill_s,
@@ -319,10 +327,11 @@ def run_safely(model: Any, engine: str, batch: int, context: int, args: argparse
 
 
 def row_line(row: dict[str, Any]) -> str:
-    head = f"{row['engine']:>16} context {row['context']:>6} batch {row['batch']:>5}"
+    head = f"{row['engine']:>19} context {row['context']:>6} batch {row['batch']:>5}"
     if row["status"] != "ok":
         return f"{head} | {row['status']}"
     gpu = "" if math.isnan(row["gpu_ms"]) else f" GPU {row['gpu_ms']:.2f} ms ({row['gpu_busy']:.0%} busy)"
+    gpu += f" | {row['step']} step" if row.get("step") else ""
     peak = "" if math.isnan(row["peak_gib"]) else f" | peak {row['peak_gib']:.1f} GiB"
     return (
         f"{head} | {row['tok_s']:>10.1f} tok/s {row['ms_step']:>8.2f} ms/step{gpu} | "
@@ -346,7 +355,8 @@ def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
             table.add_row(str(r["context"]), str(r["batch"]), r["engine"], f"[red]{r['status'][:60]}[/red]", *[""] * 5)
             continue
         table.add_row(
-            str(r["context"]), str(r["batch"]), r["engine"], f"{r['tok_s']:.1f}", f"{r['ms_step']:.2f}",
+            str(r["context"]), str(r["batch"]), r["engine"] + (f" ({r['step']})" if r.get("step") else ""),
+            f"{r['tok_s']:.1f}", f"{r['ms_step']:.2f}",
             _num(r["gpu_busy"], ".0%"), f"{r['state_mib_per_seq']:.2f}", f"{r['prefill_s']:.1f} ({r['prefill']})",
             _num(r["peak_gib"], ".1f"),
         )  # fmt: skip

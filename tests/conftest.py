@@ -144,6 +144,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Without a GPU, Triton kernels run in Triton's interpreter (``import triton_interp`` first, before triton:
+    it sets TRITON_INTERPRET=1), patched for numpy >= 2.4 for one test module; on a GPU, nothing to do."""
+    from triton_interp import ON_GPU, patch_interpreter
+
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        patch_interpreter(mp)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))

@@ -12,16 +12,13 @@ same tests run compiled, on the GPU, at larger sizes (and in bf16 too)::
 from __future__ import annotations
 
 import inspect
-import os
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not ON_GPU:
-    # Must precede the first import of triton in this process (triton.language is built for one mode).
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interp import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 without a GPU, before triton is imported
+
 pytest.importorskip("triton")
 
 from lolcats_cli.api import Window, WindowParams  # noqa: E402
@@ -33,7 +30,6 @@ from lolcats_cli.kernels.naive import hybrid_attention_naive  # noqa: E402
 from lolcats_cli.kernels import triton_hybrid  # noqa: E402
 from lolcats_cli.kernels.triton_hybrid import TritonKernel, triton_hybrid_attention, unsupported  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 H, HKV, F_HALF = 4, 2, 16
 # (B, T): the interpreter is slow, so CPU sizes stay small (still 3 query blocks: prefix states and the
 # sink tile are exercised); on the GPU, many blocks.
@@ -44,32 +40,7 @@ TOL, GRAD_TOL = 2e-5, 1e-4
 NAIVE_HAS_DECAY = "log_decay" in inspect.signature(hybrid_attention_naive).parameters
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    """Without a GPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set above), patched."""
-    if ON_GPU:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        _patch_interpreter(mp)
-        yield
-
-
-def _patch_interpreter(mp: pytest.MonkeyPatch) -> None:
-    """triton 3.6's interpreter turns a scalar into an int with ``int(array of shape (1,))``, an error
-    since numpy 2.4 (``range(0, n)`` on a kernel argument fails); convert through its only element."""
-    from triton.runtime import interpreter as ti
-
-    original = ti._patch_lang_tensor
-
-    def patched(tensor, scope):  # noqa: ANN001, ANN202
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    mp.setattr(ti, "_patch_lang_tensor", patched)
+pytestmark = pytest.mark.usefixtures("one_thread", "triton_interpreter")
 
 
 class TwoSoftmaxMap(nn.Module):

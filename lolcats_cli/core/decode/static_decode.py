@@ -3,7 +3,11 @@ one model decode step captured in a CUDA graph, and a generation loop around it.
 
 * :class:`StaticHybridLayer`: a :class:`~.generation.HybridLayer` whose state lives in preallocated
   :class:`~lolcats_cli.kernels.static.StaticState` buffers; a one-token call runs
-  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation.
+  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation; on CUDA with Triton
+  installed it runs :func:`~lolcats_cli.kernels.triton_step.triton_step` instead (the same step fused into two
+  Triton kernels per layer), unless ``LOLCATS_TRITON_STEP=0`` or the layer's window or shapes are ones it does not
+  take (:func:`~lolcats_cli.kernels.triton_step.triton_step_problem`); ``LOLCATS_TRITON_STEP=1`` asks for it on
+  any device it can run on (``TRITON_INTERPRET=1`` off CUDA). :attr:`StaticHybridLayer.step_name` says which ran.
 * :class:`StaticDecoder`: for a fixed batch, a cache of those layers plus static input buffers (token, position,
   a placeholder 4-D mask, which transformers passes through as it is); :meth:`~StaticDecoder.step` runs one
   model decode step, replaying a CUDA graph captured once (``graph=True``, CUDA only) or eagerly (any device:
@@ -39,6 +43,9 @@ from ...errors import ModelError
 from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
+from ...kernels.triton_step import ENV as TRITON_STEP_ENV
+from ...kernels.triton_hybrid import triton_available
+from ...kernels.triton_step import triton_step, triton_step_enabled, triton_step_problem
 from ..model.convert import linearized_layers
 from .cache import LinearAttentionCache
 from .generation import HybridAttentionModule, HybridLayer
@@ -135,13 +142,27 @@ class StaticHybridLayer(HybridLayer):
     """A cache layer holding a :class:`StaticState`; :meth:`attend` takes one token per row, in place.
 
     ``length`` is kept on the host too (for transformers' bookkeeping and ``get_seq_length``); the device
-    copy in the state is what the step reads.
+    copy in the state is what the step reads. ``step_name``: the step the last call ran, ``"triton"``
+    (:func:`~lolcats_cli.kernels.triton_step.triton_step`) or ``"torch"`` (``static_step``); None before the first.
     """
 
-    def __init__(self, static: StaticState, fold: int) -> None:
+    def __init__(self, static: StaticState, fold: int, triton: bool | None = None) -> None:
         super().__init__()
         self.static, self.fold, self.length = static, fold, int(static.length.item())
         self.is_initialized = True
+        self.triton = triton
+        self.step_name: str | None = None
+
+    def use_triton(self, window: Any, device: torch.device) -> bool:
+        """Whether a call runs the Triton step. ``triton`` False: never; True: wherever it can run; None (the
+        default): on CUDA (any device with ``LOLCATS_TRITON_STEP=1``) unless ``LOLCATS_TRITON_STEP=0``. It can run
+        when Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
+        if self.triton is None:
+            env = os.environ.get(TRITON_STEP_ENV, "").strip().lower()
+            wanted = (device.type == "cuda" or env in ("1", "true", "yes", "on")) and triton_step_enabled()
+        else:
+            wanted = self.triton and triton_available()
+        return wanted and triton_step_problem(window, self.static, device) is None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn: HybridAttentionModule, mask: Any = None) -> Tensor:
         if q.shape[2] != 1 or q.shape[0] != self.static.S.shape[0]:
@@ -151,8 +172,11 @@ class StaticHybridLayer(HybridLayer):
                 hint="prefill with an ordinary cache, then StaticDecoder.load(cache)",
             )
         phi_q, phi_k, window_logits, window = attn.kernel_args()
-        return static_step(q, k, v, phi_q, phi_k, window_logits, window, self.static, attn.scaling,
-                           log_decay=attn.log_decay(), fold=self.fold)  # fmt: skip
+        fused = self.use_triton(window, q.device)
+        self.step_name = "triton" if fused else "torch"
+        step = triton_step if fused else static_step
+        return step(q, k, v, phi_q, phi_k, window_logits, window, self.static, attn.scaling,
+                    log_decay=attn.log_decay(), fold=self.fold)  # fmt: skip
 
     def get_seq_length(self) -> int:
         return self.length
@@ -173,9 +197,11 @@ def empty_hybrid_state(m: Any, batch: int, device: torch.device, dtype: torch.dt
 class StaticDecoder:
     """One decode step of ``model`` for ``batch`` rows over static buffers; with ``graph`` (CUDA only) captured
     once in a CUDA graph and replayed. Use: :meth:`load` an eager cache after the prefill, then :meth:`step`
-    with each next token; :meth:`store` writes the states back into that cache."""
+    with each next token; :meth:`store` writes the states back into that cache. ``triton``: which decode step the
+    layers run (see :meth:`StaticHybridLayer.use_triton`: None the default choice, False ``static_step``)."""
 
-    def __init__(self, model: Any, batch: int, graph: bool | None = None, warmup: int = 2) -> None:
+    def __init__(self, model: Any, batch: int, graph: bool | None = None, warmup: int = 2,
+                 triton: bool | None = None) -> None:  # fmt: skip
         if why := static_decode_problem(model):
             raise ModelError(f"static decoding cannot run this model: {why}", hint="use model.generate()")
         param = next(model.parameters())
@@ -186,7 +212,7 @@ class StaticDecoder:
             raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
         kv_dtype = model.get_input_embeddings().weight.dtype
         empty = [(m, empty_hybrid_state(m, batch, self.device, kv_dtype)) for _, m in linearized_layers(model)]
-        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window)) for m, s in empty]
+        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window), triton) for m, s in empty]
         self.cache = LinearAttentionCache(list(self.layers))
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -257,6 +283,12 @@ class StaticDecoder:
             layer.length += 1
         assert self.logits is not None
         return self.logits
+
+    @property
+    def step_name(self) -> str | None:
+        """The decode step the layers ran last: ``"triton"``, ``"torch"``, ``"mixed"``, or None before any step."""
+        names = {layer.step_name for layer in self.layers}
+        return names.pop() if len(names) == 1 else "mixed"
 
     def state_nbytes(self) -> int:
         """Bytes of all layers' states (constant in the length)."""
