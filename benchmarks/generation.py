@@ -9,7 +9,7 @@ sequence, peak memory and, for the static engines, which decode step ran (``step
 * ``hybrid-eager``: the converted model through transformers, one ``HybridLayer`` step per layer (the reference);
 * ``hybrid-static``: the static decode path (``core/decode/static_decode.py``): preallocated state buffers, one model
   step captured in a CUDA graph and replayed (eager static steps off CUDA); on CUDA with Triton its layers run the
-  fused Triton step (``kernels/triton_step.py``) unless ``LOLCATS_TRITON_STEP=0``;
+  fused Triton step (``kernels/triton_step.py``) where it runs;
 * ``hybrid-static-torch``: the same with the PyTorch step (``kernels/static.py``) forced, to time both in one run;
 * ``softmax-eager``: the same weights in teacher mode with a growing ``DynamicCache``;
 * ``softmax-compiled``: teacher mode with a transformers ``StaticCache`` and ``torch.compile`` (reduce-overhead
@@ -210,7 +210,7 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
     if engine.startswith("hybrid-static"):
         from lolcats_cli.core.decode.static_decode import StaticDecoder
 
-        decoder = StaticDecoder(model, nxt.shape[0], triton=False if engine == "hybrid-static-torch" else None)
+        decoder = StaticDecoder(model, nxt.shape[0], triton=engine != "hybrid-static-torch")
         if cache is None:  # synthetic: random buffers at length `context`, no eager copy (it would double the memory)
             randomize_static(decoder, context)
         else:

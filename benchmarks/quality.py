@@ -18,15 +18,15 @@ Variants (``--variants``, comma-separated, in this order; 1024-token sequences u
   sinks        4 sinks, linear weight 1
   sinks_gate   4 sinks and the gated linear branch (starts closed)
   sinks_gate_decay      plus the learnable decay of the linear branch (64 to 4096 tokens)
-  sinks_gate_decay_2k   the same on 2048-token sequences (batch 4: the same tokens per step and in all):
-                        the shipped GPU recipe
+  sinks_gate_decay_2k   the same on 2048-token sequences (batch 4: the same tokens per step and in all)
   sinks_gate_decay_2k_passkey  the same with 5% synthetic passkey sequences in both stages
   sinks_gate_decay_2k_random_window  sinks_gate_decay_2k with a window size drawn per training batch from
                         32 / 48 / 64 / 96 / 128 (attention.train_window_sizes), evaluated at 64
   sinks_gate_decay_2k_random_window_passkey  the same with 5% synthetic passkey sequences
   sinks_gate_decay_2k_delta  sinks_gate_decay_2k with a delta-rule linear state (attention.delta_rule)
   sinks_gate_decay_4k   the same on 4096-token sequences (batch 2)
-  sinks_gate_decay_4k_8m  the same with 8M tokens (4.5M of stage 1, 3.5M of LoRA) instead of 3.5M
+  sinks_gate_decay_4k_8m  the same with 8M tokens (4.5M of stage 1, 3.5M of LoRA) instead of 3.5M: the shipped
+                        GPU recipe (smollm2-135m-gpu)
   sinks_gate_decay_4k_kl  sinks_gate_decay_4k with LoRA trained on the KL to the teacher (finetune.objective=kl)
   window_lora  the same layers with training-free attention (stage 1 runs one step at lr 1e-9, so the gate
                stays closed: a terrace window + 4 sinks), then LoRA at the same budget: no linear branch
@@ -111,22 +111,36 @@ def stage_args(name: str, run: Path, args: argparse.Namespace) -> tuple[list[str
     return transfer, finetune
 
 
+RECALL = "linearized_recall"
+
+
 def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace,
              have: dict | None = None) -> dict:
     """``{row: results}`` of ``rows`` at every ``--contexts`` / ``--passkey`` length, evaluating only what
-    ``have`` (earlier results of the same rows) lacks: a rerun with a new length or row fills in just that."""
+    ``have`` (earlier results of the same rows) lacks: a rerun with a new length or row fills in just that.
+    The recall-cache row runs a sequential form (chunk by chunk), so its perplexity is measured only at
+    ``--recall-contexts`` (none by default); its passkey at every ``--passkey`` length."""
+    plain = [r for r in rows if r != RECALL]
+    out = _evaluate(run, model, plain, args, have, args.contexts) if plain else {}
+    if RECALL in rows:
+        out.update(_evaluate(run, model, [RECALL], args, have, getattr(args, "recall_contexts", [])))
+    return out
+
+
+def _evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace, have: dict | None,
+              contexts: list[int]) -> dict:
     from lolcats_cli.core.eval.evaluate import evaluate_run
 
     have = {name: row for name, row in (have or {}).items() if name in rows}
     lacking = [r for r in rows if r not in have]
-    contexts = [c for c in args.contexts if lacking or any(str(c) not in have[r]["perplexity"] for r in rows)]
+    contexts = [c for c in contexts if lacking or any(str(c) not in have[r]["perplexity"] for r in rows)]
     passkey = [n for n in args.passkey if lacking or any(str(n) not in have[r]["passkey"] for r in rows)]
     if not contexts and not passkey:
         return have
     report = evaluate_run(
         run, None if run is not None else model, text_file=args.heldout, contexts=contexts, passkey_lengths=passkey,
         passkey_n=args.passkey_n, rows=rows, max_tokens=args.max_tokens,
-        recall_slots=args.recall if "linearized_recall" in rows else None,
+        recall_slots=args.recall if RECALL in rows else None,
     )  # fmt: skip
     got = report.to_dict()["rows"]
     for name, row in got.items():
@@ -191,11 +205,14 @@ def main() -> None:
     p.add_argument("--extra", default="", help="overrides added to every variant, space-separated")
     p.add_argument("--recall", type=int, default=0,
                    help="also evaluate each trained variant with a recall cache of this many keys per KV head")
+    p.add_argument("--recall-contexts", default="",
+                   help="perplexity lengths of the recall-cache row (default none: passkey only; it is sequential)")
     p.add_argument("--no-stage1-eval", dest="stage1_eval", action="store_false",
                    help="skip evaluating each variant after stage 1 alone (saves an evaluation per variant)")
     args = p.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     args.passkey = [int(c) for c in args.passkey.split(",") if c]
+    args.recall_contexts = [int(c) for c in args.recall_contexts.split(",") if c]
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "quality.json"
@@ -214,7 +231,7 @@ def main() -> None:
     if baselines != {k: v for k, v in results["baselines"].items() if k in ("teacher", "sink_window")}:
         results["baselines"] = {**baselines, "eval_s": time.perf_counter() - t}
         save()
-    final_rows = ["linearized", "linear_zeroed"] + (["linearized_recall"] if args.recall else [])
+    final_rows = ["linearized", "linear_zeroed"] + ([RECALL] if args.recall else [])
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")

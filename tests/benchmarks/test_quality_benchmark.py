@@ -18,8 +18,9 @@ def bench():
     return load_benchmark("quality")
 
 
-def _args(heldout: Path, contexts: list[int]) -> argparse.Namespace:
-    return argparse.Namespace(heldout=heldout, contexts=contexts, passkey=[], passkey_n=1, max_tokens=256, recall=0)
+def _args(heldout: Path, contexts: list[int], **kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"heldout": heldout, "contexts": contexts, "passkey": [], "passkey_n": 1,
+                                 "max_tokens": 256, "recall": 0, **kw})
 
 
 def test_a_rerun_evaluates_only_the_new_lengths(bench, tiny_model_dir, tmp_path) -> None:
@@ -54,3 +55,26 @@ def test_a_variant_states_its_own_budget_after_the_default_one(bench, tmp_path) 
     assert [a for a in plain_f if a.startswith("finetune.max_tokens=")] == ["finetune.max_tokens=5"]
     _, kl = bench.stage_args("sinks_gate_decay_4k_kl", tmp_path / "v", args)
     assert kl[-1] == "finetune.objective=kl"
+
+
+def test_the_recall_row_reads_perplexity_only_at_its_own_lengths(bench, tiny_model_dir, tmp_path) -> None:
+    """The recall-cache row is sequential: by default only its passkey is measured, perplexity at
+    --recall-contexts; the other rows at --contexts."""
+    from pydoc_data.topics import topics
+
+    from lolcats_cli.core.train.transfer import run_transfer
+    from tiny_recipes import tiny_recipe
+
+    run = tmp_path / "run"
+    run_transfer(tiny_recipe(tiny_model_dir), run, device="cpu")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join(topics.values())[:20_000])
+    rows = ["linearized", bench.RECALL]
+    args = _args(heldout, [64], passkey=[256], recall=4, recall_contexts=[])
+    got = bench.evaluate(run, None, rows, args)
+    assert set(got["linearized"]["perplexity"]) == {"64"} and got[bench.RECALL]["perplexity"] == {}
+    assert set(got[bench.RECALL]["passkey"]) == {"256"}
+    args.recall_contexts = [64]
+    again = bench.evaluate(run, None, rows, args, got)
+    assert set(again[bench.RECALL]["perplexity"]) == {"64"} and again[bench.RECALL]["perplexity"]["64"] > 1
+    assert again["linearized"] == got["linearized"]  # nothing new for it

@@ -3,11 +3,12 @@ one model decode step captured in a CUDA graph, and a generation loop around it.
 
 * :class:`StaticHybridLayer`: a :class:`~.generation.HybridLayer` whose state lives in preallocated
   :class:`~lolcats_cli.kernels.static.StaticState` buffers; a one-token call runs
-  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation; on CUDA with Triton
-  installed it runs :func:`~lolcats_cli.kernels.triton_step.triton_step` instead (the same step fused into two
-  Triton kernels per layer), unless ``LOLCATS_TRITON_STEP=0`` or the layer's window or shapes are ones it does not
-  take (:func:`~lolcats_cli.kernels.triton_step.triton_step_problem`); ``LOLCATS_TRITON_STEP=1`` asks for it on
-  any device it can run on (``TRITON_INTERPRET=1`` off CUDA). :attr:`StaticHybridLayer.step_name` says which ran.
+  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation. With
+  ``LOLCATS_TRITON_STEP=1`` (opt-in: it agrees with ``static_step`` under the Triton interpreter but has not yet
+  been compiled and timed on a GPU) it runs :func:`~lolcats_cli.kernels.triton_step.triton_step` instead (the same
+  step fused into two Triton kernels per layer) on any device it can run on (``TRITON_INTERPRET=1`` off CUDA),
+  unless the layer's window or shapes are ones it does not take
+  (:func:`~lolcats_cli.kernels.triton_step.triton_step_problem`). :attr:`StaticHybridLayer.step_name` says which ran.
 * :class:`StaticDecoder`: for a fixed batch, a cache of those layers plus static input buffers (token, position,
   a placeholder 4-D mask, which transformers passes through as it is); :meth:`~StaticDecoder.step` runs one
   model decode step, replaying a CUDA graph captured once (``graph=True``, CUDA only) or eagerly (any device:
@@ -155,11 +156,11 @@ class StaticHybridLayer(HybridLayer):
 
     def use_triton(self, window: Any, device: torch.device) -> bool:
         """Whether a call runs the Triton step. ``triton`` False: never; True: wherever it can run; None (the
-        default): on CUDA (any device with ``LOLCATS_TRITON_STEP=1``) unless ``LOLCATS_TRITON_STEP=0``. It can run
-        when Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
+        default): where ``LOLCATS_TRITON_STEP=1`` (opt-in until the step is timed on a GPU). It can run when
+        Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
         if self.triton is None:
             env = os.environ.get(TRITON_STEP_ENV, "").strip().lower()
-            wanted = (device.type == "cuda" or env in ("1", "true", "yes", "on")) and triton_step_enabled()
+            wanted = env in ("1", "true", "yes", "on") and triton_step_enabled()
         else:
             wanted = self.triton and triton_available()
         return wanted and triton_step_problem(window, self.static, device) is None

@@ -62,7 +62,8 @@ def test_paper_recipes_match_the_paper():
         {"size": 64, "sinks": 4}, True, True
     )
     gpu = load_recipe("smollm2-135m-gpu")
-    assert (gpu.data.seq_len, gpu.transfer.batch_size, gpu.attention.decay) == (2048, 4, True)
+    assert (gpu.data.seq_len, gpu.transfer.batch_size, gpu.attention.decay) == (4096, 2, True)
+    assert (gpu.transfer.max_tokens, gpu.finetune.max_tokens) == (4_500_000, 3_500_000)
     assert Recipe().attention.decay is False  # a recipe without the key: the paper's branch, no decay
 
 
