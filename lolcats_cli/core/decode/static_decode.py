@@ -46,7 +46,7 @@ from ...kernels.static import StaticState, fold_width, static_step, static_suppo
 from ...kernels.triton_step import ENV as TRITON_STEP_ENV
 from ...kernels.triton_hybrid import triton_available
 from ...kernels.triton_step import triton_step, triton_step_enabled, triton_step_problem
-from ..model.convert import linearized_layers
+from ..model.linear_attention import linearized_layers
 from .cache import LinearAttentionCache
 from .generation import HybridAttentionModule, HybridLayer
 
