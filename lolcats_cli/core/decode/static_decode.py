@@ -24,7 +24,8 @@ where it would be used by default (``lolcats chat`` and :func:`install_static_ge
 
 :func:`install_static_generate` makes a model's plain ``generate()`` take the static loop where it can (greedy
 or sampling, a model the path runs, the device default above) and transformers' own loop otherwise; the models
-lolcats loads (``open_run``, ``load_adapter_export``) have it.
+lolcats loads (``open_run``, ``load_adapter_export``) have it, and so does the ``hf`` export's model (which
+bundles this module and calls it at init).
 """
 
 from __future__ import annotations

@@ -238,12 +238,14 @@ hybrid attention (a softmax window plus feature-map linear attention; see docs/m
 student mode. Decoding keeps a constant-size recurrent state per converted layer in whatever
 transformers cache ``generate()`` builds (the bundled ``HybridLayer``): O(window) work and memory per token.
 
-``generate()`` is the bundled static decode loop where it applies (``install_static_generate`` at init):
-greedy or sampling calls on a model whose every layer is converted decode on CUDA through preallocated
-state buffers, one CUDA-graph replay per token (the fused Triton step when triton is installed, unless
-``LOLCATS_TRITON_STEP=0``). ``LOLCATS_STATIC_DECODE=0`` turns that off, ``LOLCATS_STATIC_DECODE=1`` turns
-it on on any device (eager steps off CUDA); beam search, assisted or contrastive decoding, returned
-attentions or hidden states and ``custom_generate`` calls run transformers' own loop.
+``generate()`` takes the bundled static decode loop where it applies (``install_static_generate`` at init):
+greedy or sampling calls on CUDA, on a model the static path runs (every layer converted, the additive
+state, an exact kernel: ``static_decode_problem`` says why not), decode through preallocated state buffers,
+one CUDA-graph replay per token (each layer's step the fused Triton one when triton is installed and the
+window is a built-in sliding or terrace one, unless ``LOLCATS_TRITON_STEP=0``). ``LOLCATS_STATIC_DECODE=0``
+turns that off, ``LOLCATS_STATIC_DECODE=1`` on on any device (eager steps off CUDA); beam search, assisted or
+contrastive decoding, returned attentions or hidden states and ``custom_generate`` calls run transformers'
+own loop, as does every call the static path cannot take.
 """
 
 from __future__ import annotations
