@@ -7,9 +7,10 @@ Python modules that transformers' dynamic-module loader copies and imports under
   (so loading without ``trust_remote_code`` fails loudly instead of giving a plain softmax model);
 * ``modeling_lolcats.py``: ``LolcatsForCausalLM``, a subclass of the base architecture's own causal LM (weights
   load by their usual names) that swaps the converted layers' attention at init (student mode, which decodes
-  with the recurrent kernel in constant memory through any transformers cache) and installs the static
-  decode loop on ``generate()`` (:func:`~lolcats_cli.core.decode.static_decode.install_static_generate`: greedy
-  and sampling calls on CUDA replay one CUDA-graph-captured step per token, with the fused Triton step where
+  with the recurrent kernel in constant memory through any transformers cache) and whose ``generate()``
+  takes the static decode loop as :func:`~lolcats_cli.core.decode.static_decode.install_static_generate` makes
+  lolcats' own models do (:func:`~lolcats_cli.core.decode.static_decode.static_generate_kwargs`: greedy and
+  sampling calls on CUDA replay one CUDA-graph-captured step per token, with the fused Triton step where
   lolcats would use it; ``LOLCATS_STATIC_DECODE=0`` turns it off, ``=1`` on on any device; beam search and the
   like keep transformers' loop);
 * the runtime, bundled by source: the attention module, every registered kernel (``LOLCATS_KERNEL`` picks
@@ -238,7 +239,7 @@ hybrid attention (a softmax window plus feature-map linear attention; see docs/m
 student mode. Decoding keeps a constant-size recurrent state per converted layer in whatever
 transformers cache ``generate()`` builds (the bundled ``HybridLayer``): O(window) work and memory per token.
 
-``generate()`` takes the bundled static decode loop where it applies (``install_static_generate`` at init):
+``generate()`` takes the bundled static decode loop where it applies (``static_generate_kwargs`` per call):
 greedy or sampling calls on CUDA, on a model the static path runs (every layer converted, the additive
 state, an exact kernel: ``static_decode_problem`` says why not), decode through preallocated state buffers,
 one CUDA-graph replay per token (each layer's step the fused Triton one when triton is installed and the
@@ -262,7 +263,7 @@ from .{attention_module} import LinearizedAttention
 from .{compat_module} import rotary_function as _rotary_function
 from .{feature_map_module} import {feature_map_class} as _FeatureMap
 from .{window_module} import {window_class} as _Window
-from .{static_module} import install_static_generate
+from .{static_module} import static_generate_kwargs as _static_generate_kwargs
 {manifest}
 
 
@@ -315,7 +316,10 @@ class {model_class}({base_class}):
             for _map, _role in ((module.feature_map_q, "q"), (module.feature_map_k, "k")):
                 _map.role, _map.layer_idx = _role, i  # as lolcats sets them (plugin API v3)
             setattr(layers[i], settings["attention_attr"], module)
-        install_static_generate(self)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base class's ``generate``, through the bundled static decode loop where it applies (module docstring)."""
+        return super().generate(*args, **_static_generate_kwargs(self, kwargs))
 
 
 __all__ = ["{model_class}"]
