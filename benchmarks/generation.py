@@ -137,7 +137,7 @@ def synthetic_hybrid_cache(model: Any, batch: int, context: int, device: torch.d
     """A cache of random hybrid states at length ``context``: the shapes a real prefill leaves (decode is as fast)."""
     from lolcats_cli.core.decode.cache import make_cache
     from lolcats_cli.core.decode.static_decode import empty_hybrid_state
-    from lolcats_cli.core.model.convert import linearized_layers
+    from lolcats_cli.core.model.linear_attention import linearized_layers
 
     cache = make_cache(model)
     for i, m in linearized_layers(model):

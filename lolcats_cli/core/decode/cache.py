@@ -11,7 +11,7 @@ from typing import Any
 
 from ...errors import ModelError
 from ...hf_compat import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
-from ..model.convert import linearized_layers
+from ..model.linear_attention import linearized_layers
 from .generation import HybridLayer
 
 

@@ -313,7 +313,7 @@ def _stop_when(event: threading.Event) -> Any:
 
 def require_original(model: Any) -> list[tuple[int, Any]]:
     """The converted layers of ``model`` (to switch to softmax for a comparison); ModelError when none."""
-    from ..model.convert import linearized_layers
+    from ..model.linear_attention import linearized_layers
 
     layers = linearized_layers(model) or [  # an hf export runs a bundled copy of LinearizedAttention
         (m.layer_idx, m) for m in model.modules() if type(m).__name__ == "LinearizedAttention" and hasattr(m, "mode")

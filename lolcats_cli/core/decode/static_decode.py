@@ -25,7 +25,8 @@ where it would be used by default (``lolcats chat`` and :func:`install_static_ge
 
 :func:`install_static_generate` makes a model's plain ``generate()`` take the static loop where it can (greedy
 or sampling, a model the path runs, the device default above) and transformers' own loop otherwise; the models
-lolcats loads (``open_run``, ``load_adapter_export``) have it.
+lolcats loads (``open_run``, ``load_adapter_export``) have it. The ``hf`` export's model, which bundles this
+module, routes each ``generate()`` call the same way in its class (:func:`static_generate_kwargs`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ...kernels.static import StaticState, fold_width, static_step, static_suppo
 from ...kernels.triton_step import ENV as TRITON_STEP_ENV
 from ...kernels.triton_hybrid import triton_available
 from ...kernels.triton_step import triton_step, triton_step_enabled, triton_step_problem
-from ..model.convert import linearized_layers
+from ..model.linear_attention import linearized_layers
 from .cache import LinearAttentionCache
 from .generation import HybridAttentionModule, HybridLayer
 
@@ -120,20 +121,28 @@ def plain_loop_needed(model: Any, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def static_generate_kwargs(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for ``model.generate(**kwargs)`` that decode through :func:`static_sample` when
+    :func:`static_wanted` (on CUDA by default; see :data:`ENV`) and the call is greedy or sampling
+    (:func:`plain_loop_needed`; a ``streamer`` is handed over as ``static_streamer``); ``kwargs`` unchanged
+    otherwise. What :func:`install_static_generate` and the ``hf`` export's ``generate`` apply to each call."""
+    if plain_loop_needed(model, kwargs) is not None or not static_wanted(model, None):
+        return kwargs
+    kwargs = {**kwargs, "custom_generate": static_sample}
+    if kwargs.get("streamer") is not None:
+        kwargs["static_streamer"] = kwargs.pop("streamer")
+    return kwargs
+
+
 def install_static_generate(model: Any) -> Any:
-    """Make ``model.generate()`` decode through :func:`static_sample` when :func:`static_wanted` (on CUDA by
-    default; see :data:`ENV`) and the call is greedy or sampling (:func:`plain_loop_needed`); every other call
-    goes to the model's own ``generate`` unchanged. A ``streamer`` is handed over as ``static_streamer``.
-    Returns ``model`` (its ``generate`` replaced on the instance)."""
+    """Make ``model.generate()`` decode through :func:`static_sample` where :func:`static_generate_kwargs` says
+    so; every other call goes to the model's own ``generate`` unchanged. Returns ``model`` (its ``generate``
+    replaced on the instance)."""
     plain = model.generate
 
     @functools.wraps(plain)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if plain_loop_needed(model, kwargs) is None and static_wanted(model, None):
-            kwargs["custom_generate"] = static_sample
-            if kwargs.get("streamer") is not None:
-                kwargs["static_streamer"] = kwargs.pop("streamer")
-        return plain(*args, **kwargs)
+        return plain(*args, **static_generate_kwargs(model, kwargs))
 
     model.generate = generate
     return model
@@ -392,5 +401,6 @@ def static_sample(
 
 __all__ = [
     "ENV", "StaticDecoder", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
-    "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_sample", "static_wanted",
+    "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_generate_kwargs", "static_sample",
+    "static_wanted",
 ]

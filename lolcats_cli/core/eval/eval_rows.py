@@ -52,7 +52,7 @@ def _combine(mask: Tensor, given: Any) -> Tensor:
 def sink_attention(model: nn.Module, window: int = SINK_WINDOW, sinks: int = SINK_TOKENS) -> Iterator[None]:
     """Within the block, every converted layer's softmax sees only the last ``window`` keys and the first
     ``sinks`` tokens (teacher mode). Implemented as forward pre-hooks that replace the attention mask."""
-    from ..model.convert import linearized_layers
+    from ..model.linear_attention import linearized_layers
 
     built: dict[tuple[int, int, torch.device], Tensor] = {}  # one mask per forward, shared by the layers
 
@@ -94,7 +94,7 @@ class _Zeroed(nn.Module):
 def zero_linear_branch(model: nn.Module) -> Iterator[None]:
     """Within the block phi_q is zero in every converted layer: the linear branch adds nothing to the
     numerator or the shared normaliser, so only the softmax window carries (student mode)."""
-    from ..model.convert import linearized_layers
+    from ..model.linear_attention import linearized_layers
 
     layers = [m for _, m in linearized_layers(model)]
     originals = [m.feature_map_q for m in layers]
@@ -109,7 +109,7 @@ def zero_linear_branch(model: nn.Module) -> Iterator[None]:
 
 def softmax_layers_of(model: nn.Module) -> list[int]:
     """The decoder layers of a converted model that are not converted (kept as softmax attention)."""
-    from ..model.convert import linearized_layers
+    from ..model.linear_attention import linearized_layers
 
     converted = {i for i, _ in linearized_layers(model)}
     return [i for i in range(model.config.num_hidden_layers) if i not in converted]
@@ -120,7 +120,7 @@ def recall_kernel(model: nn.Module, slots: int | None) -> Iterator[None]:
     """Within the block every converted layer runs the recall kernel with ``slots`` keys per KV head (None:
     ``LOLCATS_RECALL_SLOTS`` or its default); each layer's own kernel choice is restored afterwards."""
     from ...kernels.recall import RecallKernel
-    from ..model.convert import linearized_layers
+    from ..model.linear_attention import linearized_layers
 
     layers = [m for _, m in linearized_layers(model)]
     before = [m._kernel for m in layers]
@@ -142,7 +142,8 @@ def as_row(model: nn.Module, row: str, *, peft_model: Any = None, sink_window: i
     ``peft_model``: the PeftModel around ``model`` of a finetune run; its adapters are off for the softmax
     rows (the teacher is the original model). The previous mode is restored afterwards.
     """
-    from ..model.convert import linearized_layers, set_mode
+    from ..model.convert import set_mode
+    from ..model.linear_attention import linearized_layers
 
     if row not in ROWS:
         raise ConfigError(f"row {row!r} is not an evaluation row; {did_you_mean(row, ROWS)}valid: {', '.join(ROWS)}")

@@ -166,7 +166,8 @@ def perplexities(model: nn.Module, batches: dict[int, Tensor], device: torch.dev
 def attention_mse(model: nn.Module, ids: Tensor, device: torch.device) -> dict[int, float]:
     """Per-layer MSE of the (current variant of the) student's head outputs against the teacher's, on
     ``ids`` ``(N, T)`` with exact teacher inputs at every layer (transfer mode, docs/method.md section 3)."""
-    from ..model.convert import linearized_layers, set_mode
+    from ..model.convert import set_mode
+    from ..model.linear_attention import linearized_layers
     from ..train.transfer import TransferObjective
 
     before = linearized_layers(model)[0][1].mode

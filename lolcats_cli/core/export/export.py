@@ -7,7 +7,8 @@ Two formats:
   finetune run, the peft ``adapter/``. :func:`load_adapter_export` rebuilds the model from the base model
   and these files (lolcats and the plugins must be installed).
 * ``hf``: a self-contained Hugging Face model folder (see :mod:`.export_hf`) that loads with
-  ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` where lolcats is not installed.
+  ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` where lolcats is not installed; its
+  ``generate()`` takes the bundled static decode loop as the models of :func:`load_adapter_export` do.
 
 Nothing here reads or writes a pickle: tensors are safetensors, the rest JSON.
 """

@@ -7,11 +7,17 @@ Python modules that transformers' dynamic-module loader copies and imports under
   (so loading without ``trust_remote_code`` fails loudly instead of giving a plain softmax model);
 * ``modeling_lolcats.py``: ``LolcatsForCausalLM``, a subclass of the base architecture's own causal LM (weights
   load by their usual names) that swaps the converted layers' attention at init (student mode, which decodes
-  with the recurrent kernel in constant memory through any transformers cache);
+  with the recurrent kernel in constant memory through any transformers cache) and whose ``generate()``
+  takes the static decode loop as :func:`~lolcats_cli.core.decode.static_decode.install_static_generate` makes
+  lolcats' own models do (:func:`~lolcats_cli.core.decode.static_decode.static_generate_kwargs`: greedy and
+  sampling calls on CUDA replay one CUDA-graph-captured step per token, with the fused Triton step where
+  lolcats would use it; ``LOLCATS_STATIC_DECODE=0`` turns it off, ``=1`` on on any device; beam search and the
+  like keep transformers' loop);
 * the runtime, bundled by source: the attention module, every registered kernel (``LOLCATS_KERNEL`` picks
-  one there too), and the feature map's and window's plugin modules (built-in or third-party, found with
-  :mod:`inspect`), each import of ``lolcats_cli`` (or of the plugin's own package) rewritten to a flat
-  relative import of the bundled copy.
+  one there too), the static decode path (its loop, :mod:`~lolcats_cli.kernels.static` and the Triton step),
+  and the feature map's and window's plugin modules (built-in or third-party, found with :mod:`inspect`), each
+  import of ``lolcats_cli`` (or of the plugin's own package) rewritten to a flat relative import of the
+  bundled copy.
 
 :func:`bundle_modules` is generic: it follows the ``from ... import`` statements of the root modules into
 every bundled package and fails with :class:`~lolcats_cli.errors.PluginError` when a source cannot be
@@ -232,6 +238,15 @@ the attention of every converted decoder layer (``config.lolcats["layers"]``) is
 hybrid attention (a softmax window plus feature-map linear attention; see docs/method.md of lolcats), in
 student mode. Decoding keeps a constant-size recurrent state per converted layer in whatever
 transformers cache ``generate()`` builds (the bundled ``HybridLayer``): O(window) work and memory per token.
+
+``generate()`` takes the bundled static decode loop where it applies (``static_generate_kwargs`` per call):
+greedy or sampling calls on CUDA, on a model the static path runs (every layer converted, the additive
+state, an exact kernel: ``static_decode_problem`` says why not), decode through preallocated state buffers,
+one CUDA-graph replay per token (with ``LOLCATS_TRITON_STEP=1`` and triton installed, each layer's step the
+fused Triton one where the window is a built-in sliding or terrace one). ``LOLCATS_STATIC_DECODE=0``
+turns that off, ``LOLCATS_STATIC_DECODE=1`` on on any device (eager steps off CUDA); beam search, assisted or
+contrastive decoding, returned attentions or hidden states and ``custom_generate`` calls run transformers'
+own loop, as does every call the static path cannot take.
 """
 
 from __future__ import annotations
@@ -248,6 +263,7 @@ from .{attention_module} import LinearizedAttention
 from .{compat_module} import rotary_function as _rotary_function
 from .{feature_map_module} import {feature_map_class} as _FeatureMap
 from .{window_module} import {window_class} as _Window
+from .{static_module} import static_generate_kwargs as _static_generate_kwargs
 {manifest}
 
 
@@ -301,6 +317,10 @@ class {model_class}({base_class}):
                 _map.role, _map.layer_idx = _role, i  # as lolcats sets them (plugin API v3)
             setattr(layers[i], settings["attention_attr"], module)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base class's ``generate``, through the bundled static decode loop where it applies (module docstring)."""
+        return super().generate(*args, **_static_generate_kwargs(self, kwargs))
+
 
 __all__ = ["{model_class}"]
 '''
@@ -331,12 +351,14 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
     """
     from ... import hf_compat
     from ...kernels import registry
+    from ..decode import static_decode
     from ..model import linear_attention
 
     fm_module = _source_module(feature_map_cls, "feature map")
     win_module = _source_module(window_cls, "window")
     packages = {"lolcats_cli", fm_module.partition(".")[0], win_module.partition(".")[0]}
-    roots = [linear_attention.__name__, registry.__name__, fm_module, win_module]  # registry: every kernel
+    # registry: every kernel; static_decode: generate()'s static loop (kernels.static, the Triton step)
+    roots = [linear_attention.__name__, registry.__name__, static_decode.__name__, fm_module, win_module]
     bundle = bundle_modules(roots, packages)
     written = []
     for flat, text in bundle.files.items():
@@ -362,6 +384,7 @@ def write_code(out: Path, settings: dict[str, Any], base_model: Any, feature_map
         rotary_module=rotary[0], rotary_fn=rotary[1],
         attention_module=bundle.names[linear_attention.__name__],
         compat_module=bundle.names[hf_compat.__name__],
+        static_module=bundle.names[static_decode.__name__],
         feature_map_module=bundle.names[fm_module], feature_map_class=feature_map_cls.__name__,
         window_module=bundle.names[win_module], window_class=window_cls.__name__,
         external_imports="".join(f"import {name}  # noqa: F401 (bundled plugin code needs it)\n" for name in external),
@@ -391,7 +414,8 @@ def write_hf_export(run_dir: Path, out: Path, dtype: str = "auto") -> None:
     Weights are saved in :func:`export_dtype`; feature maps and window logits always stay fp32.
     """
     from ..model.architectures import arch_spec
-    from ..model.convert import describe, linearized_layers
+    from ..model.convert import describe
+    from ..model.linear_attention import linearized_layers
     from ..model.models import read_base_config
     from ..recipe.recipe import load_recipe
     from ..runs.workspace import open_run, plugin_versions

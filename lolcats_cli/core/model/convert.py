@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ...api import PLUGIN_API_VERSION
 from ...errors import ConfigError, ModelError
 from .architectures import arch_spec
-from .linear_attention import MODES, LinearizedAttention, check_mode
+from .linear_attention import MODES, LinearizedAttention, check_mode, linearized_layers
 from .registry import build_feature_map, build_window, check_feature_map_output
 
 # peft wraps a model as base_model.model.<original names>; attention state dicts drop that prefix so a
@@ -134,12 +134,6 @@ def convert_model(
     for i, module in replacements.items():
         setattr(decoder_layers[i], spec.attention, module)
     return model
-
-
-def linearized_layers(model: nn.Module) -> list[tuple[int, LinearizedAttention]]:
-    """``(layer_idx, module)`` for every converted layer, sorted; works through peft wrappers."""
-    found = [(m.layer_idx, m) for m in model.modules() if isinstance(m, LinearizedAttention)]
-    return sorted(found, key=lambda item: item[0])
 
 
 def _require_converted(model: nn.Module) -> list[tuple[int, LinearizedAttention]]:

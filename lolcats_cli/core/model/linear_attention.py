@@ -18,6 +18,8 @@ or additive mask, or a 2-D padding mask from flash-attention models). The studen
 padding: pad keys contribute nothing and each row's window positions count from its first real token, so
 a left-padded row gives the output of its prompt alone (:mod:`.generation`). Right padding is exact on the
 real tokens (attention is causal). Transfer mode ignores padding: train on packed sequences.
+
+:func:`linearized_layers` lists a model's converted layers (what the decode paths and the exports walk).
 """
 
 from __future__ import annotations
@@ -441,4 +443,14 @@ class LinearizedAttention(nn.Module):
         return out
 
 
-__all__ = ["DECAY_HORIZONS", "LinearizedAttention", "MODES", "initial_log_horizons", "check_mode", "softmax_attention", "sdpa_mask", "causal_window_mask"]
+
+def linearized_layers(model: nn.Module) -> list[tuple[int, LinearizedAttention]]:
+    """``(layer_idx, module)`` for every converted layer, sorted; works through peft wrappers."""
+    found = [(m.layer_idx, m) for m in model.modules() if isinstance(m, LinearizedAttention)]
+    return sorted(found, key=lambda item: item[0])
+
+
+__all__ = [
+    "DECAY_HORIZONS", "LinearizedAttention", "MODES", "causal_window_mask", "check_mode", "initial_log_horizons",
+    "linearized_layers", "sdpa_mask", "softmax_attention",
+]

@@ -237,7 +237,7 @@ def load_converted_model(recipe: Recipe, device: torch.device, mode: str = "stud
         delta_rule=att.delta_rule,
     )
     if att.kernel is not None:  # one kernel for every converted layer (None: chosen per device)
-        from ..model.convert import linearized_layers
+        from ..model.linear_attention import linearized_layers
 
         for _, layer in linearized_layers(model):
             layer.kernel = att.kernel

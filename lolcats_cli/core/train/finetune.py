@@ -31,7 +31,8 @@ import torch
 
 from ...errors import ConfigError
 from ..eval.evaluate import mean_token_nll as heldout_loss
-from ..model.convert import attention_parameters, attention_state_dict, linearized_layers, teacher_view
+from ..model.convert import attention_parameters, attention_state_dict, teacher_view
+from ..model.linear_attention import linearized_layers
 from ..progress import Reporter
 from ..recipe.recipe import Recipe, apply_overrides, load_recipe
 from ..runs.rundir import ADAPTER_DIR, ATTENTION_WEIGHTS, CHECKPOINTS, METRICS, RESOLVED_RECIPE, SOURCE

@@ -1,8 +1,9 @@
 """`lolcats export`: adapter and hf exports of a real transfer run and a real finetune run (tiny random Llama).
 
 Both formats must reload to the run's logits; the hf export must load and generate in a Python process where
-lolcats is not importable (``python -I -S`` with only site-packages on the path: no editable-install hooks);
-an adapter on the wrong base model fails naming both; no pickle is ever written.
+lolcats is not importable (``python -I -S`` with only site-packages on the path: no editable-install hooks),
+its ``generate()`` through the bundled static decode loop too; an adapter on the wrong base model fails naming
+both; no pickle is ever written.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def test_adapter_on_the_wrong_base_model_fails_naming_both(runs, tiny_model_dir,
     assert "num_hidden_layers 2 vs 3" in message and "num_attention_heads 4 vs 8" in message
 
 
-ISOLATED = r"""
-import json, sys
+WITHOUT_LOLCATS = r"""
+import json, os, sys
 cfg = json.loads(sys.argv[1])
 sys.path[:] = [p for p in sys.path if "site-packages" not in p] + cfg["site"]
 for name in ("lolcats_cli", "lolcats_example_plugin"):
@@ -139,6 +140,9 @@ for name in ("lolcats_cli", "lolcats_example_plugin"):
     except ModuleNotFoundError:
         continue
     raise SystemExit(f"{name} must not be importable here, found {found.__file__}")
+"""
+
+ISOLATED = WITHOUT_LOLCATS + r"""
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,6 +164,45 @@ for name, folder in cfg["exports"].items():
     print(name, type(model).__name__, repr(tokenizer.decode(gen.sequences[0, 12:])))
 save_file({k: v.contiguous() for k, v in out.items()}, cfg["out"])
 """
+
+STATIC = WITHOUT_LOLCATS + r"""
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(cfg["folder"], trust_remote_code=True, use_safetensors=True)
+package = type(model).__module__.rpartition(".")[0]  # transformers' dynamic module of the folder
+static = sys.modules[package + ".lolcats_core_decode_static_decode"]  # the bundled copy, not lolcats'
+ids, mask = torch.tensor(cfg["ids"]), torch.tensor(cfg["mask"])
+kwargs = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+out = {}
+with torch.no_grad():
+    os.environ["LOLCATS_STATIC_DECODE"] = "0"
+    out["plain"] = model.generate(ids, **kwargs).tolist()
+    os.environ["LOLCATS_STATIC_DECODE"] = "1"  # the CUDA default, on this CPU (eager static steps)
+    model.generate(ids, num_beams=2, **{**kwargs, "max_new_tokens": 3, "min_new_tokens": 3})
+    out["beams_ran_static"] = model in static._DECODERS  # beam search stays on transformers' loop
+    out["static"] = model.generate(ids, **kwargs).tolist()
+decoder = static._DECODERS.get(model)  # the static loop caches its decoder on the model
+if decoder is not None:
+    out["decoder"] = {"batch": decoder.batch, "length": decoder.layers[0].get_seq_length(),
+                      "step": decoder.step_name, "module": type(decoder).__module__}
+with open(cfg["out"], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _run_without_lolcats(script: str, cfg: dict, tmp_path: Path) -> None:
+    """Run ``script`` (json ``cfg`` as its argument) in a Python where neither lolcats nor the example plugin is
+    importable; fails the test with its output when it fails."""
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    path = tmp_path / "isolated.py"
+    path.write_text(script)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    env.pop("LOLCATS_STATIC_DECODE", None)
+    # -I: no PYTHONPATH, no user site, no script or cwd on sys.path; -S: no .pth files (the editable install)
+    done = subprocess.run([sys.executable, "-I", "-S", str(path), json.dumps({**cfg, "site": site})], check=False,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
 
 
 def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_logits, ids, tmp_path) -> None:
@@ -187,17 +230,9 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_log
             named = [getattr(n, "module", None) or "" for n in imports] + [a.name for n in imports for a in n.names]
             assert not [m for m in named if m.startswith("lolcats_cli")], source.name
 
-    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    script = tmp_path / "isolated.py"
-    script.write_text(ISOLATED)
-    cfg = {"site": site, "exports": {k: str(v) for k, v in exports.items()}, "ids": ids.tolist(),
+    cfg = {"exports": {k: str(v) for k, v in exports.items()}, "ids": ids.tolist(),
            "out": str(tmp_path / "isolated.safetensors")}
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
-    # -I: no PYTHONPATH, no user site, no script or cwd on sys.path; -S: no .pth files (the editable install)
-    done = subprocess.run([sys.executable, "-I", "-S", str(script), json.dumps(cfg)], check=False,
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    _run_without_lolcats(ISOLATED, cfg, tmp_path)
     got = load_file(cfg["out"])
     for name in exports:
         torch.testing.assert_close(got[f"{name}.logits"], run_logits[name], atol=TOL, rtol=TOL)
@@ -213,6 +248,25 @@ def test_hf_export_loads_and_generates_without_lolcats(runs, plugin_run, run_log
     probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import lolcats_cli"], check=False,
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.returncode != 0 and "No module named 'lolcats_cli'" in probe.stderr
+
+
+def test_hf_export_generates_through_its_bundled_static_loop(runs, ids, tmp_path) -> None:
+    """``LOLCATS_STATIC_DECODE=1`` on CPU: greedy ``generate()`` of a left-padded batch runs the bundled static
+    loop (its decoder is cached on the model, stepped to the end) and gives transformers' loop's tokens."""
+    folder = export_run(runs["transfer"], tmp_path / "hf", "hf")
+    for module in ("core_decode_static_decode", "kernels_static", "kernels_triton_step"):
+        assert (folder / f"lolcats_{module}.py").is_file(), module
+    assert not (folder / "lolcats_core_model_convert.py").exists()  # the decode path needs no conversion code
+    prompts = ids[:, :12].clone()
+    mask = torch.ones_like(prompts)
+    prompts[1, :5], mask[1, :5] = 0, 0  # the second row: 7 tokens, left-padded
+    cfg = {"folder": str(folder), "ids": prompts.tolist(), "mask": mask.tolist(), "out": str(tmp_path / "out.json")}
+    _run_without_lolcats(STATIC, cfg, tmp_path)
+    got = json.loads(Path(cfg["out"]).read_text())
+    assert not got["beams_ran_static"]
+    assert got["decoder"].pop("module").endswith(".lolcats_core_decode_static_decode")  # the bundled copy
+    assert got["decoder"] == {"batch": 2, "length": 12 + 20 - 1, "step": "torch"}  # stepped to the last token
+    assert len(got["static"][0]) == 12 + 20 and got["static"] == got["plain"]
 
 
 def test_export_refuses_to_replace_what_it_did_not_write(runs, tmp_path) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 from ....errors import ConfigError
 from ...data.data import build_datasets
 from ...model.architectures import arch_spec
-from ...model.convert import attention_state_dict, linearized_layers, load_attention_state_dict, set_mode
+from ...model.convert import attention_state_dict, load_attention_state_dict, set_mode
+from ...model.linear_attention import linearized_layers
 from ...model.models import load_tokenizer, read_base_config
 from ...progress import NullReporter
 from ...runs.rundir import ATTENTION_WEIGHTS, BLOCKS, CHECKPOINTS, METRICS
