@@ -8,7 +8,15 @@ Per shape and sequence length N (batch = tokens // N: N=1024 B16, N=4096 B4, N=1
 * ``sdpa``: ``scaled_dot_product_attention``, causal, flash backend, bf16 (GQA through ``enable_gqa``, else
   the keys and values repeated, as transformers does);
 * ``chunked``: the chunked PyTorch kernel (``lolcats_cli.kernels.chunked``) under bf16 autocast;
-* ``triton`` and ``triton+decay``: the fused Triton kernel (``lolcats_cli.kernels.triton_hybrid``), bf16 inputs.
+* ``triton`` and ``triton+decay``: the fused Triton kernel (``lolcats_cli.kernels.triton_hybrid``), bf16 inputs;
+* ``delta``: the delta-rule state (PyTorch, no fused kernel);
+* ``fla-linear`` and ``fla-simple-gla``, when ``import fla`` works (flash-linear-attention, else a note is
+  printed and they are skipped): fla's chunked Triton kernels for linear attention alone, no sliding window, as
+  a speed floor. ``fla-linear`` is ``fla.ops.linear_attn.chunk_linear_attn`` (normalized, like the hybrid's
+  linear term); ``fla-simple-gla`` is ``fla.ops.simple_gla.chunk_simple_gla`` with the per-head decay as
+  ``g_gamma`` (unnormalized; fla gives ``g_gamma`` no gradient). Both run on the same feature-mapped q and k
+  (computed inside the timed call, as for the hybrid forms) in fla's ``(B, T, H, F)`` layout, v ``(B, T, H, D)``,
+  bf16, with K and V repeated to the query heads (fla has no GQA).
 
 The hybrid forms run the recipes' layer: terrace window 64 with 4 sinks, a Hedgehog-like feature map with
 learnable fp32 weights (128 features) computed inside the timed call, gradients into q, k, v, both maps'
@@ -50,7 +58,8 @@ SHAPES = {  # name: (query heads, KV heads, head dim)
 }
 F_HALF = 64  # Hedgehog feature_dim 64 of the recipes: 128 features
 WINDOW = Terrace(WindowParams(size=64, sinks=4))
-METHODS = ["sdpa", "chunked", "triton", "triton+decay", "delta"]  # delta: the delta-rule state (PyTorch, no fused kernel)
+FLA_METHODS = ["fla-linear", "fla-simple-gla"]  # flash-linear-attention's kernels, run only when it imports
+METHODS = ["sdpa", "chunked", "triton", "triton+decay", "delta", *FLA_METHODS]
 GiB = 2**30
 DEVICE = "cuda"
 
@@ -82,9 +91,50 @@ def make_inputs(shape: str, B: int, N: int, dtype: torch.dtype, seed: int = 0) -
     }  # fmt: skip
 
 
+def fla_status() -> str | None:
+    """None when flash-linear-attention imports (with the ops the fla rows call), else why not."""
+    try:
+        import fla.ops.linear_attn  # noqa: F401
+        import fla.ops.simple_gla  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (not installed, or broken against this torch / triton)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def fla_inputs(x: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature-mapped q and k ``(B, T, H, F)`` and v ``(B, T, H, D)``, bf16, in fla's layout (sequence before
+    heads; fla removed ``head_first``). fla's linear attention has no GQA: it takes one key and value head per
+    query head, so K and V are repeated to the query heads first (``repeat_interleave``, as transformers does);
+    the feature map then runs on every query head, as in the hybrid kernels."""
+    q, k, v = x["q"], x["k"], x["v"]
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    fq, fk = x["phi_q"](q), x["phi_k"](k)  # (B, H, T, F) fp32
+    bf16 = torch.bfloat16
+    return fq.transpose(1, 2).to(bf16), fk.transpose(1, 2).to(bf16), v.transpose(1, 2).to(bf16)
+
+
+def fla_call(method: str, x: dict) -> Tensor:
+    """One forward of an fla row; returns ``(B, H, T, D)`` like the other methods. ``scale=1``: the feature
+    maps' dot products are used as they are (as in the hybrid's linear term)."""
+    fq, fk, v = fla_inputs(x)
+    if method == "fla-linear":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        y, _ = chunk_linear_attn(fq, fk, v, scale=1.0, normalize=True, output_final_state=False)
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        # g_gamma (H,): log of the per-step decay, data-independent, the same as our log_decay (natural log)
+        y, _ = chunk_simple_gla(fq, fk, v, g_gamma=x["log_decay"].float(), scale=1.0, output_final_state=False)
+    return y.transpose(1, 2)
+
+
 def leaves(x: dict, method: str) -> list[Tensor]:
     """The tensors that get gradients (as stage 1 trains them)."""
     out = [x["q"], x["k"], x["v"]]
+    if method in FLA_METHODS:  # no window; fla's g_gamma takes no gradient
+        return out + [x["phi_q"].W, x["phi_k"].W]
     if method != "sdpa":
         out += [x["phi_q"].W, x["phi_k"].W, x["window_logits"]]
     if method in ("triton+decay", "delta"):
@@ -110,6 +160,8 @@ def call(method: str, x: dict) -> Tensor:
     """One forward of ``method`` on inputs ``x``."""
     if method == "sdpa":
         return sdpa(x["q"], x["k"], x["v"])
+    if method in FLA_METHODS:
+        return fla_call(method, x)
     args = (x["q"], x["k"], x["v"], x["phi_q"], x["phi_k"], x["window_logits"], WINDOW)
     if method == "chunked":
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -248,8 +300,20 @@ def main() -> None:
         triton_version = triton.__version__
     except Exception as e:  # noqa: BLE001
         triton_version = f"not importable: {e!r}"
+    fla_error = fla_status() if any(m in FLA_METHODS for m in args.methods) else "not asked for"
+    if fla_error is None:
+        import fla
+
+        fla_version = getattr(fla, "__version__", "unknown")
+    else:
+        fla_version = f"not importable: {fla_error}"
+        skipped = [m for m in args.methods if m in FLA_METHODS]
+        if skipped:
+            print(f"note: flash-linear-attention is not importable ({fla_error}): skipping {', '.join(skipped)}",
+                  flush=True)
+            args.methods = [m for m in args.methods if m not in FLA_METHODS]
     env = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "window": repr(WINDOW), "features": 2 * F_HALF,
+           "python": platform.python_version(), "fla": fla_version, "window": repr(WINDOW), "features": 2 * F_HALF,
            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     results: dict = {"env": env, "timings": [], "agreement": [], "errors": []}
@@ -285,7 +349,7 @@ def main() -> None:
             except Exception:  # noqa: BLE001
                 pass
 
-    head = f"{'shape':<8} {'N':>6} {'B':>3} {'method':<13} {'fwd ms':>8} {'fwd GiB':>8} {'f+b ms':>8} {'f+b GiB':>8}"
+    head = f"{'shape':<8} {'N':>6} {'B':>3} {'method':<14} {'fwd ms':>8} {'fwd GiB':>8} {'f+b ms':>8} {'f+b GiB':>8}"
     for shape in args.shapes:
         H, Hkv, D = SHAPES[shape]
         print(f"\n{shape}: {H} q / {Hkv} kv heads, D={D}, F={2 * F_HALF}, {args.tokens} tokens per call")
@@ -308,7 +372,7 @@ def main() -> None:
                 results["timings"].append({"shape": shape, "N": N, "B": B, "method": method, **r, **ratios})
                 save()
                 ratio_txt = (f" {ratios['fwd_vs_sdpa']:>8.2f}x {ratios['fwd_bwd_vs_sdpa']:>8.2f}x" if ratios else "")
-                print(f"{shape:<8} {N:>6} {B:>3} {method:<13} {r['forward_ms']:>8.2f} {r['forward_peak_gib']:>8.2f} "
+                print(f"{shape:<8} {N:>6} {B:>3} {method:<14} {r['forward_ms']:>8.2f} {r['forward_peak_gib']:>8.2f} "
                       f"{r['fwd_bwd_ms']:>8.2f} {r['fwd_bwd_peak_gib']:>8.2f}" + ratio_txt, flush=True)
 
     if not args.no_check:

@@ -58,6 +58,38 @@ class RowSource(Protocol):
     def take(self, rows: Tensor) -> Tensor: ...
 
 
+def planned_steps(settings: Any, num_rows: int, seq_len: int) -> int:
+    """The updates a run of ``settings`` makes over ``num_rows`` sequences of ``seq_len`` tokens: its epochs,
+    capped by ``max_steps`` and ``max_tokens``."""
+    s = settings
+    steps = math.ceil(s.epochs * math.ceil(num_rows / s.batch_size) / s.grad_accum)
+    if s.max_steps is not None:
+        steps = min(steps, s.max_steps)
+    if s.max_tokens is not None:
+        per_step = s.grad_accum * s.batch_size * seq_len
+        steps = min(steps, max(1, math.ceil(s.max_tokens / per_step)))
+    return max(steps, 1)
+
+
+def micro_batch_rows(settings: Any, num_rows: int, i: int) -> Tensor:
+    """The rows of micro-batch ``i``: the epochs one after another, each in its own order, seeded by
+    ``seed + epoch``."""
+    per_epoch = math.ceil(num_rows / settings.batch_size)
+    epoch, j = divmod(i % (settings.epochs * per_epoch), per_epoch)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(settings.seed + epoch))
+    return order[j * settings.batch_size : (j + 1) * settings.batch_size]
+
+
+def rows_read(settings: Any, num_rows: int, seq_len: int) -> Tensor:
+    """Every row a run of ``settings`` reads (sorted): all of them once it reaches a whole epoch, else the
+    first rows of the first epoch's order. Block-wise transfer stores the inputs of these rows only."""
+    micro = min(planned_steps(settings, num_rows, seq_len) * settings.grad_accum,
+                settings.epochs * math.ceil(num_rows / settings.batch_size))
+    if micro * settings.batch_size >= num_rows:
+        return torch.arange(num_rows)
+    return torch.cat([micro_batch_rows(settings, num_rows, i) for i in range(micro)]).sort().values
+
+
 class TensorRows:
     """A :class:`RowSource` over a tensor held in memory (token ids ``(N, L)``, say)."""
 
@@ -213,27 +245,14 @@ class Trainer:
         n = rows.num_rows
         self.micro_per_epoch = math.ceil(n / settings.batch_size)
         self.total_micro = settings.epochs * self.micro_per_epoch
-        self.total_steps = self._plan_steps()
+        self.total_steps = planned_steps(settings, n, rows.seq_len)
         self._last_loss = float("nan")
         self._saved: tuple[Path, int] | None = None  # (folder, step) of the newest complete checkpoint
         self._step = 0  # updates done (what an interruption reports)
 
-    # ----------------------------------------------------------------------------------------- planning
-    def _plan_steps(self) -> int:
-        s = self.s
-        steps = math.ceil(self.total_micro / s.grad_accum)
-        if s.max_steps is not None:
-            steps = min(steps, s.max_steps)
-        if s.max_tokens is not None:
-            per_step = s.grad_accum * s.batch_size * self.rows.seq_len
-            steps = min(steps, max(1, math.ceil(s.max_tokens / per_step)))
-        return max(steps, 1)
-
     def _micro_batch(self, i: int) -> tuple[Tensor, Tensor | None]:
-        """Micro-batch ``i`` of the stream: the epochs one after another, each in its own seeded order."""
-        epoch, j = divmod(i % self.total_micro, self.micro_per_epoch)
-        order = torch.randperm(self.rows.num_rows, generator=torch.Generator().manual_seed(self.s.seed + epoch))
-        rows = order[j * self.s.batch_size : (j + 1) * self.s.batch_size]
+        """Micro-batch ``i`` of the stream (:func:`micro_batch_rows`)."""
+        rows = micro_batch_rows(self.s, self.rows.num_rows, i)
         ids = self.rows.take(rows).to(self.device)
         labels = None if self.labels is None else self.labels[rows].to(self.device)
         return ids, labels

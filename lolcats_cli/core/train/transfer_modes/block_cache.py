@@ -110,6 +110,12 @@ class StoredRows:
         self.cache, self.split, self.block = cache, split, block
         self.num_rows, self.seq_len = cache.rows[split], cache.seq_len
         self._open: dict[int, Any] = {}
+        self._where: torch.Tensor | None = None  # a source row's stored position (-1: not stored)
+        ids = cache.row_ids.get(split)
+        if ids is not None:
+            self.num_rows = cache.source_rows[split]
+            self._where = torch.full((self.num_rows,), -1, dtype=torch.long)
+            self._where[ids] = torch.arange(len(ids))
 
     def _file(self, shard: int) -> Any:
         if shard not in self._open:
@@ -121,6 +127,12 @@ class StoredRows:
         return self._open[shard]
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._where is not None:
+            where = self._where[rows]
+            if bool((where < 0).any()):
+                raise TrainingError(f"rows {rows[where < 0].tolist()} of {self.split} were not stored for {self.block.name}",
+                                    f"delete {self.cache.inputs} and run again with --resume: the teacher pass stores them")
+            rows = where
         out = []
         for r in rows.tolist():
             shard, offset = divmod(int(r), self.cache.shard_rows)
@@ -136,12 +148,17 @@ class BlockCache:
     """Where the teacher pass writes each block's inputs and each block's training leaves its result."""
 
     def __init__(self, root: Path, blocks: Sequence[Block], *, seq_len: int, hidden: int, dtype: str,
-                 rows: dict[str, int], shard_rows: int | None = None) -> None:
+                 rows: dict[str, int], shard_rows: int | None = None,
+                 row_ids: dict[str, torch.Tensor] | None = None) -> None:
+        """``rows``: the rows of each split; ``row_ids``: for a split of which only some rows are stored (those
+        training reads), their indices among its ``rows[split]`` (sorted); :meth:`stored` maps them back."""
         self.root, self.blocks = Path(root), list(blocks)
         self.seq_len, self.hidden, self.dtype_name = seq_len, hidden, dtype
         self.dtype = DTYPES[dtype]
         self.scaled = dtype == "float8"  # values with a float32 scale per row
-        self.rows = dict(rows)
+        self.row_ids = dict(row_ids or {})
+        self.source_rows = dict(rows)
+        self.rows = {split: len(self.row_ids[split]) if split in self.row_ids else n for split, n in rows.items()}
         per_row = seq_len * hidden * self.dtype.itemsize
         self.shard_rows = shard_rows or max(1, SHARD_BYTES // per_row)
 
@@ -188,6 +205,7 @@ class BlockCache:
         return {
             "format": MANIFEST_FORMAT, "dtype": self.dtype_name, "seq_len": self.seq_len, "hidden_size": self.hidden,
             "shard_rows": self.shard_rows, "rows": self.rows,
+            **({"of_rows": self.source_rows} if self.row_ids else {}),
             "blocks": [{"name": b.name, "layers": [b.start, b.stop]} for b in self.blocks],
             "what": "the raw residual-stream input of each block's first decoder layer",
             **({"scale": "float32 per row, beside the values: input = float8 value x scale"} if self.scaled else {}),

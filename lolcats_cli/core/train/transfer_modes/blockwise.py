@@ -28,7 +28,7 @@ from ...runs.rundir import ATTENTION_WEIGHTS, BLOCKS, CHECKPOINTS, METRICS
 from ...runs.workspace import load_converted_model, record_run
 from ..checkpoint import load_json, load_tensors, save_json, save_tensors
 from ..precision import autocast_for
-from ..trainer import latest_checkpoint
+from ..trainer import latest_checkpoint, rows_read
 from .block_cache import Block, BlockCache, check_disk, plan_blocks
 from .common import (
     TransferJob,
@@ -122,9 +122,12 @@ def run_blockwise(job: TransferJob) -> TransferResult:
     config = read_base_config(recipe.model)
     num_layers = config.num_hidden_layers
     blocks = plan_blocks(num_layers, k, converted_layers(recipe, num_layers))
+    num_train = int(train.input_ids.shape[0])
+    read = rows_read(recipe.transfer, num_train, recipe.data.seq_len)  # a budget short of an epoch reads fewer
     cache = BlockCache(run_dir / BLOCKS, blocks, seq_len=recipe.data.seq_len, hidden=config.hidden_size,
                        dtype=recipe.transfer.block_cache_dtype,
-                       rows={"train": int(train.input_ids.shape[0]), "heldout": int(eval_ids.shape[0])})
+                       rows={"train": num_train, "heldout": int(eval_ids.shape[0])},
+                       row_ids={"train": read} if len(read) < num_train else None)
     pending = [b for b in blocks if not cache.is_trained(b)]
     line = check_disk(cache, pending, k, -(-num_layers // k))  # before the model is loaded
     if dist.is_main:
@@ -135,7 +138,7 @@ def run_blockwise(job: TransferJob) -> TransferResult:
         record_run(run_dir, recipe)
     teacher_start = time.perf_counter()
     if pending and not cache.complete():
-        _teacher_pass(job, model, cache, pending, {"train": train.input_ids, "heldout": eval_ids})
+        _teacher_pass(job, model, cache, pending, {"train": train.input_ids[read], "heldout": eval_ids})
         dist.barrier()
         if dist.is_main:
             cache.mark_complete()

@@ -60,7 +60,10 @@ def test_one_block_of_every_layer_matches_joint_transfer(model_dir, tmp_path):
     assert [b["block"] for b in metrics["blocks"]] == ["block-000"]
     # the trained blocks' inputs are deleted; their weights, summaries and the manifest stay
     assert not list((tmp_path / "block" / "blocks" / "inputs").glob("*/*.safetensors"))
-    assert (tmp_path / "block" / "blocks" / "inputs" / "manifest.json").exists()
+    manifest = json.loads((tmp_path / "block" / "blocks" / "inputs" / "manifest.json").read_text())
+    # 4 steps x grad_accum 2 x batch 1 read 8 training rows: only those were stored, not all of them
+    assert manifest["rows"]["train"] == 8 < manifest["of_rows"]["train"]
+    assert metrics["block_inputs"]["tokens"] == (8 + manifest["rows"]["heldout"]) * manifest["seq_len"]
 
 
 def test_the_stored_block_input_is_the_raw_residual_stream(model_dir):
@@ -133,7 +136,7 @@ class StopAfterFirstShard(InterruptIn):
 def test_a_run_killed_in_the_teacher_pass_keeps_the_shards_it_stored(model_dir, blocks_of_one, tmp_path, monkeypatch):
     from lolcats_cli.core.train.transfer_modes import block_cache
 
-    monkeypatch.setattr(block_cache, "SHARD_BYTES", 8 * 96 * 64 * 4)  # 8 fp32 rows of 96 x 64 per shard file
+    monkeypatch.setattr(block_cache, "SHARD_BYTES", 2 * 96 * 64 * 4)  # 2 fp32 rows of 96 x 64 per shard file
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_transfer(tiny_recipe(model_dir, *BLOCKS_OF_ONE), run, reporter=StopAfterFirstShard(True), device="cpu")
@@ -145,7 +148,8 @@ def test_a_run_killed_in_the_teacher_pass_keeps_the_shards_it_stored(model_dir, 
     again = StopAfterFirstShard(False)
     run_transfer(None, run, resume=True, reporter=again, device="cpu")
     stored = [line.split(" (")[0] for line in again.lines if line.startswith("teacher pass")]
-    assert stored == [f"teacher pass: train shard {i} stored" for i in (2, 3, 4, 5)] + [
+    # the 8 training rows 4 steps read, 2 per shard; then the 2 held-out rows
+    assert stored == [f"teacher pass: train shard {i} stored" for i in (2, 3, 4)] + [
         "teacher pass: heldout shard 1 stored"]
     _same_weights(blocks_of_one, run)
 
@@ -156,8 +160,8 @@ def test_too_little_disk_is_refused_with_the_numbers_before_the_model_loads(mode
     monkeypatch.setattr(block_cache, "free_bytes", lambda path: 10_000)
     with pytest.raises(TrainingError) as err:
         run_transfer(tiny_recipe(model_dir, "transfer.block_size=1"), tmp_path / "run", device="cpu")
-    # 40 training + 2 held-out sequences of 96 tokens, hidden size 64, bf16, 2 blocks
-    tokens = 42 * 96
+    # the 12 training rows 6 steps x grad_accum 2 read (of 40) + 2 held-out, of 96 tokens; hidden 64, bf16, 2 blocks
+    tokens = 14 * 96
     need = 2 * tokens * 64 * 2
     message = str(err.value)
     assert f"2 bytes x {tokens:,} tokens x 64 hidden x 2 blocks" in message
@@ -283,7 +287,7 @@ def test_float8_block_inputs_take_half_the_disk_of_bfloat16(tmp_path, tiny_model
     assert plans["float8"].disk["block_inputs"] * 2 == plans["bfloat16"].disk["block_inputs"] == 2 * planned * 64 * 2
     assert plans["float8"].disk["formula"] == f"1 byte x {planned:,} tokens x 64 hidden x 2 blocks"
     assert plans["bfloat16"].disk["formula"] == f"2 bytes x {planned:,} tokens x 64 hidden x 2 blocks"
-    tokens = 42 * 96  # the run stores every sequence: 40 training + 2 held-out of 96 tokens
+    tokens = planned  # the run stores what its training reads, as --dry-run counts: 12 training + 2 held-out rows
 
     monkeypatch.setattr(block_cache, "free_bytes", lambda path: 10_000)
     with pytest.raises(TrainingError) as err:  # the disk check before the model loads says the same
