@@ -273,19 +273,22 @@ def delta_step(
     k_all = torch.cat([state.k_buf.to(k.dtype), k], dim=2)  # positions [L - P, L + t)
     v_all = torch.cat([state.v_buf.to(v.dtype), v], dim=2)
     k_pos = torch.arange(L - P, L + t, device=q.device)
-    kh, vt, beta = delta_inputs(k_all, v_all, keys, H, 0)
-    beta = beta * ((k_pos >= sinks) & (k_pos >= 0)).float()
     d = _decay(log_decay, torch.ones((), device=q.device)).view(1, -1, 1, 1)
     A = torch.cat([state.S, state.z.unsqueeze(-1)], dim=-1)
-    folded = folded_before(window, L)
+    folded = first = folded_before(window, L)
+    # only the keys that enter the state during these t tokens, positions [first, last), get features and beta
+    starts = [min(max(int(window.start(torch.tensor(L + i)).item()), 0), L + i + 1) for i in range(t)]
+    last = max([first, *starts, *(folded_before(window, L + i + 1) for i in range(t))])
+    span = slice(first - (L - P), last - (L - P))
+    kh, vt, beta = delta_inputs(k_all[:, :, span], v_all[:, :, span], keys, H, 0)
+    beta = beta * ((k_pos[span] >= sinks) & (k_pos[span] >= 0)).float()
     k_sink, v_sink = filled_sinks(state, k, v, window)
     fq = phi_q(q).float()
     outs = []
     for i in range(t):
-        p = L + i
-        start = min(max(int(window.start(torch.tensor(p)).item()), 0), p + 1)
+        p, start = L + i, starts[i]
         if start > folded:
-            idx = slice(folded - (L - P), start - (L - P))
+            idx = slice(folded - first, start - first)
             A, folded = _fold(A, kh[:, :, idx], vt[:, :, idx], beta[:, :, idx], d), start
         lin = torch.einsum("bhf,bhfv->bhv", fq[:, :, i], A)  # (B, H, Dv + 1); A is 0 before any key entered
         lin = lin * _decay(log_decay, torch.tensor(float(p - start + 1), device=q.device)).view(1, -1, 1)
@@ -303,7 +306,7 @@ def delta_step(
         outs.append(_combine(num, den, lin))
         end = folded_before(window, p + 1)
         if end > folded:
-            idx = slice(folded - (L - P), end - (L - P))
+            idx = slice(folded - first, end - first)
             A, folded = _fold(A, kh[:, :, idx], vt[:, :, idx], beta[:, :, idx], d), end
     y = torch.stack(outs, dim=2).to(q.dtype)
     new_state = HybridState(k_all[:, :, t:].clone(), v_all[:, :, t:].clone(), A[..., :-1], A[..., -1], L + t,
