@@ -171,14 +171,15 @@ def _shift(x: Tensor, o: int) -> Tensor:
 
 
 def delta_read(fq: Tensor, kh: Tensor, vt: Tensor, beta: Tensor, window: Window, log_decay: Tensor | None,
-               C: int) -> Tensor:  # fmt: skip
+               C: int, scan: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """The linear branch of every query, ``d^(n - s + 1) phi_q(q_n)^T A(s - 1)`` ``(B, H, T, Dv + 1)``, in chunks.
 
     Query n reads the state after key ``i = start(n) - 1``: in key chunk ``c' = i // C``, its first ``i % C + 1``
     keys on top of that chunk's start state. Queries of chunk c read key chunks c - o, ``o <= span / C + 1``.
+    ``scan``: :func:`_chunk_scan` of these keys, when the caller has it already.
     """
     T = fq.shape[2]
-    A0, P, Kc = _chunk_scan(kh, vt, beta, log_decay, C)
+    A0, P, Kc = _chunk_scan(kh, vt, beta, log_decay, C) if scan is None else scan
     N = A0.shape[2]
     pos = torch.arange(N * C, device=fq.device)
     last = window.start(pos).clamp(0, None).minimum(pos + 1) - 1  # (N C,) index of the last key read; -1: none
@@ -212,12 +213,22 @@ def hybrid_delta_chunked(
         return q.new_zeros(B, H, 0, v.shape[-1])
     C = DEFAULT_CHUNK if chunk_size is None else chunk_size
     scale = D**-0.5 if scale is None else scale
+    return _delta_chunked(q, k, v, phi_q, phi_k, window_logits, window, scale, C, log_decay)[0]
+
+
+def _delta_chunked(
+    q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor, window: Window,
+    scale: float, C: int, log_decay: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:  # fmt: skip
+    """:func:`hybrid_delta_chunked` (T >= 1) and its :func:`_chunk_scan` of every key, for a prefill's state."""
+    B, H, T, _ = q.shape
     keys = _delta_keys(phi_k)
     fq = phi_q(q).float()
     no_linear = fq.new_zeros(B, H, T, fq.shape[-1])
     num, den = chunked_from_features(q, k, v, fq, no_linear, window_logits, window, scale, C, None, parts=True)
     kh, vt, beta = delta_inputs(k, v, keys, H, window.sinks)
-    return _combine(num, den, delta_read(fq, kh, vt, beta, window, log_decay, C)).to(q.dtype)
+    scan = _chunk_scan(kh, vt, beta, log_decay, C)
+    return _combine(num, den, delta_read(fq, kh, vt, beta, window, log_decay, C, scan)).to(q.dtype), scan
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -238,13 +249,19 @@ def delta_prefill(
 ) -> tuple[Tensor, HybridState]:  # fmt: skip
     """:func:`hybrid_delta_chunked` over a prompt from position 0, and the decode state after it."""
     B, H, T, D = q.shape
-    y = hybrid_delta_chunked(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay=log_decay)
-    keys = _delta_keys(phi_k)
+    check_inputs(q, k, v, window_logits, log_decay)
+    scale = D**-0.5 if scale is None else scale
     folded = folded_before(window, T)
-    kh, vt, beta = delta_inputs(k[:, :, :folded], v[:, :, :folded], keys, H, window.sinks)
-    A = q.new_zeros(B, H, kh.shape[-1], v.shape[-1] + 1, dtype=torch.float32)
+    if T == 0:
+        y = q.new_zeros(B, H, 0, v.shape[-1])
+        A = q.new_zeros(B, H, phi_k(expand_kv(k, H)).shape[-1], v.shape[-1] + 1, dtype=torch.float32)
+    else:
+        # the state after the keys before `folded` is read off the sequence's own chunk scan: row r of a chunk's
+        # pseudo-values depends on its rows <= r only, so the keys after `folded` change nothing there
+        y, (A0, P, Kc) = _delta_chunked(q, k, v, phi_q, phi_k, window_logits, window, scale, DEFAULT_CHUNK,
+                                        log_decay)  # fmt: skip
+        A = q.new_zeros(B, H, Kc.shape[-1], v.shape[-1] + 1, dtype=torch.float32)
     if folded:
-        A0, P, Kc = _chunk_scan(kh, vt, beta, log_decay, DEFAULT_CHUNK)
         c, r = (folded - 1) // DEFAULT_CHUNK, (folded - 1) % DEFAULT_CHUNK
         gamma = _decay(log_decay, torch.tensor(float(r + 1), device=q.device)).view(1, -1, 1, 1)
         A = gamma * (A0[:, :, c] + Kc[:, :, c, : r + 1].transpose(-1, -2) @ P[:, :, c, : r + 1])

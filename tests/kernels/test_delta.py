@@ -74,6 +74,20 @@ def test_chunked_and_decoding_match_the_reference(window_name: str, T: int, deca
 
 
 @pytest.mark.parametrize("window_name", ["terrace5-sinks2", "sliding16-sinks4"])
+def test_a_prompt_of_several_scan_chunks_hands_decoding_the_reference_state(window_name: str) -> None:
+    """A prefill longer than one chunk of the delta scan (64 keys): its state comes from the sequence's own scan,
+    read mid-chunk, and the tokens decoded after it match the reference."""
+    T = 150
+    x, _ = delta_inputs(T, seed=3)
+    window, ld = WINDOWS[window_name], log_decay()
+    with torch.no_grad():
+        ref = hybrid_delta_naive(**x, window=window, log_decay=ld)
+        for cut in (70, 129, 140):
+            got = decode(x, window, [cut, cut + 1, T], ld)  # prefill [0, cut), then steps
+            assert rel_rms(got, ref) < FP32_TOL, f"prefill {cut}: {rel_rms(got, ref):.2e}"
+
+
+@pytest.mark.parametrize("window_name", ["terrace5-sinks2", "sliding16-sinks4"])
 def test_chunked_gradients_match_the_reference(window_name: str) -> None:
     window, results = WINDOWS[window_name], []
     for fn in (hybrid_delta_naive, lambda **a: hybrid_delta_chunked(**a, chunk_size=8)):
