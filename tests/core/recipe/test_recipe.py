@@ -16,6 +16,7 @@ from lolcats_cli.core.recipe.recipe import (
     shipped_recipes,
     write_versions,
 )
+from lolcats_cli.core.data.data import resolve_template
 from lolcats_cli.core.recipe.recipe_files import recipes_dir
 from lolcats_cli.errors import ConfigError
 
@@ -51,7 +52,10 @@ def test_paper_recipes_match_the_paper():
     assert (r.attention.linear_gate, r.attention.decay) == (True, True)
     assert (r.transfer.lr, r.transfer.mse_weight, r.transfer.batch_size, r.transfer.grad_accum, r.transfer.epochs) == (1e-2, 1000.0, 1, 8, 2)
     assert (r.transfer.scheduler, r.transfer.plateau_factor, r.transfer.plateau_patience, r.transfer.eval_every) == ("plateau", 0.1, 10, 100)
-    assert (r.data.dataset, r.data.template, r.data.seq_len, r.data.holdout) == ("yahma/alpaca-cleaned", "alpaca", 1024, 200)
+    assert (r.data.dataset, r.data.seq_len, r.data.holdout) == ("yahma/alpaca-cleaned", 1024, 200)
+    # the paper's alpaca prompt for its dataset's columns, and plain text for a user's .txt file (no override)
+    assert resolve_template(r.data, ["instruction", "input", "output"]) == "alpaca"
+    assert resolve_template(r.data, ["text"]) == "text"
     assert (r.finetune.lr, r.finetune.lora.rank, r.finetune.lora.alpha) == (1e-4, 8, 16.0)
     big = load_recipe("llama-3.1-405b")
     assert (big.transfer.block_size, big.finetune.lora.rank) == (9, 4)
