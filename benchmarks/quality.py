@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from lolcats_cli.core.runs.rundir import METRICS, finished_run, has_checkpoint
 
@@ -151,6 +152,36 @@ def _evaluate(run: Path | None, model: str | None, rows: list[str], args: argpar
     return {**have, **got}
 
 
+def evaluate_each(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace, have: dict,
+                  saved: Callable[[dict], None]) -> dict:
+    """:func:`evaluate` one row at a time, ``saved`` called with the results so far after each row it evaluated:
+    a call cut short keeps the rows it finished, and a rerun evaluates only what is missing."""
+    for row in rows:
+        got = evaluate(run, model, [row], args, have)
+        if got != {k: v for k, v in have.items() if k == row}:
+            have = {**have, **got}
+            saved(have)
+    return have
+
+
+def finish(run: Path, done: dict, rows: list[str], args: argparse.Namespace, save: Callable[[], None]) -> None:
+    """Evaluate a trained variant row by row into ``done["eval"]`` (saving after each) and record its stages'
+    metrics."""
+    t, before = time.perf_counter(), done.get("eval_s", 0.0)
+
+    def saved(evaluated: dict) -> None:
+        done["eval"] = evaluated
+        done["eval_s"] = before + time.perf_counter() - t
+        save()
+
+    done["eval"] = evaluate_each(run / "finetune", None, rows, args, done.get("eval", {}), saved)
+    for kind in ("transfer", "finetune"):
+        metrics = run / kind / METRICS
+        if metrics.exists() and f"{kind}_metrics" not in done:
+            done[f"{kind}_metrics"] = json.loads(metrics.read_text())
+            save()
+
+
 def ratio_table(results: dict) -> str:
     """Markdown: each row's perplexity as a multiple of the teacher's (all / past 1024), and passkey."""
     teacher = results.get("baselines", {}).get("teacher")
@@ -226,21 +257,22 @@ def main() -> None:
     def out_of_time() -> bool:
         return args.budget_s is not None and time.perf_counter() - start > args.budget_s
 
-    t = time.perf_counter()
-    baselines = evaluate(None, args.model, ["teacher", "sink_window"], args, results["baselines"])
-    if baselines != {k: v for k, v in results["baselines"].items() if k in ("teacher", "sink_window")}:
-        results["baselines"] = {**baselines, "eval_s": time.perf_counter() - t}
+    t, before = time.perf_counter(), results["baselines"].get("eval_s", 0.0)
+
+    def saved_baselines(rows: dict) -> None:
+        results["baselines"] = {**rows, "eval_s": before + time.perf_counter() - t}
         save()
+
+    have = {k: v for k, v in results["baselines"].items() if k != "eval_s"}
+    evaluate_each(None, args.model, ["teacher", "sink_window"], args, have, saved_baselines)
     final_rows = ["linearized", "linear_zeroed"] + ([RECALL] if args.recall else [])
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         done = results["variants"].setdefault(name, {})
-        if "eval" in done:  # trained and evaluated: only lengths or rows asked for since then are evaluated
-            run = args.out / name / "finetune"
-            if finished_run(run) is not None:
-                done["eval"] = evaluate(run, None, final_rows, args, done["eval"])
-                save()
+        if "eval" in done:  # trained and (partly) evaluated: only rows or lengths it lacks are evaluated
+            if finished_run(args.out / name / "finetune") is not None:
+                finish(args.out / name, done, final_rows, args, save)
             continue
         if out_of_time():
             print(f"budget reached before {name}: run again to continue", flush=True)
@@ -255,16 +287,9 @@ def main() -> None:
         save()
         if out_of_time():
             break
-        t = time.perf_counter()
         if args.stage1_eval:
             done["stage1_eval"] = evaluate(run / "transfer", None, ["linearized"], args)
-        done["eval"] = evaluate(run / "finetune", None, final_rows, args)
-        done["eval_s"] = time.perf_counter() - t
-        for kind in ("transfer", "finetune"):
-            metrics = run / kind / METRICS
-            if metrics.exists():
-                done[f"{kind}_metrics"] = json.loads(metrics.read_text())
-        save()
+        finish(run, done, final_rows, args, save)
     print(ratio_table(results), flush=True)
     print(f"wall {time.perf_counter() - start:.0f} s; results in {path}", flush=True)
 

@@ -78,3 +78,24 @@ def test_the_recall_row_reads_perplexity_only_at_its_own_lengths(bench, tiny_mod
     again = bench.evaluate(run, None, rows, args, got)
     assert set(again[bench.RECALL]["perplexity"]) == {"64"} and again[bench.RECALL]["perplexity"]["64"] > 1
     assert again["linearized"] == got["linearized"]  # nothing new for it
+
+
+def test_rows_are_evaluated_and_saved_one_at_a_time(bench, tiny_model_dir, tmp_path) -> None:
+    """A call cut short keeps the rows it finished: each row is saved as it ends, and a rerun evaluates only the
+    rows it lacks."""
+    from pydoc_data.topics import topics
+
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join(topics.values())[:20_000])
+    snapshots = []
+    got = bench.evaluate_each(None, str(tiny_model_dir), ["teacher", "sink_window"], _args(heldout, [32]), {},
+                              lambda rows: snapshots.append(sorted(rows)))  # fmt: skip
+    assert snapshots == [["teacher"], ["sink_window", "teacher"]]
+    partial = {"teacher": got["teacher"]}
+    partial["teacher"]["perplexity"]["32"] = 123.0  # a value no evaluation gives: kept only if it is not redone
+    snapshots.clear()
+    again = bench.evaluate_each(None, str(tiny_model_dir), ["teacher", "sink_window"], _args(heldout, [32]), partial,
+                                lambda rows: snapshots.append(sorted(rows)))  # fmt: skip
+    assert snapshots == [["sink_window", "teacher"]]  # only the missing row was evaluated
+    assert again["teacher"]["perplexity"]["32"] == 123.0
+    assert again["sink_window"]["perplexity"]["32"] == pytest.approx(got["sink_window"]["perplexity"]["32"])
