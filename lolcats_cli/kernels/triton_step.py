@@ -25,8 +25,9 @@ the output is in q's dtype. Supported (:func:`triton_step_problem`): the built-i
 at most 64 sinks, contiguous buffers, CUDA tensors (or any device under ``TRITON_INTERPRET=1``, which the CPU tests
 use). ``triton`` is imported on first use only.
 
-``LOLCATS_TRITON_STEP=0`` (or false/no/off) makes :func:`triton_step_enabled` false: the static decode path then
-runs ``static_step`` (the reference) even where this step would run.
+The static decode path runs it only where ``LOLCATS_TRITON_STEP=1`` (or true/yes/on) makes
+:func:`triton_step_enabled` true: opt-in until the step has been compiled and timed on a GPU; otherwise it runs
+``static_step`` (the reference).
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ from .blocks import DEN_EPS, FeatureFn
 from .static import StaticState
 from .triton_hybrid import MAX_DIM, MAX_SINKS, _interpret, _pow2, triton_available, window_kind
 
-ENV = "LOLCATS_TRITON_STEP"  # "0" turns the fused decode step off (static_step runs instead)
+ENV = "LOLCATS_TRITON_STEP"  # "1" turns the fused decode step on (opt-in; static_step runs otherwise)
 BV = 32  # value columns per S tile
 
 
 def triton_step_enabled() -> bool:
-    """Whether the fused step may run: triton is installed and ``LOLCATS_TRITON_STEP`` is not 0/false/no/off."""
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return triton_available()
+    """Whether the static decode path asks for the fused step: ``LOLCATS_TRITON_STEP`` is 1/true/yes/on and triton
+    is installed (whether it then runs a given layer is :func:`triton_step_problem`'s answer)."""
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on") and triton_available()
 
 
 def triton_step_problem(window: Window, state: StaticState, device: torch.device) -> str | None:

@@ -138,6 +138,8 @@ def test_the_environment_variable_turns_the_step_off(monkeypatch: pytest.MonkeyP
     assert not triton_step_enabled()
     monkeypatch.setenv(ENV, "1")
     assert triton_step_enabled()
+    monkeypatch.delenv(ENV)
+    assert not triton_step_enabled()  # opt-in: unset is off
 
 
 def test_the_static_decoder_generates_through_the_triton_step(tiny_model_dir, monkeypatch) -> None:

@@ -45,7 +45,6 @@ from ...errors import ModelError
 from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
-from ...kernels.triton_step import ENV as TRITON_STEP_ENV
 from ...kernels.triton_hybrid import triton_available
 from ...kernels.triton_step import triton_step, triton_step_enabled, triton_step_problem
 from ..model.linear_attention import linearized_layers
@@ -167,11 +166,7 @@ class StaticHybridLayer(HybridLayer):
         """Whether a call runs the Triton step. ``triton`` False: never; True: wherever it can run; None (the
         default): where ``LOLCATS_TRITON_STEP=1`` (opt-in until the step is timed on a GPU). It can run when
         Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
-        if self.triton is None:
-            env = os.environ.get(TRITON_STEP_ENV, "").strip().lower()
-            wanted = env in ("1", "true", "yes", "on") and triton_step_enabled()
-        else:
-            wanted = self.triton and triton_available()
+        wanted = triton_step_enabled() if self.triton is None else self.triton and triton_available()
         return wanted and triton_step_problem(window, self.static, device) is None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn: HybridAttentionModule, mask: Any = None) -> Tensor:
