@@ -295,7 +295,8 @@ def delta_step(
     folded = first = folded_before(window, L)
     # only the keys that enter the state during these t tokens, positions [first, last), get features and beta
     starts = [min(max(int(window.start(torch.tensor(L + i)).item()), 0), L + i + 1) for i in range(t)]
-    last = max([first, *starts, *(folded_before(window, L + i + 1) for i in range(t))])
+    ends = [folded_before(window, L + i + 1) for i in range(t)]  # where the folded keys end after token i
+    last = max([first, *starts, *ends])
     span = slice(first - (L - P), last - (L - P))
     kh, vt, beta = delta_inputs(k_all[:, :, span], v_all[:, :, span], keys, H, 0)
     beta = beta * ((k_pos[span] >= sinks) & (k_pos[span] >= 0)).float()
@@ -321,7 +322,7 @@ def delta_step(
         a = hybrid_weights(s, torch.zeros_like(s), in_window, torch.zeros_like(in_window), window_logits)
         num, den = torch.einsum("bhk,bhkd->bhd", a, expand_kv(vl, H).float()), a.sum(dim=-1)
         outs.append(_combine(num, den, lin))
-        end = folded_before(window, p + 1)
+        end = ends[i]
         if end > folded:
             idx = slice(folded - first, end - first)
             A, folded = _fold(A, kh[:, :, idx], vt[:, :, idx], beta[:, :, idx], d), end

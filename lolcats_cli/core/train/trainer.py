@@ -71,23 +71,25 @@ def planned_steps(settings: Any, num_rows: int, seq_len: int) -> int:
     return max(steps, 1)
 
 
+def epoch_order(settings: Any, num_rows: int, epoch: int) -> Tensor:
+    """The order in which epoch ``epoch`` reads the rows: a permutation seeded by ``seed + epoch``."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(settings.seed + epoch))
+
+
 def micro_batch_rows(settings: Any, num_rows: int, i: int) -> Tensor:
-    """The rows of micro-batch ``i``: the epochs one after another, each in its own order, seeded by
-    ``seed + epoch``."""
+    """The rows of micro-batch ``i``: the epochs one after another, each in its :func:`epoch_order`."""
     per_epoch = math.ceil(num_rows / settings.batch_size)
     epoch, j = divmod(i % (settings.epochs * per_epoch), per_epoch)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(settings.seed + epoch))
-    return order[j * settings.batch_size : (j + 1) * settings.batch_size]
+    return epoch_order(settings, num_rows, epoch)[j * settings.batch_size : (j + 1) * settings.batch_size]
 
 
 def rows_read(settings: Any, num_rows: int, seq_len: int) -> Tensor:
     """Every row a run of ``settings`` reads (sorted): all of them once it reaches a whole epoch, else the
-    first rows of the first epoch's order. Block-wise transfer stores the inputs of these rows only."""
-    micro = min(planned_steps(settings, num_rows, seq_len) * settings.grad_accum,
-                settings.epochs * math.ceil(num_rows / settings.batch_size))
-    if micro * settings.batch_size >= num_rows:
+    first micro-batches of the first epoch's order. Block-wise transfer stores the inputs of these rows only."""
+    rows = planned_steps(settings, num_rows, seq_len) * settings.grad_accum * settings.batch_size
+    if rows >= num_rows:
         return torch.arange(num_rows)
-    return torch.cat([micro_batch_rows(settings, num_rows, i) for i in range(micro)]).sort().values
+    return epoch_order(settings, num_rows, 0)[:rows].sort().values
 
 
 class TensorRows:
@@ -243,8 +245,7 @@ class Trainer:
             else None
         )
         n = rows.num_rows
-        self.micro_per_epoch = math.ceil(n / settings.batch_size)
-        self.total_micro = settings.epochs * self.micro_per_epoch
+        self.total_micro = settings.epochs * math.ceil(n / settings.batch_size)
         self.total_steps = planned_steps(settings, n, rows.seq_len)
         self._last_loss = float("nan")
         self._saved: tuple[Path, int] | None = None  # (folder, step) of the newest complete checkpoint
