@@ -133,13 +133,16 @@ def test_windows_and_states_the_step_does_not_take() -> None:
         triton_step(q, q[:, :2], q[:, :2, :, :DV], None, None, torch.zeros(H), NoWindow(), state)
 
 
-def test_the_environment_variable_turns_the_step_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV, "0")
-    assert not triton_step_enabled()
+def test_the_step_is_the_cuda_default_and_the_environment_variable_switches_it(monkeypatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert triton_step_enabled("cuda") and not triton_step_enabled("cpu") and not triton_step_enabled()
+    monkeypatch.setenv(ENV, "off")
+    assert not triton_step_enabled("cuda")
     monkeypatch.setenv(ENV, "1")
-    assert triton_step_enabled()
-    monkeypatch.delenv(ENV)
-    assert not triton_step_enabled()  # opt-in: unset is off
+    assert triton_step_enabled("cpu") and triton_step_enabled("cuda")
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(ValueError, match=r"LOLCATS_TRITON_STEP='fast'.*set it to 1 \(on\) or 0 \(off\)"):
+        triton_step_enabled("cuda")
 
 
 def test_the_static_decoder_generates_through_the_triton_step(tiny_model_dir, monkeypatch) -> None:
@@ -158,13 +161,13 @@ def test_the_static_decoder_generates_through_the_triton_step(tiny_model_dir, mo
     ids[1, :3], mask[1, :3] = 0, 0
     greedy = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, do_sample=False, temperature=None,
                   top_p=None, top_k=None)  # fmt: skip
-    monkeypatch.setenv(ENV, "1")  # on any device the kernels run on (here the interpreter)
+    monkeypatch.setenv(ENV, "1")  # on any device the kernels run on (without a GPU, the interpreter)
     with torch.inference_mode():
         want = model.generate(input_ids=ids, **greedy)
         got = model.generate(input_ids=ids, custom_generate=static_sample, **greedy)
     assert torch.equal(got, want)
     assert decoder_for(model, 2).step_name == "triton"
-    monkeypatch.setenv(ENV, "0")
+    monkeypatch.setenv(ENV, "0")  # a new decoder (on CUDA its graph was captured over the Triton kernels)
     with torch.inference_mode():
         assert torch.equal(model.generate(input_ids=ids, custom_generate=static_sample, **greedy), want)
     assert decoder_for(model, 2).step_name == "torch"

@@ -3,11 +3,10 @@ one model decode step captured in a CUDA graph, and a generation loop around it.
 
 * :class:`StaticHybridLayer`: a :class:`~.generation.HybridLayer` whose state lives in preallocated
   :class:`~lolcats_cli.kernels.static.StaticState` buffers; a one-token call runs
-  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation. With
-  ``LOLCATS_TRITON_STEP=1`` (opt-in: it agrees with ``static_step`` under the Triton interpreter but has not yet
-  been compiled and timed on a GPU) it runs :func:`~lolcats_cli.kernels.triton_step.triton_step` instead (the same
-  step fused into two Triton kernels per layer) on any device it can run on (``TRITON_INTERPRET=1`` off CUDA),
-  unless the layer's window or shapes are ones it does not take
+  :func:`~lolcats_cli.kernels.static.static_step`, in place, without host synchronisation. On
+  CUDA it runs :func:`~lolcats_cli.kernels.triton_step.triton_step` instead (the same step fused into two Triton
+  kernels per layer; ``LOLCATS_TRITON_STEP=0`` turns that off, ``=1`` asks for it on any device, which off CUDA
+  means ``TRITON_INTERPRET=1``), unless the layer's window or shapes are ones it does not take
   (:func:`~lolcats_cli.kernels.triton_step.triton_step_problem`). :attr:`StaticHybridLayer.step_name` says which ran.
 * :class:`StaticDecoder`: for a fixed batch, a cache of those layers plus static input buffers (token, position,
   a placeholder 4-D mask, which transformers passes through as it is); :meth:`~StaticDecoder.step` runs one
@@ -164,9 +163,9 @@ class StaticHybridLayer(HybridLayer):
 
     def use_triton(self, window: Any, device: torch.device) -> bool:
         """Whether a call runs the Triton step. ``triton`` False: never; True: wherever it can run; None (the
-        default): where ``LOLCATS_TRITON_STEP=1`` (opt-in until the step is timed on a GPU). It can run when
-        Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
-        wanted = triton_step_enabled() if self.triton is None else self.triton and triton_available()
+        default): :func:`triton_step_enabled` on ``device`` (CUDA, unless ``LOLCATS_TRITON_STEP=0``). It can run
+        when Triton is installed and :func:`triton_step_problem` finds nothing against the window and shapes."""
+        wanted = triton_step_enabled(device) if self.triton is None else self.triton and triton_available()
         return wanted and triton_step_problem(window, self.static, device) is None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn: HybridAttentionModule, mask: Any = None) -> Tensor:
@@ -213,11 +212,13 @@ class StaticDecoder:
         # a weak reference: decoder_for() keeps decoders in a dict weakly keyed by their model
         self._model, self.batch, self.device = weakref.ref(model), batch, param.device
         self.graph_on = self.device.type == "cuda" if graph is None else graph
+        # the step is chosen once: a captured graph replays the kernels it was captured with
+        self.triton = triton_step_enabled(self.device) if triton is None else triton
         if self.graph_on and self.device.type != "cuda":
             raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
         kv_dtype = model.get_input_embeddings().weight.dtype
         empty = [(m, empty_hybrid_state(m, batch, self.device, kv_dtype)) for _, m in linearized_layers(model)]
-        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window), triton) for m, s in empty]
+        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window), self.triton) for m, s in empty]
         self.cache = LinearAttentionCache(list(self.layers))
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -305,9 +306,10 @@ _DECODERS: weakref.WeakKeyDictionary[Any, StaticDecoder] = weakref.WeakKeyDictio
 
 def decoder_for(model: Any, batch: int) -> StaticDecoder:
     """The :class:`StaticDecoder` of ``model`` for ``batch`` rows, built (its CUDA graph captured) on first use and
-    kept for the next calls; one per model (a new batch size replaces the old decoder)."""
+    kept for the next calls; one per model (a new batch size, or a change of ``LOLCATS_TRITON_STEP``, replaces the
+    old decoder)."""
     decoder = _DECODERS.get(model)
-    if decoder is None or decoder.batch != batch:
+    if decoder is None or decoder.batch != batch or decoder.triton != triton_step_enabled(decoder.device):
         _DECODERS.pop(model, None)  # free the old graph's buffers before capturing a new one
         decoder = _DECODERS[model] = StaticDecoder(model, batch)
     return decoder

@@ -242,8 +242,8 @@ transformers cache ``generate()`` builds (the bundled ``HybridLayer``): O(window
 ``generate()`` takes the bundled static decode loop where it applies (``static_generate_kwargs`` per call):
 greedy or sampling calls on CUDA, on a model the static path runs (every layer converted, the additive
 state, an exact kernel: ``static_decode_problem`` says why not), decode through preallocated state buffers,
-one CUDA-graph replay per token (with ``LOLCATS_TRITON_STEP=1`` and triton installed, each layer's step the
-fused Triton one where the window is a built-in sliding or terrace one). ``LOLCATS_STATIC_DECODE=0``
+one CUDA-graph replay per token (with triton installed, each layer's step the fused Triton one where the
+window is a built-in sliding or terrace one; ``LOLCATS_TRITON_STEP=0`` turns that off). ``LOLCATS_STATIC_DECODE=0``
 turns that off, ``LOLCATS_STATIC_DECODE=1`` on on any device (eager steps off CUDA); beam search, assisted or
 contrastive decoding, returned attentions or hidden states and ``custom_generate`` calls run transformers'
 own loop, as does every call the static path cannot take.
