@@ -99,18 +99,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device) -> float:
+def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device, top: int = 0) -> tuple[float, list]:
     """Milliseconds of GPU kernel time per call of ``step`` (the profiler's sum over kernels), without the
-    host-side launch overhead that dominates a small model's wall time."""
+    host-side launch overhead that dominates a small model's wall time; and the ``top`` kernels by their time
+    per call, ``[[name, ms], ...]`` (where the step's time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         sync(device)
-    events = prof.key_averages()
-    us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    return us / n / 1000
+    events = [(e.key, getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))
+              for e in prof.key_averages()]  # fmt: skip
+    kernels = sorted(((name[:90], us / n / 1000) for name, us in events if us > 0), key=lambda x: -x[1])
+    return sum(us for _, us in events) / n / 1000, [list(k) for k in kernels[:top]]
 
 
 @torch.no_grad()
@@ -278,10 +280,11 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
     sync(device)
     dt = time.perf_counter() - t
     ms_step = 1000 * dt / args.steps
-    gpu_ms = float("nan")
+    gpu_ms, top = float("nan"), []
     if device.type == "cuda" and args.profile:
         try:
-            gpu_ms = gpu_busy_ms(step, 4, device) or float("nan")  # 0: kernels of a graph replay not traced
+            gpu_ms, top = gpu_busy_ms(step, 4, device, args.kernels)
+            gpu_ms = gpu_ms or float("nan")  # 0: kernels of a graph replay not traced
         except Exception:  # the profiler is a nicety: never lose the row for it
             pass
     return {
@@ -290,6 +293,7 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
         "ms_step": ms_step,
         "gpu_ms": gpu_ms,
         "gpu_busy": gpu_ms / ms_step,
+        "top_kernels": top,
         "state_mib_per_seq": state_bytes() / batch / 2**20,
         "step": step_name(),
         "prefill": "synthetic" if synthetic else "real",
@@ -337,7 +341,7 @@ def row_line(row: dict[str, Any]) -> str:
         f"{head} | {row['tok_s']:>10.1f} tok/s {row['ms_step']:>8.2f} ms/step{gpu} | "
         f"{row['state_mib_per_seq']:>9.2f} MiB/seq | prefill {row['prefill']} {row['prefill_s']:.1f} s, "
         f"setup {row['setup_s']:.1f} s{peak}"
-    )
+    ) + "".join(f"\n      {ms:8.3f} ms  {name}" for name, ms in row.get("top_kernels") or [])
 
 
 def _num(x: float, fmt: str) -> str:
@@ -384,6 +388,8 @@ def main() -> None:
                     help="--prefill auto: real prefill up to this many tokens (batch x context), synthetic above")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill call")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler's GPU kernel time")
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="also record and print the N kernels that take the most GPU time per step (CUDA)")
     ap.add_argument("--cpu-compile-backend", default="eager", help="torch.compile backend of softmax-compiled off CUDA")
     ap.add_argument("--feature-map", default="hedgehog")
     ap.add_argument("--window", default="terrace")

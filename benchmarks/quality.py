@@ -112,7 +112,19 @@ def stage_args(name: str, run: Path, args: argparse.Namespace) -> tuple[list[str
     return transfer, finetune
 
 
-RECALL = "linearized_recall"
+RECALL = "linearized_recall"  # the recall-cache row of 64 slots; other sizes: linearized_recall_N
+
+
+def recall_row(slots: int) -> str:
+    """The stored name of the recall-cache row with ``slots`` keys per KV head."""
+    return RECALL if slots == 64 else f"{RECALL}_{slots}"
+
+
+def recall_slots(row: str) -> int | None:
+    """The slots of a recall-cache row name, None for other rows."""
+    if row == RECALL:
+        return 64
+    return int(row.rsplit("_", 1)[1]) if row.startswith(RECALL + "_") else None
 
 
 def evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace,
@@ -121,15 +133,18 @@ def evaluate(run: Path | None, model: str | None, rows: list[str], args: argpars
     ``have`` (earlier results of the same rows) lacks: a rerun with a new length or row fills in just that.
     The recall-cache row runs a sequential form (chunk by chunk), so its perplexity is measured only at
     ``--recall-contexts`` (none by default); its passkey at every ``--passkey`` length."""
-    plain = [r for r in rows if r != RECALL]
+    plain = [r for r in rows if recall_slots(r) is None]
     out = _evaluate(run, model, plain, args, have, args.contexts) if plain else {}
-    if RECALL in rows:
-        out.update(_evaluate(run, model, [RECALL], args, have, getattr(args, "recall_contexts", [])))
+    for row in rows:
+        if (slots := recall_slots(row)) is not None:
+            mine = {RECALL: have[row]} if have and row in have else None
+            got = _evaluate(run, model, [RECALL], args, mine, getattr(args, "recall_contexts", []), slots)
+            out[row] = got[RECALL]
     return out
 
 
 def _evaluate(run: Path | None, model: str | None, rows: list[str], args: argparse.Namespace, have: dict | None,
-              contexts: list[int]) -> dict:
+              contexts: list[int], slots: int | None = None) -> dict:
     from lolcats_cli.core.eval.evaluate import evaluate_run
 
     have = {name: row for name, row in (have or {}).items() if name in rows}
@@ -141,7 +156,7 @@ def _evaluate(run: Path | None, model: str | None, rows: list[str], args: argpar
     report = evaluate_run(
         run, None if run is not None else model, text_file=args.heldout, contexts=contexts, passkey_lengths=passkey,
         passkey_n=args.passkey_n, rows=rows, max_tokens=args.max_tokens,
-        recall_slots=args.recall if RECALL in rows else None,
+        recall_slots=slots,
     )  # fmt: skip
     got = report.to_dict()["rows"]
     for name, row in got.items():
@@ -209,12 +224,13 @@ def ratio_table(results: dict) -> str:
     sink = results["baselines"].get("sink_window")
     if sink:
         lines.append("| sink window 64 + 4, no training | " + " | ".join(fmt(sink)) + " |")
-    suffix = {"linearized": "", "linear_zeroed": ", linear branch zeroed", "linearized_recall": ", recall cache"}
+    suffix = {"linearized": "", "linear_zeroed": ", linear branch zeroed"}
     for name, variant in results.get("variants", {}).items():
-        for row in suffix:
-            if row in variant.get("eval", {}):
-                label = f"{name}{suffix[row]}"
-                lines.append(f"| {label} | " + " | ".join(fmt(variant["eval"][row])) + " |")
+        evals = variant.get("eval", {})
+        recalls = sorted((recall_slots(r), r) for r in evals if recall_slots(r) is not None)
+        for row, label in [*suffix.items(), *((r, f", recall cache of {n} keys") for n, r in recalls)]:
+            if row in evals:
+                lines.append(f"| {name}{label} | " + " | ".join(fmt(evals[row])) + " |")
     return "\n".join(lines)
 
 
@@ -234,8 +250,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=65_536, help="perplexity tokens per context length")
     p.add_argument("--budget-s", type=float, default=None, help="start no new stage after this many seconds")
     p.add_argument("--extra", default="", help="overrides added to every variant, space-separated")
-    p.add_argument("--recall", type=int, default=0,
-                   help="also evaluate each trained variant with a recall cache of this many keys per KV head")
+    p.add_argument("--recall", default="",
+                   help="also evaluate each trained variant with a recall cache of this many keys per KV head "
+                        "(a comma-separated list: one row per size, e.g. 64,256)")
     p.add_argument("--recall-contexts", default="",
                    help="perplexity lengths of the recall-cache row (default none: passkey only; it is sequential)")
     p.add_argument("--no-stage1-eval", dest="stage1_eval", action="store_false",
@@ -244,6 +261,7 @@ def main() -> None:
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     args.passkey = [int(c) for c in args.passkey.split(",") if c]
     args.recall_contexts = [int(c) for c in args.recall_contexts.split(",") if c]
+    args.recall = [int(n) for n in str(args.recall).split(",") if n and int(n) > 0]
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "quality.json"
@@ -265,7 +283,7 @@ def main() -> None:
 
     have = {k: v for k, v in results["baselines"].items() if k != "eval_s"}
     evaluate_each(None, args.model, ["teacher", "sink_window"], args, have, saved_baselines)
-    final_rows = ["linearized", "linear_zeroed"] + ([RECALL] if args.recall else [])
+    final_rows = ["linearized", "linear_zeroed"] + [recall_row(n) for n in args.recall]
     for name in [v for v in args.variants.split(",") if v]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")

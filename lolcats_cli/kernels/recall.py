@@ -4,7 +4,10 @@ The linear state ``S = sum phi_k(k) v^T`` is an associative memory that blurs wh
 the softmax window, this form asks the state how well it would read the key's own value back,
 ``err = || v - phi_k(k)^T S / phi_k(k)^T z ||^2`` (averaged over the query heads of its KV head, as in LoLA),
 and keeps the ``slots`` worst-recalled keys of each KV head *exactly*, as softmax keys beside the window and
-the sinks (same max shift, window factor and shared normaliser). A key pushed out of the cache by a worse one
+the sinks (same max shift, window factor and shared normaliser). At every step the cached keys are scored
+again against the state as it is then, like the keys now leaving (``rescore``, the default; off, a key keeps
+the score it had on entry, so keys that entered while the state was nearly empty held their slots for good:
+on SmolLM2's untrained conversion, 64 slots, passkey at 2048 tokens, 3 of 4 prompts against 0 of 2). A key pushed out of the cache by a worse one
 goes into S and z as it would have without the cache (decayed by its age when there is a decay). Every other
 key takes its usual path, so with ``slots = 0`` this is the recurrent form exactly; the state stays
 constant-size (``slots`` keys and values per KV head more).
@@ -12,7 +15,8 @@ constant-size (``slots`` keys and values per KV head more).
 Inference only: stage 1 trains the plain op. The whole-sequence form runs the step over chunks of
 :data:`CHUNK` tokens, so it is sequential and slower than the chunked kernel. Left-padded batches are not
 supported (one prompt per call, as ``lolcats eval`` runs them). Choose it by name: ``LOLCATS_KERNEL=recall``
-(slots from ``LOLCATS_RECALL_SLOTS``, default :data:`DEFAULT_SLOTS`).
+(slots from ``LOLCATS_RECALL_SLOTS``, default :data:`DEFAULT_SLOTS`; ``LOLCATS_RECALL_RESCORE=0`` keeps the entry
+scores).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .recurrent import HybridState, check_state, filled_sinks, fold_leaving, ste
 
 DEFAULT_SLOTS = 64
 SLOTS_ENV = "LOLCATS_RECALL_SLOTS"
+RESCORE_ENV = "LOLCATS_RECALL_RESCORE"
 CHUNK = 64  # tokens per step of the whole-sequence form
 
 
@@ -84,6 +89,7 @@ def _per_query_head(x: Tensor, num_heads: int) -> Tensor:
 def recall_step(
     q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor, window: Window,
     state: HybridState, scale: float | None = None, *, log_decay: Tensor | None = None, slots: int = DEFAULT_SLOTS,
+    rescore: bool = True,
 ) -> tuple[Tensor, HybridState]:  # fmt: skip
     """:func:`~.recurrent.hybrid_step` with a recall cache of ``slots`` keys per KV head in ``state.recall``.
 
@@ -106,7 +112,11 @@ def recall_step(
     cand_pos = keys.k_pos[leaving].expand(B, Hkv, n)
     cand_score = recall_error(keys.fk[:, :, leaving], keys.v_all[:, :, leaving], state.S, state.z, Hkv)
     cand_score = cand_score.masked_fill(cand_pos < window.sinks, float("-inf"))
-    pool_score = torch.cat([rec.score, cand_score], dim=-1)  # (B, Hkv, M + n)
+    fk_rec = phi_k(expand_kv(rec.k, H)).float() if M else None  # (B, H, M, F)
+    old_score = rec.score
+    if rescore and M:  # the cached keys scored against the state as it is now, like the candidates
+        old_score = recall_error(fk_rec, rec.v, state.S, state.z, Hkv).masked_fill(rec.pos < 0, float("-inf"))
+    pool_score = torch.cat([old_score, cand_score], dim=-1)  # (B, Hkv, M + n)
     top = pool_score.topk(M, dim=-1).indices if M else pool_score.new_zeros(B, Hkv, 0, dtype=torch.long)
     keep = torch.zeros_like(pool_score, dtype=torch.bool).scatter(-1, top, True) & (pool_score > float("-inf"))
     kept_old, chosen = keep[..., :M], keep[..., M:]  # (B, Hkv, M), (B, Hkv, n)
@@ -119,7 +129,7 @@ def recall_step(
         if log_decay is not None:
             age = (L - _per_query_head(rec.pos, H)).clamp_min(0).float()
             w = w * torch.exp(log_decay.float().view(1, -1, 1) * age).unsqueeze(-1)
-        dS, dz = kv_state(phi_k(expand_kv(rec.k, H)).float() * w, rec.v.float())
+        dS, dz = kv_state(fk_rec * w, rec.v.float())
         S, z = S + dS, z + dz
 
     # chosen leaving keys are softmax keys wherever they are not in the window any more
@@ -171,6 +181,15 @@ def slots_from_env() -> int:
     return slots
 
 
+def rescore_from_env() -> bool:
+    """``LOLCATS_RECALL_RESCORE``: 1 (the default) rescores the cached keys every step, 0 keeps their entry
+    scores; ConfigError for anything else."""
+    raw = os.environ.get(RESCORE_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{RESCORE_ENV}={raw!r} is not 0 or 1", hint=f"{RESCORE_ENV}=1 (the default) or 0")
+    return raw == "1"
+
+
 class RecallKernel(Kernel):
     """The recurrent form with a recall cache, as a kernel (only by name: ``LOLCATS_KERNEL=recall``)."""
 
@@ -178,8 +197,9 @@ class RecallKernel(Kernel):
     priority = -1
     exact = False
 
-    def __init__(self, slots: int | None = None) -> None:
+    def __init__(self, slots: int | None = None, rescore: bool | None = None) -> None:
         self._slots = slots
+        self.rescore = rescore_from_env() if rescore is None else rescore
 
     @property
     def slots(self) -> int:
@@ -199,11 +219,13 @@ class RecallKernel(Kernel):
         B, H, T, D = q.shape
         F = phi_k(k[:, :1, :1].expand(-1, H, -1, -1)).shape[-1]
         state = HybridState.empty(B, H, k.shape[1], D, v.shape[-1], F, window.span, q.device, k.dtype, window.sinks)
-        state.recall = RecallSlots.empty(k, v, self.slots)
+        M = self.slots
+        state.recall = RecallSlots.empty(k, v, M)
         outs = [q.new_zeros(B, H, 0, v.shape[-1])]
         for a in range(0, T, CHUNK):
             part = (q[:, :, a : a + CHUNK], k[:, :, a : a + CHUNK], v[:, :, a : a + CHUNK])
-            y, state = recall_step(*part, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay)
+            y, state = recall_step(*part, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay,
+                                   slots=M, rescore=self.rescore)
             outs.append(y)
         return torch.cat(outs, dim=2), state
 
@@ -227,7 +249,7 @@ class RecallKernel(Kernel):
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
         self._no_pads(pads)
         return recall_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay,
-                           slots=self.slots)  # fmt: skip
+                           slots=self.slots, rescore=self.rescore)  # fmt: skip
 
 
-__all__ = ["CHUNK", "DEFAULT_SLOTS", "SLOTS_ENV", "RecallKernel", "RecallSlots", "recall_error", "recall_step"]
+__all__ = ["CHUNK", "DEFAULT_SLOTS", "RESCORE_ENV", "SLOTS_ENV", "RecallKernel", "RecallSlots", "recall_error", "recall_step"]

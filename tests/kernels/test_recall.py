@@ -14,7 +14,7 @@ from lolcats_cli.errors import ConfigError
 from lolcats_cli.kernels import KERNELS
 from lolcats_cli.kernels.compare import rel_rms
 from lolcats_cli.kernels.naive import hybrid_attention_naive
-from lolcats_cli.kernels.recall import SLOTS_ENV, RecallKernel, slots_from_env
+from lolcats_cli.kernels.recall import RESCORE_ENV, SLOTS_ENV, RecallKernel, slots_from_env
 
 from kernel_inputs import B, FP32_TOL, H, HKV, make_inputs, sliced
 
@@ -78,6 +78,24 @@ def test_the_cache_keeps_the_keys_the_state_recalls_worst() -> None:
     assert rel_rms(recalled, plain) > 1e-3  # the loud values now come back exactly
 
 
+def test_cached_keys_are_rescored_against_the_state_as_it_is_now() -> None:
+    """Key A (value 3) enters the cache while the state knows nothing like it; then 74 copies of A go by, most
+    of them into the state, which learns to read A's value back; then a novel key B (value -1.5) leaves the
+    window. Scored against today's state, A's copy is now recalled well and B takes the one slot in every
+    (row, KV head); with the score A had on entry kept (``rescore=False``), a copy of A holds on in some."""
+    T, window = 200, WINDOWS["sliding8-sinks2"]
+    x = make_inputs(T)
+    x["v"] = x["v"] * 1e-3
+    for p in range(10, 160, 2):
+        x["k"][:, :, p], x["v"][:, :, p] = x["k"][:, :, 10], 3.0
+    x["v"][:, :, 170] = -1.5
+    with torch.no_grad():
+        fresh = RecallKernel(slots=1, rescore=True).prefill(*args(x), window)[1].recall.pos
+        stale = RecallKernel(slots=1, rescore=False).prefill(*args(x), window)[1].recall.pos
+    assert fresh.flatten().tolist() == [170] * (B * HKV)
+    assert any(p < 160 for p in stale.flatten().tolist())
+
+
 def test_state_size_is_constant_in_length() -> None:
     window, kernel = WINDOWS["sliding8-sinks2"], RecallKernel(slots=6)
     sizes = []
@@ -101,3 +119,10 @@ def test_registered_by_name_only_and_refuses_padding_and_bad_sizes(monkeypatch: 
         slots_from_env()
     monkeypatch.setenv(SLOTS_ENV, "16")
     assert RecallKernel().slots == 16
+    monkeypatch.setenv(RESCORE_ENV, "0")
+    assert not RecallKernel().rescore and RecallKernel(rescore=True).rescore
+    monkeypatch.setenv(RESCORE_ENV, "yes please")
+    with pytest.raises(ConfigError, match=f"{RESCORE_ENV}='yes please' is not 0 or 1"):
+        RecallKernel()
+    monkeypatch.delenv(RESCORE_ENV)
+    assert RecallKernel().rescore
