@@ -30,6 +30,9 @@ EXAMPLES = """
   [dim]# also show what the original softmax model says[/dim]
   lolcats chat runs/smollm2-135m-finetune --compare --system "Answer in one sentence."
 
+  [dim]# keep 256 exact keys per KV head beside the window: details far back can be recalled[/dim]
+  lolcats chat runs/smollm2-135m-finetune --recall 256
+
   [dim]# a folder written by `lolcats export --format hf`[/dim]
   lolcats chat exports/smollm2-135m --max-new-tokens 128
 """
@@ -45,6 +48,7 @@ def chat(
     compare: bool = typer.Option(False, "--compare", help="Also show the original model's reply (softmax attention, LoRA off)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     reread: bool = typer.Option(False, "--reread", help="Read the whole conversation again every turn instead of keeping the state between turns."),
+    recall: Optional[int] = typer.Option(None, "--recall", min=0, help="Keep a recall cache of this many exact keys per KV head (the ones the linear state recalls worst), so details beyond the window can be recalled; constant memory, no CUDA graph. Run directories only.", show_default=False),
 ) -> None:
     """Chat with a linearized model: streamed replies in constant memory per sequence.
 
@@ -54,7 +58,7 @@ def chat(
     state vs a softmax KV cache), /quit.
     For several lines, end a line with a backslash, or open and close a block with three double quotes.
     """
-    from ..core.decode.chat import ChatSession, load_chat_model, original_caveat, require_original
+    from ..core.decode.chat import ChatSession, load_chat_model, original_caveat, require_original, use_recall_cache
 
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
@@ -67,6 +71,9 @@ def chat(
         require_original(model)
         if caveat := original_caveat(model):
             stderr.print(f"[yellow]{caveat}[/yellow]")
+    if recall is not None:
+        layers = use_recall_cache(model, recall)
+        stderr.print(f"[dim]recall cache: {recall} exact keys per KV head in each of {layers} layers[/dim]")
     session = ChatSession(model, tokenizer, system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           keep_state=not reread)
     device_name = next(model.parameters()).device

@@ -374,6 +374,30 @@ def load_chat_model(path: str | Path, device: Any = None, keep_adapter: bool = F
     )
 
 
+def use_recall_cache(model: Any, slots: int) -> int:
+    """From now on every converted layer of ``model`` runs the recall kernel (:mod:`lolcats_cli.kernels.recall`)
+    with ``slots`` exact keys per KV head beside its window and sinks: the keys its linear state recalls worst,
+    so a detail far back can be read exactly; the state stays constant-size (``slots`` keys and values per KV
+    head more). Decoding then takes ``model.generate``'s own loop (the static path runs the plain step only).
+    Returns the number of layers. ModelError for a model without lolcats layers (an ``hf`` export bundles its own
+    attention: chat with the run directory) or with delta-rule layers (the recall kernel keeps the additive state)."""
+    from ...kernels.recall import RecallKernel
+    from ..model.linear_attention import linearized_layers
+
+    layers = linearized_layers(model)
+    if not layers:
+        raise ModelError("a recall cache needs the model's lolcats attention layers; this model has none "
+                         "(an `lolcats export --format hf` folder bundles its own attention)",
+                         "chat with the run directory the export came from")  # fmt: skip
+    if delta := [i for i, m in layers if m.delta_rule]:
+        raise ModelError(f"layer {delta[0]} keeps a delta-rule state; the recall cache works with the additive state",
+                         "chat without --recall")  # fmt: skip
+    kernel = RecallKernel(slots)
+    for _, m in layers:
+        m.kernel = kernel
+    return len(layers)
+
+
 _WHERE_HINT = (
     "pass the --output folder of `lolcats transfer` or `lolcats finetune`, or a folder written by "
     "`lolcats export --format hf`"
@@ -397,5 +421,5 @@ def _load_export(folder: Path, device: Any) -> tuple[Any, Any]:
 
 __all__ = [
     "ChatSession", "Conversation", "ReplyStats", "HELP", "describe_cache", "load_chat_model", "original_caveat",
-    "read_message", "require_original", "run_repl", "softmax_kv_bytes", "state_bytes",
+    "read_message", "require_original", "run_repl", "softmax_kv_bytes", "state_bytes", "use_recall_cache",
 ]

@@ -402,6 +402,43 @@ def test_static_decoding_chats_like_generate(letter_chat):
     assert len(first) == 8 and set(first) <= set(LETTERS)
 
 
+def test_a_recall_cache_rides_along_in_the_kept_state(letter_chat):
+    """``use_recall_cache``: with 0 slots the replies are the plain model's; with 4, the kept state (recall slots
+    included) gives the replies of reading the whole conversation again, in constant memory, a few bytes more than
+    without the cache, through generate()'s own loop."""
+    import copy
+
+    from lolcats_cli.core.decode.chat import use_recall_cache
+
+    model, tokenizer = letter_chat
+    plain = _greedy(model, tokenizer)
+    want = ["".join(plain.reply(t)) for t in ("hello", "and then?")]
+    zero = copy.deepcopy(model)
+    assert use_recall_cache(zero, 0) == model.config.num_hidden_layers
+    assert ["".join(_greedy(zero, tokenizer).reply(t)) for t in ("hello", "and then?")] == want
+
+    cached = copy.deepcopy(model)
+    use_recall_cache(cached, 4)
+    kept, reread = _greedy(cached, tokenizer), _greedy(cached, tokenizer, keep_state=False)
+    assert not kept.static
+    sizes = []
+    for text in ("hello", "and then?"):
+        assert "".join(kept.reply(text)) == "".join(reread.reply(text))
+        sizes.append(kept.last_stats.state_bytes)
+    assert kept.last_stats.read_tokens < kept.last_stats.prompt_tokens  # the second turn read only its own tokens
+    assert sizes[0] == sizes[1] > plain.last_stats.state_bytes
+
+
+def test_a_recall_cache_needs_lolcats_layers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.decode.chat import use_recall_cache
+    from lolcats_cli.errors import ModelError
+
+    with pytest.raises(ModelError, match="a recall cache needs the model's lolcats attention layers"):
+        use_recall_cache(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8)
+
+
 def test_the_loop_with_a_real_session_resets_its_history(tiny_chat):
     model, tokenizer = tiny_chat
     session = ChatSession(model, tokenizer, max_new_tokens=3, temperature=0)
@@ -455,6 +492,13 @@ def test_prompt_flag_prints_only_the_reply(tiny_run, tiny_chat):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
     assert "loading" in proc.stderr
+    proc = subprocess.run(
+        _cli("chat", str(tiny_run), "-p", "hello", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu",
+             "--recall", "512"),
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "recall cache: 512 exact keys per KV head in each of 2 layers" in proc.stderr and proc.stdout.strip()
 
 
 # ----------------------------------------------------------------------- SmolLM2 in a pseudo-terminal
