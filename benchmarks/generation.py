@@ -11,6 +11,8 @@ sequence, peak memory and, for the static engines, which decode step ran (``step
   step captured in a CUDA graph and replayed (eager static steps off CUDA); on CUDA with Triton its layers run the
   fused Triton step (``kernels/triton_step.py``) where it runs;
 * ``hybrid-static-torch``: the same with the PyTorch step (``kernels/static.py``) forced, to time both in one run;
+* ``hybrid-static-compiled``: ``hybrid-static`` with the step compiled by ``torch.compile`` (inductor on CUDA,
+  ``--cpu-compile-backend`` off CUDA) before the graph is captured (``LOLCATS_COMPILE_DECODE``);
 * ``softmax-eager``: the same weights in teacher mode with a growing ``DynamicCache``;
 * ``softmax-compiled``: teacher mode with a transformers ``StaticCache`` and ``torch.compile`` (reduce-overhead
   on CUDA).
@@ -131,7 +133,8 @@ def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tens
 
 
 
-ENGINES = ("hybrid-eager", "hybrid-static", "hybrid-static-torch", "softmax-eager", "softmax-compiled")
+ENGINES = ("hybrid-eager", "hybrid-static", "hybrid-static-torch", "hybrid-static-compiled", "softmax-eager",
+           "softmax-compiled")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -212,7 +215,9 @@ def decode_step(model: Any, engine: str, cache: Any, nxt: torch.Tensor, context:
     if engine.startswith("hybrid-static"):
         from lolcats_cli.core.decode.static_decode import StaticDecoder
 
-        decoder = StaticDecoder(model, nxt.shape[0], triton=engine != "hybrid-static-torch")
+        compiled = engine == "hybrid-static-compiled"
+        compiler = ("inductor" if device.type == "cuda" else args.cpu_compile_backend) if compiled else ""
+        decoder = StaticDecoder(model, nxt.shape[0], triton=engine != "hybrid-static-torch", compiler=compiler)
         if cache is None:  # synthetic: random buffers at length `context`, no eager copy (it would double the memory)
             randomize_static(decoder, context)
         else:

@@ -52,6 +52,16 @@ from .generation import HybridAttentionModule, HybridLayer
 
 log = logging.getLogger(__name__)
 ENV = "LOLCATS_STATIC_DECODE"  # "0" turns the static/CUDA-graph path off where it is the default
+COMPILE_ENV = "LOLCATS_COMPILE_DECODE"  # a torch.compile backend for the decode step (1 = inductor); off by default
+
+
+def compile_backend() -> str | None:
+    """The ``torch.compile`` backend the static decoder compiles its step with: ``LOLCATS_COMPILE_DECODE`` (1 or
+    inductor, or any backend name such as aot_eager), None when unset or 0 (the default: not yet timed on a GPU)."""
+    value = os.environ.get(COMPILE_ENV, "").strip()
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return None
+    return "inductor" if value.lower() in ("1", "true", "yes", "on") else value
 
 
 def static_decode_enabled(device: torch.device) -> bool:
@@ -202,10 +212,12 @@ class StaticDecoder:
     """One decode step of ``model`` for ``batch`` rows over static buffers; with ``graph`` (CUDA only) captured
     once in a CUDA graph and replayed. Use: :meth:`load` an eager cache after the prefill, then :meth:`step`
     with each next token; :meth:`store` writes the states back into that cache. ``triton``: which decode step the
-    layers run (see :meth:`StaticHybridLayer.use_triton`: None the default choice, False ``static_step``)."""
+    layers run (see :meth:`StaticHybridLayer.use_triton`: None the default choice, False ``static_step``).
+    ``compiler``: a ``torch.compile`` backend for the step (None: :func:`compile_backend`, off by default; "" off),
+    compiled before the graph is captured, so the replay runs the fused kernels (norms, rotary, activations)."""
 
     def __init__(self, model: Any, batch: int, graph: bool | None = None, warmup: int = 2,
-                 triton: bool | None = None) -> None:  # fmt: skip
+                 triton: bool | None = None, compiler: str | None = None) -> None:  # fmt: skip
         if why := static_decode_problem(model):
             raise ModelError(f"static decoding cannot run this model: {why}", hint="use model.generate()")
         param = next(model.parameters())
@@ -226,6 +238,10 @@ class StaticDecoder:
         self.kwargs = {cache_kwarg(model): self.cache, "use_cache": True, **last_logits_kwargs(model)}
         self.logits: Tensor | None = None
         self._graph: Any = None
+        self.compiled = compile_backend() if compiler is None else compiler or None
+        self._run = self._forward
+        if self.compiled is not None:
+            self._run = torch.compile(self._forward, backend=self.compiled, dynamic=False)
         if self.graph_on:
             self._capture(warmup)
 
@@ -247,12 +263,12 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._forward()
+            for _ in range(max(warmup, 3 if self.compiled else 0)):  # compiling runs the step a few times
+                self._run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self.logits = self._forward()
+            self.logits = self._run()
 
     @torch.inference_mode()
     def load(self, cache: Any) -> None:
@@ -284,7 +300,7 @@ class StaticDecoder:
         if self._graph is not None:
             self._graph.replay()
         else:
-            self.logits = self._forward()
+            self.logits = self._run()
         for layer in self.layers:
             layer.length += 1
         assert self.logits is not None
@@ -306,10 +322,11 @@ _DECODERS: weakref.WeakKeyDictionary[Any, StaticDecoder] = weakref.WeakKeyDictio
 
 def decoder_for(model: Any, batch: int) -> StaticDecoder:
     """The :class:`StaticDecoder` of ``model`` for ``batch`` rows, built (its CUDA graph captured) on first use and
-    kept for the next calls; one per model (a new batch size, or a change of ``LOLCATS_TRITON_STEP``, replaces the
-    old decoder)."""
+    kept for the next calls; one per model (a new batch size, or a change of ``LOLCATS_TRITON_STEP`` or
+    ``LOLCATS_COMPILE_DECODE``, replaces the old decoder)."""
     decoder = _DECODERS.get(model)
-    if decoder is None or decoder.batch != batch or decoder.triton != triton_step_enabled(decoder.device):
+    if (decoder is None or decoder.batch != batch or decoder.triton != triton_step_enabled(decoder.device)
+            or decoder.compiled != compile_backend()):  # fmt: skip
         _DECODERS.pop(model, None)  # free the old graph's buffers before capturing a new one
         decoder = _DECODERS[model] = StaticDecoder(model, batch)
     return decoder
@@ -397,7 +414,7 @@ def static_sample(
 
 
 __all__ = [
-    "ENV", "StaticDecoder", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
+    "COMPILE_ENV", "ENV", "StaticDecoder", "compile_backend", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
     "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_generate_kwargs", "static_sample",
     "static_wanted",
 ]

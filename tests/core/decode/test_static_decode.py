@@ -83,7 +83,7 @@ def test_the_static_loop_returns_the_cache_scores_and_stops_at_eos(tiny) -> None
     assert torch.equal(again, _generate(tiny, more, mask2, 6, **GREEDY))
 
 
-def _forced_decode(model, graph: bool, tol: float) -> None:
+def _forced_decode(model, graph: bool, tol: float, compiler: str | None = "") -> None:
     """Prefill a left-padded batch, then 12 steps of the decoder against the eager cache fed the same tokens."""
     from lolcats_cli.core.decode.cache import make_cache
 
@@ -93,7 +93,7 @@ def _forced_decode(model, graph: bool, tol: float) -> None:
     with torch.inference_mode():
         cache = make_cache(model)
         logits = model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
-        decoder = StaticDecoder(model, 2, graph=graph)
+        decoder = StaticDecoder(model, 2, graph=graph, compiler=compiler)
         size = decoder.state_nbytes()
         decoder.load(cache)
         for t in range(12):
@@ -112,6 +112,24 @@ def _forced_decode(model, graph: bool, tol: float) -> None:
 
 def test_the_decoder_steps_give_generate_s_logits_and_keep_their_size(tiny) -> None:
     _forced_decode(tiny, graph=False, tol=1e-4)
+
+
+def test_a_compiled_decoder_steps_like_the_eager_cache(tiny_model_dir, monkeypatch) -> None:
+    """The step through torch.compile (aot_eager here: dynamo's trace and the functionalised in-place state
+    updates, without a C++ build) gives the eager cache's logits; LOLCATS_COMPILE_DECODE picks the backend and
+    decoder_for rebuilds when it changes."""
+    from lolcats_cli.core.decode.static_decode import COMPILE_ENV, compile_backend
+
+    torch._dynamo.reset()
+    model = _converted(tiny_model_dir)
+    _forced_decode(model, graph=False, tol=1e-4, compiler="aot_eager")
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert compile_backend() is None and decoder_for(model, 2).compiled is None
+    for value, backend in (("1", "inductor"), ("aot_eager", "aot_eager"), ("off", None)):
+        monkeypatch.setenv(COMPILE_ENV, value)
+        assert compile_backend() == backend
+    monkeypatch.setenv(COMPILE_ENV, "aot_eager")
+    assert decoder_for(model, 2).compiled == "aot_eager"  # a new decoder for the new setting
 
 
 def test_models_the_static_path_cannot_run_are_refused(tiny_model_dir) -> None:
@@ -158,6 +176,12 @@ def test_calls_the_static_loop_cannot_run_are_named() -> None:
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 def test_cuda_graph_replay_gives_the_eager_logits(tiny_model_dir, dtype, tol) -> None:
     _forced_decode(_converted(tiny_model_dir, device="cuda", dtype=dtype), graph=True, tol=tol)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_a_cuda_graph_over_the_inductor_compiled_step_gives_the_eager_logits(tiny_model_dir) -> None:
+    torch._dynamo.reset()
+    _forced_decode(_converted(tiny_model_dir, device="cuda"), graph=True, tol=1e-4, compiler="inductor")
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
