@@ -8,7 +8,8 @@ it back every step, and reads the state's length on the host. Here (per layer, f
   key of (padded) position p in slot ``p % P``; a step writes one slot (``index_copy_``), nothing moves;
 * ``k_sink``, ``v_sink`` ``(B, Hkv, sinks, D)``: each row's first ``sinks`` keys and values (or None);
 * ``S`` ``(B, H, F, Dv)``, ``z`` ``(B, H, F)`` fp32: the linear state, decayed to the current length when the
-  layer has a decay (``log_decay``), exactly as in :class:`~.recurrent.HybridState`;
+  layer has a decay (``log_decay``), exactly as in :class:`~.recurrent.HybridState`. S may be kept in bf16 or
+  fp16 (``from_hybrid(..., s_dtype=)``: half the state's bytes); every step then computes in fp32 and rounds S once;
 * ``length``: a 0-d long tensor, the padded position of the next token (shared by the rows), and ``pads``
   ``(B,)``: each row's leading pad tokens, so left-padded rows decode exactly as alone.
 
@@ -76,15 +77,17 @@ class StaticState:
     v_sink: Tensor | None = None
 
     @classmethod
-    def from_hybrid(cls, state: HybridState, pads: Tensor | None = None) -> StaticState:
-        """The same state in ring layout (copies): the buffer's position ``L - P + i`` goes to slot ``(L + i) % P``."""
+    def from_hybrid(cls, state: HybridState, pads: Tensor | None = None, s_dtype: torch.dtype | None = None
+                    ) -> StaticState:  # fmt: skip
+        """The same state in ring layout (copies): the buffer's position ``L - P + i`` goes to slot ``(L + i) % P``;
+        S in ``s_dtype`` (default: as it is, fp32)."""
         P, L = state.k_buf.shape[2], state.length
         shift = L % P if P else 0
         B, device = state.S.shape[0], state.S.device
         sinks = [None if x is None else x.clone() for x in (state.k_sink, state.v_sink)]
         return cls(
             torch.roll(state.k_buf, shift, dims=2).contiguous(), torch.roll(state.v_buf, shift, dims=2).contiguous(),
-            state.S.clone(), state.z.clone(), torch.tensor(L, device=device),
+            state.S.to(s_dtype or state.S.dtype, copy=True), state.z.clone(), torch.tensor(L, device=device),
             torch.zeros(B, dtype=torch.long, device=device) if pads is None else pads.to(device, torch.long).clone(),
             *sinks,
         )  # fmt: skip
@@ -106,7 +109,7 @@ class StaticState:
         sinks = [None if x is None else x.clone() for x in (self.k_sink, self.v_sink)]
         return HybridState(
             torch.roll(self.k_ring, shift, dims=2).contiguous(), torch.roll(self.v_ring, shift, dims=2).contiguous(),
-            self.S.clone(), self.z.clone(), L, *sinks,
+            self.S.to(torch.float32, copy=True), self.z.clone(), L, *sinks,
         )  # fmt: skip
 
     def nbytes(self) -> int:
@@ -159,7 +162,8 @@ def static_step(
         for i, x in zip((0, ag.shape[-1] - P), values)
     )
     fq = phi_q(q).float()  # (B, H, 1, F); S and z are decayed to L: no factor on them
-    num = num + torch.einsum("bhqf,bhfd->bhqd", fq, state.S)
+    S = state.S.float()
+    num = num + torch.einsum("bhqf,bhfd->bhqd", fq, S)
     den = a.sum(dim=-1) + torch.einsum("bhqf,bhf->bhq", fq, state.z)
     y = num / den.clamp_min(DEN_EPS).unsqueeze(-1)
 
@@ -173,7 +177,7 @@ def static_step(
     if log_decay is not None:  # keys enter decayed to the new length
         fk = fk * decay_weights(log_decay, rel[:, None] + 1 - pos)
     dS, dz = kv_state(fk, v_out.float())
-    state.S.copy_(decay_state(state.S, log_decay, 1) + dS)
+    state.S.copy_(decay_state(S, log_decay, 1) + dS)  # one rounding when S is kept in bf16 / fp16
     state.z.copy_(decay_state(state.z, log_decay, 1) + dz)
 
     # 4. a row still in its first `sinks` tokens keeps this one as a sink

@@ -20,7 +20,8 @@ captures it). Per layer and step it launches:
    a loop of that many iterations: a step where no key leaves does no fold math, and without a decay it does
    not write S or z back at all. Program 0 sets ``length += 1``.
 
-All arithmetic is fp32 (scores, softmax, readout, fold; S and z stay fp32); K/V are read in the ring's dtype and
+All arithmetic is fp32 (scores, softmax, readout, fold; z stays fp32, S is stored fp32 or, in a bf16 / fp16
+state, rounded once per step after its fp32 update); K/V are read in the ring's dtype and
 the output is in q's dtype. Supported (:func:`triton_step_problem`): the built-in sliding and terrace windows with
 at most 64 sinks, contiguous buffers, CUDA tensors (or any device under ``TRITON_INTERPRET=1``, which the CPU tests
 use). ``triton`` is imported on first use only.
@@ -81,8 +82,8 @@ def triton_step_problem(window: Window, state: StaticState, device: torch.device
     buffers = [state.k_ring, state.v_ring, state.S, state.z, state.pads, state.k_sink, state.v_sink]
     if not all(t.is_contiguous() for t in buffers if t is not None):
         return "a state buffer is not contiguous"
-    if state.S.dtype != torch.float32 or state.z.dtype != torch.float32:
-        return "S and z must be fp32"
+    if state.S.dtype not in (torch.float32, torch.bfloat16, torch.float16) or state.z.dtype != torch.float32:
+        return "S must be fp32, bf16 or fp16 and z fp32"
     if not (torch.device(device).type == "cuda" or _interpret()):
         return f"device {torch.device(device).type} (CUDA only, or TRITON_INTERPRET=1)"
     return None
@@ -274,7 +275,7 @@ def build() -> bool:
                              other=0.0)  # fmt: skip
                 num += tl.sum(a_s[:, None] * vs.to(tl.float32), axis=0)
             tile = s_base + rf[:, None] * DV + rv[None, :]
-            st = tl.load(tile, mask=fm[:, None] & vm[None, :], other=0.0)
+            st = tl.load(tile, mask=fm[:, None] & vm[None, :], other=0.0).to(tl.float32)  # S may be stored in bf16
             num += tl.sum(fq[:, None] * st, axis=0)
             tl.store(Y + bh * DV + rv, num / den, mask=vm)
             if HAS_DECAY:

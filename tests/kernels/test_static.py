@@ -25,7 +25,7 @@ def _window(kind: str, sinks: int):
     return (Sliding if kind == "sliding" else Terrace)(WindowParams(size=6, sinks=sinks))
 
 
-def _reference_and_static(window, log_decay, pads, prompt: int):
+def _reference_and_static(window, log_decay, pads, prompt: int, s_dtype=None):
     """Prefill ``prompt`` tokens, then STEPS one-token steps through the reference and the static step: both
     outputs ``(B, H, STEPS, Dv)`` and both final states."""
     x = make_inputs(prompt + STEPS, seed=5)
@@ -35,7 +35,7 @@ def _reference_and_static(window, log_decay, pads, prompt: int):
             ref = padded_prefill_state(p["k"], p["v"], x["phi_k"], window, pads, H, log_decay=log_decay)
         else:
             ref = HybridState.empty(B, H, HKV, D, DV, 2 * F_HALF, window.span, sinks=window.sinks)
-        static = StaticState.from_hybrid(ref, pads)
+        static = StaticState.from_hybrid(ref, pads, s_dtype=s_dtype)
         fold = fold_width(window)
         want, got = [], []
         for t in range(prompt, prompt + STEPS):
@@ -66,6 +66,24 @@ def test_the_static_step_equals_hybrid_step_token_by_token(kind, sinks, decay, p
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("s_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_precision_s_stays_close_to_the_fp32_reference(decay, s_dtype) -> None:
+    """S kept in bf16 / fp16 (half the state's bytes): 200 steps past the prompt, every step computing in fp32 and
+    rounding S once, stay within the rounding of the format of the fp32 reference (outputs and S)."""
+    from lolcats_cli.kernels.compare import rel_rms
+
+    window, pads = _window("terrace", 4), torch.tensor([0, 5])
+    want, got, ref, static = _reference_and_static(window, LOG_DECAY if decay else None, pads, PROMPT, s_dtype)
+    full = StaticState.from_hybrid(ref, pads)
+    assert static.S.dtype == s_dtype and static.z.dtype == torch.float32
+    assert static.nbytes() < full.nbytes() - full.S.numel() * 2 + 1  # S takes half its fp32 bytes
+    eps = torch.finfo(s_dtype).eps
+    y_err, s_err = rel_rms(got, want), rel_rms(static.to_hybrid().S, ref.S)
+    print(f"{s_dtype} decay={decay}: output rel rms {y_err:.2e}, S rel rms {s_err:.2e} (eps {eps:.1e})")
+    assert 0 < y_err < 4 * eps and 0 < s_err < 8 * eps
 
 
 @pytest.mark.parametrize("kind", ["sliding", "terrace"])

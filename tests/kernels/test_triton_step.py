@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_interp import DEVICE  # sets TRITON_INTERPRET=1 without a GPU, before triton is imported
+from triton_interp import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 without a GPU, before triton is imported
 
 pytest.importorskip("triton")
 
@@ -63,9 +63,9 @@ CASES = [
 ]
 
 
-def _inputs(case: Case) -> tuple[dict, StaticState, StaticState]:
+def _inputs(case: Case, s_dtype: torch.dtype | None = None) -> tuple[dict, StaticState, StaticState]:
     """The inputs of prompt + steps positions on DEVICE (gate folded into phi_q) and two copies of the state after
-    the prompt (ring layout)."""
+    the prompt (ring layout; S in ``s_dtype``)."""
     x = make_inputs(case.prompt + case.steps, seed=3)
     if not case.gqa:
         x["k"], x["v"] = expand_kv(x["k"], H), expand_kv(x["v"], H)
@@ -84,7 +84,7 @@ def _inputs(case: Case) -> tuple[dict, StaticState, StaticState]:
             state = padded_prefill_state(p["k"], p["v"], x["phi_k"], window, pads, H, log_decay=x["log_decay"])
         else:
             state = HybridState.empty(2, H, hkv, D, DV, 2 * F_HALF, window.span, device=DEVICE, sinks=case.sinks)
-    return x, StaticState.from_hybrid(state, pads), StaticState.from_hybrid(state, pads)
+    return x, StaticState.from_hybrid(state, pads, s_dtype=s_dtype), StaticState.from_hybrid(state, pads, s_dtype=s_dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -108,6 +108,30 @@ def test_the_triton_step_equals_static_step_step_by_step(case: Case) -> None:
                     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name} after position {t}")
     assert int(fused.length) == case.prompt + case.steps
     assert not torch.equal(fused.S, S0)  # the fold (or the decay) ran
+
+
+# The interpreter rounds bf16 stores its own way (numpy has no bf16): bf16 runs on a GPU only, fp16 everywhere.
+HALF = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+
+
+@pytest.mark.parametrize("s_dtype", HALF, ids=[str(d).split(".")[-1] for d in HALF])
+def test_a_half_precision_s_steps_like_the_static_step(s_dtype: torch.dtype) -> None:
+    """S kept in fp16 / bf16: the fused step computes in fp32 from the same stored S and rounds it once per step,
+    as static_step does (a rounding boundary may fall 1 unit apart: S to a unit of the format)."""
+    case = Case("terrace", 4, True, True, (0, 3), 9, 10)
+    x, ref, fused = _inputs(case, s_dtype)
+    window, fold = x["window"], fold_width(x["window"])
+    eps = torch.finfo(s_dtype).eps
+    with torch.no_grad():
+        for t in range(case.prompt, case.prompt + case.steps):
+            s = sliced(x, t, t + 1)
+            args = (s["q"], s["k"], s["v"], x["phi_q"], x["phi_k"], x["window_logits"], window)
+            want = static_step(*args, ref, log_decay=x["log_decay"], fold=fold)
+            got = triton_step(*args, fused, log_decay=x["log_decay"], fold=fold)
+            torch.testing.assert_close(got, want, atol=2 * eps, rtol=2 * eps, msg=f"y at position {t}")
+    assert fused.S.dtype == s_dtype
+    torch.testing.assert_close(fused.S.float(), ref.S.float(), atol=2 * eps, rtol=2 * eps)
+    torch.testing.assert_close(fused.z, ref.z, atol=1e-5, rtol=1e-5)
 
 
 def test_a_step_without_leaving_keys_or_decay_leaves_s_and_z_alone() -> None:

@@ -55,6 +55,20 @@ ENV = "LOLCATS_STATIC_DECODE"  # "0" turns the static/CUDA-graph path off where 
 COMPILE_ENV = "LOLCATS_COMPILE_DECODE"  # a torch.compile backend for the decode step (1 = inductor); off by default
 
 
+STATE_ENV = "LOLCATS_STATE_DTYPE"  # bf16 / fp16 keeps each layer's S in half precision (fp32 by default)
+_STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def state_dtype() -> torch.dtype:
+    """The dtype the static decoder keeps the linear state S in: ``LOLCATS_STATE_DTYPE`` (fp32, the default; bf16;
+    fp16). ValueError naming anything else."""
+    value = os.environ.get(STATE_ENV, "fp32").strip().lower()
+    if value not in _STATE_DTYPES:
+        raise ValueError(f"{STATE_ENV}={os.environ[STATE_ENV]!r} is not a state dtype: use fp32, bf16 or fp16")
+    return _STATE_DTYPES[value]
+
+
 def compile_backend() -> str | None:
     """The ``torch.compile`` backend the static decoder compiles its step with: ``LOLCATS_COMPILE_DECODE`` (1 or
     inductor, or any backend name such as aot_eager), None when unset or 0 (the default: not yet timed on a GPU)."""
@@ -214,10 +228,13 @@ class StaticDecoder:
     with each next token; :meth:`store` writes the states back into that cache. ``triton``: which decode step the
     layers run (see :meth:`StaticHybridLayer.use_triton`: None the default choice, False ``static_step``).
     ``compiler``: a ``torch.compile`` backend for the step (None: :func:`compile_backend`, off by default; "" off),
-    compiled before the graph is captured, so the replay runs the fused kernels (norms, rotary, activations)."""
+    compiled before the graph is captured, so the replay runs the fused kernels (norms, rotary, activations).
+    ``s_dtype``: the dtype of each layer's S (None: :func:`state_dtype`, fp32 by default; bf16 halves the state,
+    every step still computing in fp32)."""
 
     def __init__(self, model: Any, batch: int, graph: bool | None = None, warmup: int = 2,
-                 triton: bool | None = None, compiler: str | None = None) -> None:  # fmt: skip
+                 triton: bool | None = None, compiler: str | None = None,
+                 s_dtype: torch.dtype | None = None) -> None:  # fmt: skip
         if why := static_decode_problem(model):
             raise ModelError(f"static decoding cannot run this model: {why}", hint="use model.generate()")
         param = next(model.parameters())
@@ -230,7 +247,9 @@ class StaticDecoder:
             raise ModelError(f"CUDA graphs need a CUDA device; the model is on {self.device}", hint="pass graph=False")
         kv_dtype = model.get_input_embeddings().weight.dtype
         empty = [(m, empty_hybrid_state(m, batch, self.device, kv_dtype)) for _, m in linearized_layers(model)]
-        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s), fold_width(m.window), self.triton) for m, s in empty]
+        self.s_dtype = state_dtype() if s_dtype is None else s_dtype
+        self.layers = [StaticHybridLayer(StaticState.from_hybrid(s, s_dtype=self.s_dtype), fold_width(m.window),
+                                         self.triton) for m, s in empty]  # fmt: skip
         self.cache = LinearAttentionCache(list(self.layers))
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -322,11 +341,11 @@ _DECODERS: weakref.WeakKeyDictionary[Any, StaticDecoder] = weakref.WeakKeyDictio
 
 def decoder_for(model: Any, batch: int) -> StaticDecoder:
     """The :class:`StaticDecoder` of ``model`` for ``batch`` rows, built (its CUDA graph captured) on first use and
-    kept for the next calls; one per model (a new batch size, or a change of ``LOLCATS_TRITON_STEP`` or
-    ``LOLCATS_COMPILE_DECODE``, replaces the old decoder)."""
+    kept for the next calls; one per model (a new batch size, or a change of ``LOLCATS_TRITON_STEP``,
+    ``LOLCATS_COMPILE_DECODE`` or ``LOLCATS_STATE_DTYPE``, replaces the old decoder)."""
     decoder = _DECODERS.get(model)
     if (decoder is None or decoder.batch != batch or decoder.triton != triton_step_enabled(decoder.device)
-            or decoder.compiled != compile_backend()):  # fmt: skip
+            or decoder.compiled != compile_backend() or decoder.s_dtype != state_dtype()):  # fmt: skip
         _DECODERS.pop(model, None)  # free the old graph's buffers before capturing a new one
         decoder = _DECODERS[model] = StaticDecoder(model, batch)
     return decoder
@@ -414,7 +433,7 @@ def static_sample(
 
 
 __all__ = [
-    "COMPILE_ENV", "ENV", "StaticDecoder", "compile_backend", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
+    "COMPILE_ENV", "ENV", "STATE_ENV", "StaticDecoder", "compile_backend", "state_dtype", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
     "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_generate_kwargs", "static_sample",
     "static_wanted",
 ]

@@ -83,7 +83,7 @@ def test_the_static_loop_returns_the_cache_scores_and_stops_at_eos(tiny) -> None
     assert torch.equal(again, _generate(tiny, more, mask2, 6, **GREEDY))
 
 
-def _forced_decode(model, graph: bool, tol: float, compiler: str | None = "") -> None:
+def _forced_decode(model, graph: bool, tol: float, compiler: str | None = "", s_dtype=None) -> None:
     """Prefill a left-padded batch, then 12 steps of the decoder against the eager cache fed the same tokens."""
     from lolcats_cli.core.decode.cache import make_cache
 
@@ -93,7 +93,7 @@ def _forced_decode(model, graph: bool, tol: float, compiler: str | None = "") ->
     with torch.inference_mode():
         cache = make_cache(model)
         logits = model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
-        decoder = StaticDecoder(model, 2, graph=graph, compiler=compiler)
+        decoder = StaticDecoder(model, 2, graph=graph, compiler=compiler, s_dtype=s_dtype)
         size = decoder.state_nbytes()
         decoder.load(cache)
         for t in range(12):
@@ -112,6 +112,23 @@ def _forced_decode(model, graph: bool, tol: float, compiler: str | None = "") ->
 
 def test_the_decoder_steps_give_generate_s_logits_and_keep_their_size(tiny) -> None:
     _forced_decode(tiny, graph=False, tol=1e-4)
+
+
+def test_a_bf16_state_decodes_close_to_the_fp32_cache(tiny_model_dir, monkeypatch) -> None:
+    """LOLCATS_STATE_DTYPE=bf16 keeps S in bf16 (half the bytes of S): the logits of 12 forced steps stay within
+    bf16 rounding of the fp32 eager cache's; a bad value is named."""
+    from lolcats_cli.core.decode.static_decode import STATE_ENV, state_dtype
+
+    model = _converted(tiny_model_dir, linear_gate=False)  # the linear branch at full weight: S matters
+    _forced_decode(model, graph=False, tol=3e-2, s_dtype=torch.bfloat16)
+    monkeypatch.setenv(STATE_ENV, "bf16")
+    decoder = decoder_for(model, 2)
+    assert decoder.s_dtype == torch.bfloat16 and decoder.layers[0].static.S.dtype == torch.bfloat16
+    fp32 = StaticDecoder(model, 2, s_dtype=torch.float32)
+    assert decoder.state_nbytes() < fp32.state_nbytes()
+    monkeypatch.setenv(STATE_ENV, "int8")
+    with pytest.raises(ValueError, match="LOLCATS_STATE_DTYPE='int8' is not a state dtype: use fp32, bf16 or fp16"):
+        state_dtype()
 
 
 def test_a_compiled_decoder_steps_like_the_eager_cache(tiny_model_dir, monkeypatch) -> None:
