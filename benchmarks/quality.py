@@ -261,7 +261,7 @@ def main() -> None:
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     args.passkey = [int(c) for c in args.passkey.split(",") if c]
     args.recall_contexts = [int(c) for c in args.recall_contexts.split(",") if c]
-    args.recall = [int(n) for n in str(args.recall).split(",") if n and int(n) > 0]
+    args.recall = [n for n in (int(x) for x in str(args.recall).split(",") if x) if n > 0]
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "quality.json"

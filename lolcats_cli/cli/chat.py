@@ -58,7 +58,9 @@ def chat(
     state vs a softmax KV cache), /quit.
     For several lines, end a line with a backslash, or open and close a block with three double quotes.
     """
-    from ..core.decode.chat import ChatSession, load_chat_model, original_caveat, require_original, use_recall_cache
+    from ..core.decode.chat import (
+        ChatSession, load_chat_model, original_caveat, require_original, use_recall_cache,
+    )  # fmt: skip
 
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")

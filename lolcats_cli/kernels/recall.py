@@ -7,10 +7,10 @@ and keeps the ``slots`` worst-recalled keys of each KV head *exactly*, as softma
 the sinks (same max shift, window factor and shared normaliser). At every step the cached keys are scored
 again against the state as it is then, like the keys now leaving (``rescore``, the default; off, a key keeps
 the score it had on entry, so keys that entered while the state was nearly empty held their slots for good:
-on SmolLM2's untrained conversion, 64 slots, passkey at 2048 tokens, 7 of 10 prompts against 2 of 10). A key pushed out of the cache by a worse one
-goes into S and z as it would have without the cache (decayed by its age when there is a decay). Every other
-key takes its usual path, so with ``slots = 0`` this is the recurrent form exactly; the state stays
-constant-size (``slots`` keys and values per KV head more).
+on SmolLM2's untrained conversion, 64 slots, passkey at 2048 tokens, 7 of 10 prompts against 2 of 10). A key
+pushed out of the cache by a worse one goes into S and z as it would have without the cache (decayed by its
+age when there is a decay). Every other key takes its usual path, so with ``slots = 0`` this is the recurrent
+form exactly; the state stays constant-size (``slots`` keys and values per KV head more).
 
 Inference only: stage 1 trains the plain op. The whole-sequence form runs the step over chunks of
 :data:`CHUNK` tokens, so it is sequential and slower than the chunked kernel. Left-padded batches are not
@@ -252,4 +252,6 @@ class RecallKernel(Kernel):
                            slots=self.slots, rescore=self.rescore)  # fmt: skip
 
 
-__all__ = ["CHUNK", "DEFAULT_SLOTS", "RESCORE_ENV", "SLOTS_ENV", "RecallKernel", "RecallSlots", "recall_error", "recall_step"]
+__all__ = [
+    "CHUNK", "DEFAULT_SLOTS", "RESCORE_ENV", "SLOTS_ENV", "RecallKernel", "RecallSlots", "recall_error", "recall_step",
+]

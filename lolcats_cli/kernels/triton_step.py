@@ -43,13 +43,13 @@ import torch
 from torch import Tensor
 
 from ..api import Window
+from ..switches import OFF, ON
 from . import triton_tiles as tiles
 from .blocks import DEN_EPS, FeatureFn
 from .static import StaticState
 from .triton_hybrid import MAX_DIM, MAX_SINKS, _interpret, _pow2, triton_available, window_kind
 
 ENV = "LOLCATS_TRITON_STEP"  # "0" turns the fused decode step off on CUDA; "1" asks for it on any device
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 BV = 32  # value columns per S tile
 
 
@@ -58,12 +58,12 @@ def triton_step_enabled(device: torch.device | str | None = None) -> bool:
     unless ``LOLCATS_TRITON_STEP`` is 0/false/no/off, and on any device where it is 1/true/yes/on (whether it then
     runs a given layer is :func:`triton_step_problem`'s answer). ValueError for any other value."""
     value = os.environ.get(ENV, "").strip().lower()
-    if value and value not in _ON + _OFF:
+    if value and value not in ON + OFF:
         raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a switch: set it to 1 (on) or 0 (off), or unset it "
                          "(on for CUDA devices)")
-    if value in _OFF or not triton_available():
+    if value in OFF or not triton_available():
         return False
-    return value in _ON or (device is not None and torch.device(device).type == "cuda")
+    return value in ON or (device is not None and torch.device(device).type == "cuda")
 
 
 def triton_step_problem(window: Window, state: StaticState, device: torch.device) -> str | None:

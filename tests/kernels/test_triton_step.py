@@ -84,7 +84,7 @@ def _inputs(case: Case, s_dtype: torch.dtype | None = None) -> tuple[dict, Stati
             state = padded_prefill_state(p["k"], p["v"], x["phi_k"], window, pads, H, log_decay=x["log_decay"])
         else:
             state = HybridState.empty(2, H, hkv, D, DV, 2 * F_HALF, window.span, device=DEVICE, sinks=case.sinks)
-    return x, StaticState.from_hybrid(state, pads, s_dtype=s_dtype), StaticState.from_hybrid(state, pads, s_dtype=s_dtype)
+    return x, *(StaticState.from_hybrid(state, pads, s_dtype=s_dtype) for _ in range(2))
 
 
 def _both_steps(case: Case, x: dict, ref: StaticState, fused: StaticState, tol: float, buffers=BUFFERS) -> None:

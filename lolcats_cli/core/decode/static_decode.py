@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ModelError
+from ...switches import OFF, ON
 from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
@@ -53,8 +54,6 @@ from .generation import HybridAttentionModule, HybridLayer
 log = logging.getLogger(__name__)
 ENV = "LOLCATS_STATIC_DECODE"  # "0" turns the static/CUDA-graph path off where it is the default
 COMPILE_ENV = "LOLCATS_COMPILE_DECODE"  # a torch.compile backend for the decode step (1 = inductor); off by default
-
-
 STATE_ENV = "LOLCATS_STATE_DTYPE"  # bf16 / fp16 keeps each layer's S in half precision (fp32 by default)
 _STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
@@ -73,18 +72,18 @@ def compile_backend() -> str | None:
     """The ``torch.compile`` backend the static decoder compiles its step with: ``LOLCATS_COMPILE_DECODE`` (1 or
     inductor, or any backend name such as aot_eager), None when unset or 0 (the default: not yet timed on a GPU)."""
     value = os.environ.get(COMPILE_ENV, "").strip()
-    if value.lower() in ("", "0", "false", "no", "off"):
+    if not value or value.lower() in OFF:
         return None
-    return "inductor" if value.lower() in ("1", "true", "yes", "on") else value
+    return "inductor" if value.lower() in ON else value
 
 
 def static_decode_enabled(device: torch.device) -> bool:
     """Whether the static path is the default on ``device``: CUDA, unless ``LOLCATS_STATIC_DECODE=0``; any device
     with ``LOLCATS_STATIC_DECODE=1`` (off CUDA the steps run eagerly, without a graph)."""
     value = os.environ.get(ENV, "").strip().lower()
-    if value in ("0", "false", "no", "off"):
+    if value in OFF:
         return False
-    return value in ("1", "true", "yes", "on") or device.type == "cuda"
+    return value in ON or device.type == "cuda"
 
 
 def static_decode_problem(model: Any) -> str | None:
@@ -433,7 +432,7 @@ def static_sample(
 
 
 __all__ = [
-    "COMPILE_ENV", "ENV", "STATE_ENV", "StaticDecoder", "compile_backend", "state_dtype", "StaticHybridLayer", "decoder_for", "empty_hybrid_state", "install_static_generate",
-    "plain_loop_needed", "static_decode_enabled", "static_decode_problem", "static_generate_kwargs", "static_sample",
-    "static_wanted",
+    "COMPILE_ENV", "ENV", "STATE_ENV", "StaticDecoder", "StaticHybridLayer", "compile_backend", "decoder_for",
+    "empty_hybrid_state", "install_static_generate", "plain_loop_needed", "state_dtype", "static_decode_enabled",
+    "static_decode_problem", "static_generate_kwargs", "static_sample", "static_wanted",
 ]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...switches import OFF
 
 COMPLETE = "lolcats-gguf-cache.complete"  # written last: a folder without it is ignored; its mtime = last use
 KEEP_ENV, MAX_GB_ENV = "LOLCATS_GGUF_CACHE_KEEP", "LOLCATS_GGUF_CACHE_MAX_GB"
@@ -36,7 +37,7 @@ _STALE_TMP_S = 6 * 3600  # a temporary folder this old is left over from a kille
 
 
 def enabled() -> bool:
-    return os.environ.get("LOLCATS_GGUF_CACHE", "1").strip().lower() not in {"0", "false", "no", "off"}
+    return os.environ.get("LOLCATS_GGUF_CACHE", "1").strip().lower() not in OFF
 
 
 def cache_root() -> Path:

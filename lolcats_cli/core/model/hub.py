@@ -13,8 +13,9 @@ import os
 import threading
 from typing import Literal
 
+from ...switches import ON
+
 PROBE_TIMEOUT_S = 5.0
-_TRUE = {"1", "true", "yes", "on"}
 
 Status = Literal["ok", "unreachable", "not_found", "gated", "bad_revision", "offline"]
 
@@ -34,7 +35,7 @@ class HubStatus:
 def offline(repo_type: str = "model") -> bool:
     """Whether the user asked for offline mode (HF_HUB_OFFLINE, or HF_DATASETS_OFFLINE for datasets)."""
     names = ["HF_HUB_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if repo_type == "dataset" else [])
-    if any(os.environ.get(n, "").strip().lower() in _TRUE for n in names):
+    if any(os.environ.get(n, "").strip().lower() in ON for n in names):
         return True
     try:
         from huggingface_hub import constants
