@@ -27,7 +27,13 @@ from lolcats_cli.kernels.blocks import expand_kv  # noqa: E402
 from lolcats_cli.kernels.padded import padded_prefill_state  # noqa: E402
 from lolcats_cli.kernels.recurrent import HybridState  # noqa: E402
 from lolcats_cli.kernels.static import StaticState, fold_width, static_step  # noqa: E402
-from lolcats_cli.kernels.triton_step import ENV, triton_step, triton_step_enabled, triton_step_problem  # noqa: E402
+from lolcats_cli.kernels.triton_step import (  # noqa: E402
+    ENV,
+    fused_key_map,
+    triton_step,
+    triton_step_enabled,
+    triton_step_problem,
+)
 
 from kernel_inputs import D, DV, F_HALF, H, make_inputs, sliced  # noqa: E402
 
@@ -114,6 +120,34 @@ def test_the_triton_step_equals_static_step_step_by_step(case: Case) -> None:
     _both_steps(case, x, ref, fused, 1e-5)
     assert int(fused.length) == case.prompt + case.steps
     assert not torch.equal(fused.S, S0)  # the fold (or the decay) ran
+
+
+def _hedgehog(seed: int) -> torch.nn.Module:
+    """The built-in hedgehog map at the test sizes, with random weights (not the identity it starts from)."""
+    from lolcats_cli.builtins.feature_maps import Hedgehog, HedgehogParams
+
+    fm = Hedgehog(H, D, HedgehogParams(feature_dim=F_HALF))
+    with torch.no_grad():
+        fm.weight.copy_(torch.randn(H, D, F_HALF, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    return fm.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]], ids=str)
+def test_the_step_computes_the_builtin_hedgehog_key_features_itself(case: Case) -> None:
+    """With the built-in hedgehog map as phi_k the step maps the leaving keys inside the kernel (no gather, no
+    PyTorch call) and still equals static_step, which calls the map, step by step; a subclass or any other
+    callable keeps the PyTorch call."""
+    from lolcats_cli.builtins.feature_maps import Hedgehog
+
+    x, ref, fused = _inputs(case)
+    x["phi_k"] = _hedgehog(9)
+    assert fused_key_map(x["phi_k"], 2 * F_HALF) is not None
+    assert fused_key_map(lambda t: x["phi_k"](t), 2 * F_HALF) is None
+    assert fused_key_map(type("MyHedgehog", (Hedgehog,), {})(H, D), 2 * 64) is None
+    assert fused_key_map(x["phi_k"], 4 * F_HALF) is None  # the state's feature count must match
+    S0 = fused.S.clone()
+    _both_steps(case, x, ref, fused, 1e-5)
+    assert not torch.equal(fused.S, S0)
 
 
 # The interpreter rounds bf16 stores its own way (numpy has no bf16): bf16 runs on a GPU only, fp16 everywhere.
