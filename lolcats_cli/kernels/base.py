@@ -29,6 +29,9 @@ from .padded import padded_attention, padded_prefill_state, padded_step
 from .recurrent import HybridState, hybrid_step
 
 
+STEP_CHUNK = 256  # tokens :meth:`Kernel.step` attends at once; longer steps go in chunks of this many
+
+
 class Kernel:
     """One implementation of hybrid attention (see the module docstring for the shared signature).
 
@@ -81,7 +84,20 @@ class Kernel:
         window: Window, state: HybridState, *, scale: float | None = None, pads: Tensor | None = None,
         log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
-        """Attend t >= 1 new tokens after ``state`` and advance it: ``(B, H, t, Dv)`` and the new state."""
+        """Attend t >= 1 new tokens after ``state`` and advance it: ``(B, H, t, Dv)`` and the new state.
+
+        More than :data:`STEP_CHUNK` tokens (a prompt continued in chunks, a chat turn) are attended
+        :data:`STEP_CHUNK` at a time, each after the state the previous ones left: the same result, with memory
+        linear in t (one step attends its tokens over the window buffer and themselves at once, t x (span + t)
+        scores)."""
+        if q.shape[2] > STEP_CHUNK:
+            ys = []
+            for a in range(0, q.shape[2], STEP_CHUNK):
+                part = slice(a, a + STEP_CHUNK)
+                y, state = self.step(q[:, :, part], k[:, :, part], v[:, :, part], phi_q, phi_k, window_logits, window,
+                                     state, scale=scale, pads=pads, log_decay=log_decay)  # fmt: skip
+                ys.append(y)
+            return torch.cat(ys, dim=2), state
         if pads is None:
             return hybrid_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay)
         return padded_step(q, k, v, phi_q, phi_k, window_logits, window, state, pads, scale, log_decay=log_decay)
@@ -90,4 +106,4 @@ class Kernel:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-__all__ = ["Kernel"]
+__all__ = ["STEP_CHUNK", "Kernel"]

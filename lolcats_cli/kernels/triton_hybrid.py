@@ -61,6 +61,8 @@ from . import triton_tiles as tiles
 from .base import Kernel
 from .blocks import FeatureFn, check_inputs, expand_kv
 from .chunked import hybrid_attention_chunked
+from .padded import padded_prefill_state
+from .recurrent import HybridState
 from .triton_tiles import BLOCK
 
 MAX_SINKS = 64
@@ -303,7 +305,8 @@ def _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_d
 
 class TritonKernel(Kernel):
     """The fused Triton kernel on CUDA; inputs it does not support (a plugin window, more than 64 sinks,
-    another head dim) go through the chunked form. Prefill and decoding use the shared forms."""
+    another head dim) go through the chunked form. An unpadded prefill runs the fused kernel and builds the state
+    from the same key features (phi_k runs once); padded prefill and decoding use the shared forms."""
 
     name = "triton"
     priority = 10
@@ -322,6 +325,21 @@ class TritonKernel(Kernel):
         if fq.shape[-1] > MAX_DIM:
             return _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay)
         return triton_hybrid_attention(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
+        window: Window, *, scale: float | None = None, pads: Tensor | None = None, log_decay: Tensor | None = None,
+    ) -> tuple[Tensor, HybridState]:  # fmt: skip
+        if pads is not None or q.shape[2] == 0 or unsupported(q, k, v, window) is not None or not triton_available():
+            return super().prefill(
+                q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay
+            )
+        fq, fk = phi_q(q), phi_k(expand_kv(k, q.shape[1]))
+        if fq.shape[-1] > MAX_DIM:
+            return super().prefill(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, log_decay=log_decay)
+        y = triton_hybrid_attention(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+        no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return y, padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=fk, log_decay=log_decay)
 
 
 __all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_available", "triton_hybrid_attention", "unsupported"]

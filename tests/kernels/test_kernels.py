@@ -64,3 +64,32 @@ def test_left_padded_rows_match_each_row_alone(name: str) -> None:
         torch.testing.assert_close(whole[b, :, p:], alone, **TOL)
         torch.testing.assert_close(stepped[b, :, p:], alone, **TOL)
         assert not whole[b, :, :p].any()  # pad rows of the output are 0
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_a_step_longer_than_step_chunk_goes_in_chunks_and_still_matches_naive(padded: bool, monkeypatch) -> None:
+    """A step of more than STEP_CHUNK tokens (a prompt continued in chunks, a chat turn) is attended STEP_CHUNK at a
+    time: set to 3 here, one step of 14 tokens runs 5 chunks and gives the naive reference's outputs."""
+    from lolcats_cli.kernels import base
+
+    monkeypatch.setattr(base, "STEP_CHUNK", 3)
+    kernel, window = KERNELS["chunked"], WINDOWS["terrace4-sinks2"]
+    q, k, v, phi_q, phi_k, logits = _inputs(2)
+    args = (phi_q, phi_k, logits, window)
+    pads = torch.tensor([0, 2, 5]) if padded else None
+    calls: list[int] = []
+    step = base.hybrid_step if not padded else base.padded_step
+
+    def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append(a[0].shape[2])
+        return step(*a, **kw)
+
+    monkeypatch.setattr(base, "padded_step" if padded else "hybrid_step", counted)
+    y, state = kernel.prefill(q[:, :, :9], k[:, :, :9], v[:, :, :9], *args, pads=pads)
+    y2, state = kernel.step(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], *args, state, pads=pads)
+    assert calls == [3, 3, 3, 3, 2] and state.length == T
+    got = torch.cat([y, y2], dim=2)
+    for b in range(B):
+        p = 0 if pads is None else int(pads[b])
+        alone = hybrid_attention_naive(*(x[b : b + 1, :, p:] for x in (q, k, v)), *args)[0]
+        torch.testing.assert_close(got[b, :, p:], alone, **TOL)

@@ -200,8 +200,9 @@ def test_kernel_is_registered_above_chunked_and_falls_back() -> None:
         torch.testing.assert_close(kernel.attention(**x, window=window), hybrid_attention_chunked(**x, window=window))
 
 
-def test_kernel_seam_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through Kernel.attention (what the model calls), with the decay keyword: the fused op runs."""
+@pytest.fixture
+def fused_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets a 1 each time the kernel seam calls the fused op (which still runs)."""
     ran: list[int] = []
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -209,9 +210,34 @@ def test_kernel_seam_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> N
         return triton_hybrid_attention(*args, **kwargs)
 
     monkeypatch.setattr(triton_hybrid, "triton_hybrid_attention", spy)
+    return ran
+
+
+def test_kernel_seam_runs_the_fused_kernel(fused_runs: list[int]) -> None:
+    """Through Kernel.attention (what the model calls), with the decay keyword: the fused op runs."""
     window, ld = WINDOWS["sliding64-sinks4"], make_log_decay()
     x = make_inputs(2, 130, 64)
     with torch.no_grad():
         got = KERNELS["triton"].attention(**x, window=window, log_decay=ld)
-    assert ran == [1]
+    assert fused_runs == [1]
     assert rel_rms(got, reference(x, window, ld)) < TOL
+
+
+def test_the_fused_prefill_gives_the_chunked_prefills_output_and_state(fused_runs: list[int]) -> None:
+    """TritonKernel.prefill (unpadded): the fused op over the prompt, the state built from the same key features;
+    output and every state buffer equal the chunked kernel's prefill, and decoding on from it matches too."""
+    window, ld = WINDOWS["sliding64-sinks4"], make_log_decay()
+    x = make_inputs(2, 140, 64, seed=5)
+    head = {**x, **{n: x[n][:, :, :130] for n in ("q", "k", "v")}}
+    with torch.no_grad():
+        got_y, got = KERNELS["triton"].prefill(**head, window=window, log_decay=ld)
+        want_y, want = KERNELS["chunked"].prefill(**head, window=window, log_decay=ld)
+        tail = [x[n][:, :, 130:] for n in ("q", "k", "v")]
+        rest = (x["phi_q"], x["phi_k"], x["window_logits"], window)
+        got_next, _ = KERNELS["triton"].step(*tail, *rest, got, log_decay=ld)
+        want_next, _ = KERNELS["chunked"].step(*tail, *rest, want, log_decay=ld)
+    assert fused_runs == [1]
+    assert rel_rms(got_y, want_y) < TOL and rel_rms(got_next, want_next) < TOL
+    assert got.length == want.length == 130
+    for name in ("k_buf", "v_buf", "S", "z", "k_sink", "v_sink"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=TOL, rtol=TOL, msg=name)

@@ -381,21 +381,10 @@ def use_recall_cache(model: Any, slots: int) -> int:
     head more). Decoding then takes ``model.generate``'s own loop (the static path runs the plain step only).
     Returns the number of layers. ModelError for a model without lolcats layers (an ``hf`` export bundles its own
     attention: chat with the run directory) or with delta-rule layers (the recall kernel keeps the additive state)."""
-    from ...kernels.recall import RecallKernel
-    from ..model.linear_attention import linearized_layers
+    from ..model.linear_attention import install_recall_kernel
 
-    layers = linearized_layers(model)
-    if not layers:
-        raise ModelError("a recall cache needs the model's lolcats attention layers; this model has none "
-                         "(an `lolcats export --format hf` folder bundles its own attention)",
-                         "chat with the run directory the export came from")  # fmt: skip
-    if delta := [i for i, m in layers if m.delta_rule]:
-        raise ModelError(f"layer {delta[0]} keeps a delta-rule state; the recall cache works with the additive state",
-                         "chat without --recall")  # fmt: skip
-    kernel = RecallKernel(slots)
-    for _, m in layers:
-        m.kernel = kernel
-    return len(layers)
+    return len(install_recall_kernel(model, slots, "chat without --recall",
+                                     no_layers_hint="chat with the run directory the export came from"))
 
 
 _WHERE_HINT = (

@@ -118,19 +118,15 @@ def softmax_layers_of(model: nn.Module) -> list[int]:
 @contextlib.contextmanager
 def recall_kernel(model: nn.Module, slots: int | None) -> Iterator[None]:
     """Within the block every converted layer runs the recall kernel with ``slots`` keys per KV head (None:
-    ``LOLCATS_RECALL_SLOTS`` or its default); each layer's own kernel choice is restored afterwards."""
-    from ...kernels.recall import RecallKernel
-    from ..model.linear_attention import linearized_layers
+    ``LOLCATS_RECALL_SLOTS`` or its default); each layer's own kernel choice is restored afterwards. ModelError
+    for a model the recall cache does not take (:func:`~..model.linear_attention.install_recall_kernel`)."""
+    from ..model.linear_attention import install_recall_kernel
 
-    layers = [m for _, m in linearized_layers(model)]
-    before = [m._kernel for m in layers]
-    kernel = RecallKernel(slots)
+    before = install_recall_kernel(model, slots, "evaluate without --recall")
     try:
-        for m in layers:
-            m.kernel = kernel
         yield
     finally:
-        for m, k in zip(layers, before):
+        for m, k in before:
             m.kernel = k
 
 

@@ -450,7 +450,31 @@ def linearized_layers(model: nn.Module) -> list[tuple[int, LinearizedAttention]]
     return sorted(found, key=lambda item: item[0])
 
 
+def install_recall_kernel(model: nn.Module, slots: int | None, hint: str,
+                          no_layers_hint: str | None = None) -> list[tuple[LinearizedAttention, Any]]:
+    """Every converted layer of ``model`` runs the recall kernel with ``slots`` exact keys per KV head (None:
+    ``LOLCATS_RECALL_SLOTS`` or its default). Returns ``(layer, its previous kernel choice)`` for each, so a caller
+    can put them back (``layer.kernel = previous``). ModelError for a model without lolcats layers (an ``hf`` export
+    bundles its own attention; ``no_layers_hint``, else ``hint``) or with delta-rule layers (the cache keeps the
+    additive state; ``hint``)."""
+    from ...kernels.recall import RecallKernel
+
+    layers = [m for _, m in linearized_layers(model)]
+    if not layers:
+        raise ModelError("a recall cache needs the model's lolcats attention layers; this model has none "
+                         "(an `lolcats export --format hf` folder bundles its own attention)",
+                         no_layers_hint or hint)  # fmt: skip
+    if delta := [m.layer_idx for m in layers if m.delta_rule]:
+        raise ModelError(f"layer {delta[0]} keeps a delta-rule state; the recall cache works with the additive state",
+                         hint)  # fmt: skip
+    before = [(m, m._kernel) for m in layers]
+    kernel = RecallKernel(slots)
+    for m in layers:
+        m.kernel = kernel
+    return before
+
+
 __all__ = [
     "DECAY_HORIZONS", "LinearizedAttention", "MODES", "causal_window_mask", "check_mode", "initial_log_horizons",
-    "linearized_layers", "sdpa_mask", "softmax_attention",
+    "install_recall_kernel", "linearized_layers", "sdpa_mask", "softmax_attention",
 ]

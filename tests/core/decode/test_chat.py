@@ -545,3 +545,31 @@ def test_interactive_chat_with_smollm2_in_a_terminal(smollm2_gguf, tmp_path):
     assert state_mib > 0 and tokens > 20
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, float32 on CPU
     assert kv_mib == pytest.approx(2 * 30 * 3 * 64 * tokens * 4 / 2**20, abs=0.01)
+
+
+def test_eval_and_chat_refuse_a_recall_cache_over_delta_rule_layers_and_eval_restores_kernels(tiny_model_dir):
+    """Both places that put the recall kernel in (eval's recall row, chat --recall) refuse delta-rule layers with
+    the same error and their own hint; eval's context puts each layer's kernel choice back afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.decode.chat import use_recall_cache
+    from lolcats_cli.core.eval.eval_rows import recall_kernel
+    from lolcats_cli.core.model.convert import convert_model
+    from lolcats_cli.errors import ModelError
+    from lolcats_cli.kernels.recall import RecallKernel
+
+    delta = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), window="terrace",
+                          window_params={"size": 4, "sinks": 2}, decay=True, delta_rule=True)  # fmt: skip
+    with pytest.raises(ModelError, match="delta-rule state") as chat_err:
+        use_recall_cache(delta, 8)
+    with pytest.raises(ModelError, match="delta-rule state") as eval_err:
+        with recall_kernel(delta, 8):
+            pass
+    assert "chat without --recall" in str(chat_err.value.hint) and "evaluate without --recall" in str(eval_err.value.hint)
+    plain = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), window="terrace",
+                          window_params={"size": 4, "sinks": 2})  # fmt: skip
+    layers = [m for m in plain.modules() if hasattr(m, "_kernel")]
+    before = [type(m.kernel) for m in layers]
+    with recall_kernel(plain, 8):
+        assert all(isinstance(m.kernel, RecallKernel) for m in layers)
+    assert [type(m.kernel) for m in layers] == before
