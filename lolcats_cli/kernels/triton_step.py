@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ..api import Window
+from ..builtins.feature_maps import Hedgehog
 from ..switches import OFF, ON
 from . import triton_tiles as tiles
 from .blocks import DEN_EPS, FeatureFn
@@ -98,8 +99,6 @@ def fused_key_map(phi_k: FeatureFn, features: int) -> tuple[Tensor, float] | Non
     """``(weight (H, D, f), eps)`` when ``_step_main`` computes ``phi_k`` itself: ``phi_k`` is exactly the built-in
     hedgehog map (not a subclass, which may compute something else) with ``2 f == features``; else None (the
     PyTorch call)."""
-    from ..builtins.feature_maps import Hedgehog
-
     if type(phi_k) is not Hedgehog or phi_k.feature_dim != features or not phi_k.weight.is_contiguous():
         return None
     return phi_k.weight, float(phi_k.params.eps)
