@@ -7,9 +7,13 @@ it back every step, and reads the state's length on the host. Here (per layer, f
 * ``k_ring`` ``(B, Hkv, P, D)``, ``v_ring``: the keys and values of the last ``P = window.span`` positions, the
   key of (padded) position p in slot ``p % P``; a step writes one slot (``index_copy_``), nothing moves;
 * ``k_sink``, ``v_sink`` ``(B, Hkv, sinks, D)``: each row's first ``sinks`` keys and values (or None);
-* ``S`` ``(B, H, F, Dv)``, ``z`` ``(B, H, F)`` fp32: the linear state, decayed to the current length when the
-  layer has a decay (``log_decay``), exactly as in :class:`~.recurrent.HybridState`. S may be kept in bf16 or
-  fp16 (``from_hybrid(..., s_dtype=)``: half the state's bytes); every step then computes in fp32 and rounds S once;
+* ``S`` ``(B, H, F, Dv)``, ``z`` ``(B, H, F)`` fp32: the linear state of :class:`~.recurrent.HybridState`, with
+  the decay (``log_decay``) applied to S lazily: the state's S is ``exp(s_log) * S``, ``s_log`` ``(B, H)`` fp32.
+  A step where no key leaves a row's window adds ``log_decay`` to the row's ``s_log`` and leaves its S alone (a
+  terrace window drops keys once every ``size`` steps, so S is rewritten that rarely); a step where keys leave
+  applies the pending decay, adds them and sets ``s_log`` to 0. z is small and kept decayed. S may be kept in bf16
+  or fp16 (``from_hybrid(..., s_dtype=)``: half the state's bytes); steps compute in fp32 and round S once per
+  rewrite;
 * ``length``: a 0-d long tensor, the padded position of the next token (shared by the rows), and ``pads``
   ``(B,)``: each row's leading pad tokens, so left-padded rows decode exactly as alone.
 
@@ -75,6 +79,11 @@ class StaticState:
     pads: Tensor  # (B,) long
     k_sink: Tensor | None = None
     v_sink: Tensor | None = None
+    s_log: Tensor | None = None  # (B, H) fp32: the decay not yet applied to S (zeros when not given)
+
+    def __post_init__(self) -> None:
+        if self.s_log is None:
+            self.s_log = torch.zeros(self.S.shape[:2], dtype=torch.float32, device=self.S.device)
 
     @classmethod
     def from_hybrid(cls, state: HybridState, pads: Tensor | None = None, s_dtype: torch.dtype | None = None
@@ -95,7 +104,7 @@ class StaticState:
     def load_(self, state: HybridState, pads: Tensor | None = None) -> None:
         """Copy ``state`` into these buffers (same shapes): the addresses a captured graph reads stay the same."""
         src = StaticState.from_hybrid(state, pads)
-        for name in ("k_ring", "v_ring", "S", "z", "length", "pads", "k_sink", "v_sink"):
+        for name in ("k_ring", "v_ring", "S", "z", "length", "pads", "k_sink", "v_sink", "s_log"):
             dst, new = getattr(self, name), getattr(src, name)
             if (dst is None) != (new is None) or (dst is not None and dst.shape != new.shape):
                 raise ValueError(f"cannot load a state whose {name} has another shape into these buffers")
@@ -109,12 +118,13 @@ class StaticState:
         sinks = [None if x is None else x.clone() for x in (self.k_sink, self.v_sink)]
         return HybridState(
             torch.roll(self.k_ring, shift, dims=2).contiguous(), torch.roll(self.v_ring, shift, dims=2).contiguous(),
-            self.S.to(torch.float32, copy=True), self.z.clone(), L, *sinks,
+            self.S.float() * self.s_log.exp()[:, :, None, None], self.z.clone(), L, *sinks,
         )  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes held by the buffers: independent of the length."""
-        tensors = (self.k_ring, self.v_ring, self.S, self.z, self.length, self.pads, self.k_sink, self.v_sink)
+        tensors = (self.k_ring, self.v_ring, self.S, self.z, self.length, self.pads, self.k_sink, self.v_sink,
+                   self.s_log)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -161,9 +171,9 @@ def static_step(
         torch.einsum("bhgqk,bhkd->bhgqd", ag[..., i : i + x.shape[2]], x.float()).flatten(1, 2)
         for i, x in zip((0, ag.shape[-1] - P), values)
     )
-    fq = phi_q(q).float()  # (B, H, 1, F); S and z are decayed to L: no factor on them
+    fq = phi_q(q).float()  # (B, H, 1, F); z is decayed to L, S up to its pending factor exp(s_log)
     S = state.S.float()
-    num = num + torch.einsum("bhqf,bhfd->bhqd", fq, S)
+    num = num + torch.einsum("bhqf,bhfd->bhqd", fq, S) * state.s_log.exp()[:, :, None, None]
     den = a.sum(dim=-1) + torch.einsum("bhqf,bhf->bhq", fq, state.z)
     y = num / den.clamp_min(DEN_EPS).unsqueeze(-1)
 
@@ -177,7 +187,13 @@ def static_step(
     if log_decay is not None:  # keys enter decayed to the new length
         fk = fk * decay_weights(log_decay, rel[:, None] + 1 - pos)
     dS, dz = kv_state(fk, v_out.float())
-    state.S.copy_(decay_state(S, log_decay, 1) + dS)  # one rounding when S is kept in bf16 / fp16
+    if log_decay is None:
+        state.S.copy_(S + dS)
+    else:  # rows where keys leave: the pending decay applied, s_log back to 0; other rows: s_log += log_decay
+        pending = state.s_log + log_decay.float()[None]  # (B, H)
+        moved = leaving.any(dim=1)[:, None]  # (B, 1)
+        state.S.copy_(torch.where(moved[:, :, None, None], S * pending.exp()[:, :, None, None] + dS, S))
+        state.s_log.copy_(torch.where(moved, torch.zeros_like(pending), pending))
     state.z.copy_(decay_state(state.z, log_decay, 1) + dz)
 
     # 4. a row still in its first `sinks` tokens keeps this one as a sink

@@ -20,13 +20,14 @@ captures it). Per layer and step it launches:
    KV-head count (no repeat), combined with the linear readout ``phi_q(q) . S`` and ``phi_q(q) . z`` as
    :func:`~.blocks.hybrid_weights` does (``a = sigmoid(window_logits) exp(s - c)``, c the window max or 0, the
    denominator clamped to ``DEN_EPS``); then, in the same pass over S (each ``F x BV`` tile read once and written
-   at most once), the fold ``S <- exp(log_decay) S + sum_leaving exp(log_decay (rel + 1 - p)) fk_p v_p^T`` and z
-   likewise. The leaving keys are a run of positions ``[max(lo, sinks), hi)`` computed on the device, visited by
-   a loop of that many iterations: a step where no key leaves does no fold math, and without a decay it does
-   not write S or z back at all. Program 0 sets ``length += 1``.
+   at most once), the fold ``S <- exp(s_log + log_decay) S + sum_leaving exp(log_decay (rel + 1 - p)) fk_p v_p^T``
+   (``s_log``: the decay S has not had yet, see :class:`~.static.StaticState`) and z likewise. The leaving keys are
+   a run of positions ``[max(lo, sinks), hi)`` computed on the device, visited by a loop of that many iterations:
+   a step where no key leaves does no fold math and does not write S back (with a decay it only adds
+   ``log_decay`` to ``s_log`` and rewrites the small z). Program 0 sets ``length += 1``.
 
 All arithmetic is fp32 (scores, softmax, readout, fold; z stays fp32, S is stored fp32 or, in a bf16 / fp16
-state, rounded once per step after its fp32 update); K/V are read in the ring's dtype and
+state, rounded once per rewrite after its fp32 update); K/V are read in the ring's dtype and
 the output is in q's dtype. Supported (:func:`triton_step_problem`): the built-in sliding and terrace windows with
 at most 64 sinks, contiguous buffers, CUDA tensors (or any device under ``TRITON_INTERPRET=1``, which the CPU tests
 use). ``triton`` is imported on first use only.
@@ -143,7 +144,8 @@ def triton_step(
     y = torch.empty(B, H, 1, DV, device=dev, dtype=q.dtype)
     _step_main[(B * H,)](
         q.contiguous(), fq, fk, state.k_ring, state.v_ring, k_sink, v_sink, state.S, state.z, window_logits,
-        log_decay if has_decay else window_logits, y, cur, state.length, state.pads, weight, H, Hkv, scale, **shape,
+        log_decay if has_decay else window_logits, state.s_log, y, cur, state.length, state.pads, weight, H, Hkv, scale,
+        **shape,
         F=F, FP=_pow2(F), BD=min(32, _pow2(D)), BV=min(BV, _pow2(DV)), PP=_pow2(P), SP=_pow2(max(s, 1)),
         HAS_DECAY=has_decay, EPS=DEN_EPS, **const, FUSED_FM=fused is not None, FH=max(F // 2, 1), FM_EPS=fm_eps,
         num_warps=4,
@@ -241,7 +243,7 @@ def build() -> bool:
 
     @triton.jit
     def _step_main(
-        Q, FQ, FK, KR, VR, KS, VS, S, Z, WL, LD, Y, CUR, LEN, PADS, W, H, HKV, scale, P, FOLD, WSIZE, SINKS,
+        Q, FQ, FK, KR, VR, KS, VS, S, Z, WL, LD, SL, Y, CUR, LEN, PADS, W, H, HKV, scale, P, FOLD, WSIZE, SINKS,
         D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
         BD: tl.constexpr, BV: tl.constexpr, PP: tl.constexpr, SP: tl.constexpr, KIND: tl.constexpr,
         HAS_SINKS: tl.constexpr, HAS_DECAY: tl.constexpr, EPS: tl.constexpr, FUSED_FM: tl.constexpr,
@@ -313,16 +315,22 @@ def build() -> bool:
         if HAS_DECAY:
             lam = tl.load(LD + h).to(tl.float32)
             z = z * tl.exp(lam)
+            ls = tl.load(SL + bh)  # the decay S has not had yet: the state's S is exp(ls) S
+            s_now = tl.exp(ls)
+        else:
+            s_now = 1.0
         for p in range(p0, p1):
             w = tl.load(fk_base + (p - lo) * F + rf, mask=fm, other=0.0).to(tl.float32)
             if HAS_DECAY:
                 w = w * tl.exp(lam * (rel + 1 - p).to(tl.float32))
             z += w
+        moved = p1 > p0  # keys leave: S is rewritten (with the pending decay applied); else S stays as it is
         if HAS_DECAY:
-            changed = p1 >= 0  # every step decays S and z
+            z_changed = p1 >= 0  # z is kept decayed: every step rewrites it
+            tl.store(SL + bh, tl.where(moved, 0.0, ls + lam))
         else:
-            changed = p1 > p0  # without a decay S and z change only when a key leaves
-        tl.store(z_base + rf, z, mask=fm & changed)
+            z_changed = moved
+        tl.store(z_base + rf, z, mask=fm & z_changed)
         s_base = S + bh.to(tl.int64) * F * DV
         for v0 in tl.static_range(0, DV, BV):
             rv = v0 + tl.arange(0, BV)
@@ -335,17 +343,17 @@ def build() -> bool:
                 num += tl.sum(a_s[:, None] * vs.to(tl.float32), axis=0)
             tile = s_base + rf[:, None] * DV + rv[None, :]
             st = tl.load(tile, mask=fm[:, None] & vm[None, :], other=0.0).to(tl.float32)  # S may be stored in bf16
-            num += tl.sum(fq[:, None] * st, axis=0)
+            num += tl.sum(fq[:, None] * st, axis=0) * s_now
             tl.store(Y + bh * DV + rv, num / den, mask=vm)
             if HAS_DECAY:
-                st = st * tl.exp(lam)
+                st = st * tl.exp(ls + lam)
             for p in range(p0, p1):
                 w = tl.load(fk_base + (p - lo) * F + rf, mask=fm, other=0.0).to(tl.float32)
                 if HAS_DECAY:
                     w = w * tl.exp(lam * (rel + 1 - p).to(tl.float32))
                 vr = tl.load(VR + (ring + (p + pad) % P) * DV + rv, mask=vm, other=0.0).to(tl.float32)
                 st += w[:, None] * vr[None, :]
-            tl.store(tile, st, mask=fm[:, None] & vm[None, :] & changed)
+            tl.store(tile, st, mask=fm[:, None] & vm[None, :] & moved)
 
     return True
 

@@ -39,7 +39,7 @@ from kernel_inputs import D, DV, F_HALF, H, make_inputs, sliced  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "triton_interpreter")
 LOG_DECAY = -1.0 / torch.tensor([3.0, 10.0, 40.0, 200.0])
-BUFFERS = ("k_ring", "v_ring", "k_sink", "v_sink", "S", "z", "length", "pads")
+BUFFERS = ("k_ring", "v_ring", "k_sink", "v_sink", "S", "z", "length", "pads", "s_log")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,23 @@ def test_a_step_without_leaving_keys_or_decay_leaves_s_and_z_alone() -> None:
     with torch.no_grad():
         triton_step(s["q"], s["k"], s["v"], x["phi_q"], x["phi_k"], x["window_logits"], x["window"], fused, fold=3)
     assert torch.equal(fused.S, S) and torch.equal(fused.z, z) and int(fused.length) == 8
+
+
+def test_with_a_decay_a_step_without_leaving_keys_leaves_s_alone_and_defers_the_decay() -> None:
+    """Terrace with a decay, between block boundaries: both steps leave S untouched and add log_decay to s_log
+    (z, small, is decayed in place); the state they describe is the eager recurrent form's, decayed by one step."""
+    case = Case("terrace", 4, True, False, (0, 2), 7, 1)
+    x, ref, fused = _inputs(case)
+    S, s_log, before = fused.S.clone(), fused.s_log.clone(), ref.to_hybrid()
+    s = sliced(x, 7, 8)
+    args = (s["q"], s["k"], s["v"], x["phi_q"], x["phi_k"], x["window_logits"], x["window"])
+    with torch.no_grad():
+        static_step(*args, ref, log_decay=x["log_decay"], fold=fold_width(x["window"]))
+        triton_step(*args, fused, log_decay=x["log_decay"], fold=fold_width(x["window"]))
+    for state in (ref, fused):
+        assert torch.equal(state.S, S)
+        torch.testing.assert_close(state.s_log, s_log + x["log_decay"][None])
+        torch.testing.assert_close(state.to_hybrid().S, before.S * x["log_decay"].exp()[None, :, None, None])
 
 
 def test_windows_and_states_the_step_does_not_take() -> None:
