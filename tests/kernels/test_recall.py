@@ -126,3 +126,20 @@ def test_registered_by_name_only_and_refuses_padding_and_bad_sizes(monkeypatch: 
         RecallKernel()
     monkeypatch.delenv(RESCORE_ENV)
     assert RecallKernel().rescore
+
+
+def test_a_long_step_goes_in_chunks_like_the_prefill() -> None:
+    """A step of many tokens (a chat turn) runs CHUNK tokens at a time, as the prefill does: 64 prefilled tokens
+    and one step of 136 give exactly the prefill of all 200 (the same chunks, the same cache decisions)."""
+    from lolcats_cli.kernels.recall import CHUNK
+
+    assert CHUNK == 64
+    x, window = make_inputs(200, seed=7), WINDOWS["sliding8-sinks2"]
+    kernel = RecallKernel(slots=6)
+    with torch.no_grad():
+        want, whole = kernel.prefill(*args(x), window, log_decay=LOG_DECAY)
+        y, state = kernel.prefill(*args(sliced(x, 0, 64)), window, log_decay=LOG_DECAY)
+        y2, state = kernel.step(*args(sliced(x, 64, 200)), window, state, log_decay=LOG_DECAY)
+    torch.testing.assert_close(torch.cat([y, y2], dim=2), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state.recall.pos, whole.recall.pos)
+    torch.testing.assert_close(state.S, whole.S, atol=1e-6, rtol=1e-6)
