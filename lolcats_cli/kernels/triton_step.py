@@ -9,7 +9,10 @@ captures it). Per layer and step it launches:
    scratch scalar (the second kernel reads it, so it may advance ``length``), and gathers the ``fold`` keys that
    may leave the window (row positions ``[lo, lo + fold)``, ``lo = clamp(start(rel), 0, rel)``), already expanded
    to the query heads, for ``phi_k``;
-2. the feature maps ``phi_q(q)`` and ``phi_k`` of those keys: PyTorch calls (they are plugins). When ``phi_k`` is
+2. the feature maps ``phi_q(q)`` and ``phi_k`` of those keys: PyTorch calls (they are plugins). The query features
+   of the built-in hedgehog map (times the linear gate) are computed in ``_step_main`` instead when the caller
+   passes ``q_map`` (:func:`fused_query_map`; the static decoder does), saving about ten small launches per layer
+   at batch 1. When ``phi_k`` is
    the built-in hedgehog map (:func:`fused_key_map`), the keys are not gathered and ``phi_k`` is not called:
    ``_step_main`` computes the features of the keys that actually leave, from the ring and the map's weights, in
    fp32 (rounded to the ring's dtype, as the map's output is). A terrace window of size w may drop w keys at
@@ -105,13 +108,23 @@ def fused_key_map(phi_k: FeatureFn, features: int) -> tuple[Tensor, float] | Non
     return phi_k.weight, float(phi_k.params.eps)
 
 
+def fused_query_map(feature_map: Any, gate: Tensor | None, features: int) -> tuple[Tensor, float, Tensor | None] | None:
+    """``(weight, eps, gate)`` for :func:`triton_step`'s ``q_map`` when the query features ``feature_map(q) * gate``
+    (``gate`` ``(H,)`` or None) can be computed in the kernel: ``feature_map`` is exactly the built-in hedgehog map
+    with ``2 f == features``; else None (``phi_q`` is called)."""
+    found = fused_key_map(feature_map, features)
+    return None if found is None else (*found, gate)
+
+
 def triton_step(
     q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor, window: Window,
     state: StaticState, scale: float | None = None, *, log_decay: Tensor | None = None, fold: int = 1,
+    q_map: tuple[Tensor, float, Tensor | None] | None = None,
 ) -> Tensor:  # fmt: skip
     """:func:`~.static.static_step` in two Triton kernels (see the module docstring): attend one new token per row
-    and advance ``state`` in place; returns ``(B, H, 1, Dv)`` in q's dtype. ``ValueError`` for what
-    :func:`triton_step_problem` refuses."""
+    and advance ``state`` in place; returns ``(B, H, 1, Dv)`` in q's dtype. ``q_map`` (from
+    :func:`fused_query_map`): the kernel computes the query features itself, ``phi_q`` is not called; it must
+    describe the same features as ``phi_q``. ``ValueError`` for what :func:`triton_step_problem` refuses."""
     if why := triton_step_problem(window, state, q.device):
         raise ValueError(f"the triton decode step does not support {why}")
     build()
@@ -134,7 +147,12 @@ def triton_step(
         state.pads, cur, H, Hkv, **shape, VP=_pow2(DV), FOLDP=_pow2(fold), **const, GATHER=fused is None,
         num_warps=4,
     )  # fmt: skip
-    fq = phi_q(q).contiguous()  # (B, H, 1, F)
+    if q_map is not None and (q_map[0].shape[-1] * 2 != F or not q_map[0].is_contiguous()):
+        q_map = None
+    if q_map is None:
+        fq, wq, fq_eps, gate = phi_q(q).contiguous(), window_logits, 0.0, None  # (B, H, 1, F); dummy pointers
+    else:
+        fq, (wq, fq_eps, gate) = window_logits, q_map
     if fused:
         weight, fm_eps = fused
         fk = torch.empty(B, H, fold, F, device=dev, dtype=torch.float32)
@@ -144,11 +162,11 @@ def triton_step(
     y = torch.empty(B, H, 1, DV, device=dev, dtype=q.dtype)
     _step_main[(B * H,)](
         q.contiguous(), fq, fk, state.k_ring, state.v_ring, k_sink, v_sink, state.S, state.z, window_logits,
-        log_decay if has_decay else window_logits, state.s_log, y, cur, state.length, state.pads, weight, H, Hkv, scale,
-        **shape,
+        log_decay if has_decay else window_logits, state.s_log, y, cur, state.length, state.pads, weight, wq,
+        window_logits if gate is None else gate, H, Hkv, scale, **shape,
         F=F, FP=_pow2(F), BD=min(32, _pow2(D)), BV=min(BV, _pow2(DV)), PP=_pow2(P), SP=_pow2(max(s, 1)),
         HAS_DECAY=has_decay, EPS=DEN_EPS, **const, FUSED_FM=fused is not None, FH=max(F // 2, 1), FM_EPS=fm_eps,
-        num_warps=4,
+        FUSED_Q=q_map is not None, HAS_GATE=gate is not None, FQ_EPS=fq_eps, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -177,9 +195,9 @@ def build() -> bool:
     @triton.jit
     def _hedgehog(KR, W, key, h, D: tl.constexpr, F: tl.constexpr, FH: tl.constexpr, DP: tl.constexpr,
                   FP: tl.constexpr, BD: tl.constexpr, FM_EPS: tl.constexpr):  # fmt: skip
-        """The built-in hedgehog map of query head ``h`` for the ring's key row ``key``: ``(FP,)`` fp32,
-        ``[softmax(k W_h), softmax(-k W_h)]`` clamped to FM_EPS, rounded to the ring's dtype (as the map's
-        output is); zeros past F."""
+        """The built-in hedgehog map of query head ``h`` for row ``key`` of ``KR`` (the key ring, or q):
+        ``(FP,)`` fp32, ``[softmax(x W_h), softmax(-x W_h)]`` clamped to FM_EPS, rounded to KR's dtype (as the
+        map's output is); zeros past F."""
         rf = tl.arange(0, FP)
         fm = rf < F
         first = rf < FH
@@ -243,11 +261,12 @@ def build() -> bool:
 
     @triton.jit
     def _step_main(
-        Q, FQ, FK, KR, VR, KS, VS, S, Z, WL, LD, SL, Y, CUR, LEN, PADS, W, H, HKV, scale, P, FOLD, WSIZE, SINKS,
+        Q, FQ, FK, KR, VR, KS, VS, S, Z, WL, LD, SL, Y, CUR, LEN, PADS, W, WQ, GATE, H, HKV, scale, P, FOLD, WSIZE,
+        SINKS,
         D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
         BD: tl.constexpr, BV: tl.constexpr, PP: tl.constexpr, SP: tl.constexpr, KIND: tl.constexpr,
         HAS_SINKS: tl.constexpr, HAS_DECAY: tl.constexpr, EPS: tl.constexpr, FUSED_FM: tl.constexpr,
-        FH: tl.constexpr, FM_EPS: tl.constexpr,
+        FH: tl.constexpr, FM_EPS: tl.constexpr, FUSED_Q: tl.constexpr, HAS_GATE: tl.constexpr, FQ_EPS: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)  # b * H + h
         b = bh // H
@@ -300,7 +319,13 @@ def build() -> bool:
         # linear readout (S, z before the fold) and the fold, one S tile at a time
         rf = tl.arange(0, FP)
         fm = rf < F
-        fq = tl.load(FQ + bh * F + rf, mask=fm, other=0.0).to(tl.float32)
+        if FUSED_Q:  # phi_q(q) = hedgehog(q) * gate, each product rounded to q's dtype as the PyTorch map does
+            fq = _hedgehog(Q, WQ, bh, h, D, F, FH, DP, FP, BD, FQ_EPS)
+            if HAS_GATE:
+                g = tl.load(GATE + h).to(Q.dtype.element_ty).to(tl.float32)
+                fq = (fq * g).to(Q.dtype.element_ty).to(tl.float32)
+        else:
+            fq = tl.load(FQ + bh * F + rf, mask=fm, other=0.0).to(tl.float32)
         z_base = Z + bh.to(tl.int64) * F
         z = tl.load(z_base + rf, mask=fm, other=0.0)
         den = tl.maximum(den + tl.sum(fq * z, axis=0), EPS)
@@ -358,4 +383,4 @@ def build() -> bool:
     return True
 
 
-__all__ = ["ENV", "fused_key_map", "triton_step", "triton_step_enabled", "triton_step_problem"]
+__all__ = ["ENV", "fused_key_map", "fused_query_map", "triton_step", "triton_step_enabled", "triton_step_problem"]

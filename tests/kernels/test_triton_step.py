@@ -93,16 +93,18 @@ def _inputs(case: Case, s_dtype: torch.dtype | None = None) -> tuple[dict, Stati
     return x, *(StaticState.from_hybrid(state, pads, s_dtype=s_dtype) for _ in range(2))
 
 
-def _both_steps(case: Case, x: dict, ref: StaticState, fused: StaticState, tol: float, buffers=BUFFERS) -> None:
+def _both_steps(case: Case, x: dict, ref: StaticState, fused: StaticState, tol: float, buffers=BUFFERS,
+                q_map: tuple | None = None) -> None:  # fmt: skip
     """Every position after the prompt through static_step (``ref``) and triton_step (``fused``): the outputs and
-    the ``buffers`` agree to ``tol`` after each step."""
+    the ``buffers`` agree to ``tol`` after each step. With ``q_map`` triton_step gets it and no phi_q."""
     window, fold = x["window"], fold_width(x["window"])
     with torch.no_grad():
         for t in range(case.prompt, case.prompt + case.steps):
             s = sliced(x, t, t + 1)
             args = (s["q"], s["k"], s["v"], x["phi_q"], x["phi_k"], x["window_logits"], window)
             want = static_step(*args, ref, log_decay=x["log_decay"], fold=fold)
-            got = triton_step(*args, fused, log_decay=x["log_decay"], fold=fold)
+            mine = args if q_map is None else (*args[:3], None, *args[4:])  # the kernel must not need phi_q
+            got = triton_step(*mine, fused, log_decay=x["log_decay"], fold=fold, q_map=q_map)
             assert got.shape == want.shape and got.dtype == want.dtype
             torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=f"y at position {t}")
             for name in buffers:
@@ -148,6 +150,22 @@ def test_the_step_computes_the_builtin_hedgehog_key_features_itself(case: Case) 
     S0 = fused.S.clone()
     _both_steps(case, x, ref, fused, 1e-5)
     assert not torch.equal(fused.S, S0)
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no-gate", "gate"])
+def test_the_step_computes_the_builtin_hedgehog_query_features_itself(gate: bool) -> None:
+    """``q_map`` (what the static decoder passes for a hedgehog query map): the kernel computes
+    ``hedgehog(q) * gate`` itself and equals static_step calling the map, step by step; hedgehog keys too."""
+    from lolcats_cli.kernels.triton_step import fused_query_map
+
+    case = Case("terrace", 4, True, False, (0, 3), 6, 8)
+    x, ref, fused = _inputs(case)
+    fm_q, x["phi_k"] = _hedgehog(11), _hedgehog(12)
+    g = F.softplus(torch.randn(H, generator=torch.Generator().manual_seed(13))).to(DEVICE) if gate else None
+    x["phi_q"] = (lambda t: fm_q(t) * g.view(1, H, 1, 1)) if gate else fm_q
+    q_map = fused_query_map(fm_q, g, 2 * F_HALF)
+    assert q_map is not None and fused_query_map(lambda t: fm_q(t), g, 2 * F_HALF) is None
+    _both_steps(case, x, ref, fused, 1e-5, q_map=q_map)
 
 
 # The interpreter rounds bf16 stores its own way (numpy has no bf16): bf16 runs on a GPU only, fp16 everywhere.

@@ -46,7 +46,7 @@ from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logi
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
 from ...kernels.triton_hybrid import triton_available
-from ...kernels.triton_step import triton_step, triton_step_enabled, triton_step_problem
+from ...kernels.triton_step import fused_query_map, triton_step, triton_step_enabled, triton_step_problem
 from ..model.linear_attention import linearized_layers
 from .cache import LinearAttentionCache
 from .generation import HybridAttentionModule, HybridLayer
@@ -201,9 +201,12 @@ class StaticHybridLayer(HybridLayer):
         phi_q, phi_k, window_logits, window = attn.kernel_args()
         fused = self.use_triton(window, q.device)
         self.step_name = "triton" if fused else "torch"
-        step = triton_step if fused else static_step
-        return step(q, k, v, phi_q, phi_k, window_logits, window, self.static, attn.scaling,
-                    log_decay=attn.log_decay(), fold=self.fold)  # fmt: skip
+        args = (q, k, v, phi_q, phi_k, window_logits, window, self.static, attn.scaling)
+        if not fused:
+            return static_step(*args, log_decay=attn.log_decay(), fold=self.fold)
+        # phi_q is feature_map_q(q) * the linear gate (LinearizedAttention.phi_q): the kernel computes it for hedgehog
+        q_map = fused_query_map(attn.feature_map_q, attn.linear_gate_values(), self.static.S.shape[2])
+        return triton_step(*args, log_decay=attn.log_decay(), fold=self.fold, q_map=q_map)
 
     def get_seq_length(self) -> int:
         return self.length
