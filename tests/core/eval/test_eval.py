@@ -311,3 +311,18 @@ def test_cli_footer_mentions_passkey_only_when_it_ran(run_dir, text_file):
     on = runner.invoke(app, [*args, "--passkey", "256", "--passkey-n", "1"], terminal_width=200)
     assert on.exit_code == 0, on.output
     assert "passkey 1 prompts per length" in on.stdout
+
+
+def test_the_recall_hint_appears_when_the_linearized_row_misses_passkeys_and_no_recall_row_ran():
+    from lolcats_cli.cli.eval import recall_hint
+    from lolcats_cli.core.eval.evaluate import EvalReport, RowResult
+
+    def report(rows: dict[str, dict[int, float]]) -> EvalReport:
+        return EvalReport("runs/x", "run", "heldout.txt", 10, [], sorted({n for r in rows.values() for n in r}), 10, 0,
+                          [], None, {name: RowResult(name, passkey=hits) for name, hits in rows.items()})  # fmt: skip
+
+    hint = recall_hint(report({"teacher": {1024: 1.0, 2048: 1.0}, "linearized": {1024: 0.6, 2048: 0.1}}))
+    assert hint is not None and hint.startswith("passkey@2048 under 50%") and "--recall 64" in hint
+    assert recall_hint(report({"linearized": {1024: 0.5, 2048: 0.9}})) is None  # it finds them
+    assert recall_hint(report({"linearized": {2048: 0.0}, "linearized_recall": {2048: 0.6}})) is None  # asked already
+    assert recall_hint(report({"teacher": {2048: 1.0}})) is None  # a plain model: no linearized row
