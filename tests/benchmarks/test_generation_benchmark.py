@@ -71,8 +71,9 @@ def test_the_benchmark_runs_every_engine_and_writes_json(tmp_path) -> None:
     assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for b in (1, 2) for e in bench_engines()]
     assert all(r["status"] == "ok" and r["tok_s"] > 0 and r["prefill"] == "synthetic" for r in rows), rows
     state = {(r["engine"], r["batch"]): r["state_mib_per_seq"] for r in rows}
-    assert state["hybrid-eager", 1] > 0  # the static buffers add the length and pad counts: a few bytes
-    assert state["hybrid-eager", 1] == pytest.approx(state["hybrid-static", 1], rel=1e-4)
+    # the static buffers add the length, the pad counts and each head's pending decay of S: a few bytes
+    assert state["hybrid-eager", 1] > 0
+    assert state["hybrid-eager", 1] == pytest.approx(state["hybrid-static", 1], rel=1e-3)
     assert state["hybrid-static", 1] == pytest.approx(state["hybrid-static", 2], rel=1e-4)  # per sequence
     assert "hybrid-static" in stdout and "┃ engine" in stdout  # the Rich table
 
