@@ -12,12 +12,11 @@ captures it). Per layer and step it launches:
 2. the feature maps ``phi_q(q)`` and ``phi_k`` of those keys: PyTorch calls (they are plugins). The query features
    of the built-in hedgehog map (times the linear gate) are computed in ``_step_main`` instead when the caller
    passes ``q_map`` (:func:`fused_query_map`; the static decoder does), saving about ten small launches per layer
-   at batch 1. When ``phi_k`` is
-   the built-in hedgehog map (:func:`fused_key_map`), the keys are not gathered and ``phi_k`` is not called:
-   ``_step_main`` computes the features of the keys that actually leave, from the ring and the map's weights, in
-   fp32 (rounded to the ring's dtype, as the map's output is). A terrace window of size w may drop w keys at
-   once, so the PyTorch call maps w keys every step; the fused one maps w keys once every w steps (on one H200 at
-   batch 256 the PyTorch call took about 43 of the step's 72 ms);
+   at batch 1. When ``phi_k`` is the built-in hedgehog map (:func:`fused_key_map`), step 1 gathers nothing and
+   ``phi_k`` is not called: ``_step_main`` computes the features of the keys that actually leave, from the ring
+   and the map's weights, in fp32 (rounded to the ring's dtype, as the map's output is). A terrace window of size
+   w may drop w keys at once, so the PyTorch call maps w keys every step; the fused one maps w keys once every w
+   steps (on one H200 at batch 256 the PyTorch call took about 43 of the step's 72 ms);
 3. ``_step_main`` (one program per row and query head): the window softmax over the sinks and the ring with
    exactly ``static_step``'s masks (sinks, window start, the fold boundary ``lo``, the row's pads), read at
    KV-head count (no repeat), combined with the linear readout ``phi_q(q) . S`` and ``phi_q(q) . z`` as
