@@ -314,32 +314,36 @@ class TritonKernel(Kernel):
     def available(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda" and torch.cuda.is_available() and triton_available()
 
+    def _features(self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn,
+                  window: Window) -> tuple[Tensor, Tensor] | None:  # fmt: skip
+        """``(phi_q(q), phi_k(k))`` (keys expanded to the query heads) when the fused op takes these inputs, else
+        None (the chunked form runs)."""
+        if unsupported(q, k, v, window) is not None or not triton_available():
+            return None
+        fq = phi_q(q)
+        if fq.shape[-1] > MAX_DIM:
+            return None
+        return fq, phi_k(expand_kv(k, q.shape[1]))
+
     def sequence(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
         window: Window, scale: float | None = None, *, log_decay: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
-        if unsupported(q, k, v, window) is not None or not triton_available():
+        if (features := self._features(q, k, v, phi_q, phi_k, window)) is None:
             return _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay)
-        fq = phi_q(q)
-        fk = phi_k(expand_kv(k, q.shape[1]))
-        if fq.shape[-1] > MAX_DIM:
-            return _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay)
-        return triton_hybrid_attention(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+        return triton_hybrid_attention(q, k, v, *features, window_logits, window, scale, log_decay)
 
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
         window: Window, *, scale: float | None = None, pads: Tensor | None = None, log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
-        if pads is not None or q.shape[2] == 0 or unsupported(q, k, v, window) is not None or not triton_available():
+        features = None if pads is not None or q.shape[2] == 0 else self._features(q, k, v, phi_q, phi_k, window)
+        if features is None:
             return super().prefill(
                 q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay
             )
-        fq, fk = phi_q(q), phi_k(expand_kv(k, q.shape[1]))
-        if fq.shape[-1] > MAX_DIM:
-            return super().prefill(q, k, v, phi_q, phi_k, window_logits, window, scale=scale, log_decay=log_decay)
-        y = triton_hybrid_attention(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+        y = triton_hybrid_attention(q, k, v, *features, window_logits, window, scale, log_decay)
         no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return y, padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=fk, log_decay=log_decay)
-
+        return y, padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=features[1], log_decay=log_decay)
 
 __all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_available", "triton_hybrid_attention", "unsupported"]

@@ -107,7 +107,9 @@ def fused_key_map(phi_k: FeatureFn, features: int) -> tuple[Tensor, float] | Non
     return phi_k.weight, float(phi_k.params.eps)
 
 
-def fused_query_map(feature_map: Any, gate: Tensor | None, features: int) -> tuple[Tensor, float, Tensor | None] | None:
+def fused_query_map(
+    feature_map: Any, gate: Tensor | None, features: int
+) -> tuple[Tensor, float, Tensor | None] | None:
     """``(weight, eps, gate)`` for :func:`triton_step`'s ``q_map`` when the query features ``feature_map(q) * gate``
     (``gate`` ``(H,)`` or None) can be computed in the kernel: ``feature_map`` is exactly the built-in hedgehog map
     with ``2 f == features``; else None (``phi_q`` is called)."""
@@ -122,8 +124,9 @@ def triton_step(
 ) -> Tensor:  # fmt: skip
     """:func:`~.static.static_step` in two Triton kernels (see the module docstring): attend one new token per row
     and advance ``state`` in place; returns ``(B, H, 1, Dv)`` in q's dtype. ``q_map`` (from
-    :func:`fused_query_map`): the kernel computes the query features itself, ``phi_q`` is not called; it must
-    describe the same features as ``phi_q``. ``ValueError`` for what :func:`triton_step_problem` refuses."""
+    :func:`fused_query_map` with the state's feature count): the kernel computes the query features itself,
+    ``phi_q`` is not called; it must describe the same features as ``phi_q``. ``ValueError`` for what
+    :func:`triton_step_problem` refuses."""
     if why := triton_step_problem(window, state, q.device):
         raise ValueError(f"the triton decode step does not support {why}")
     build()
@@ -146,8 +149,6 @@ def triton_step(
         state.pads, cur, H, Hkv, **shape, VP=_pow2(DV), FOLDP=_pow2(fold), **const, GATHER=fused is None,
         num_warps=4,
     )  # fmt: skip
-    if q_map is not None and (q_map[0].shape[-1] * 2 != F or not q_map[0].is_contiguous()):
-        q_map = None
     if q_map is None:
         fq, wq, fq_eps, gate = phi_q(q).contiguous(), window_logits, 0.0, None  # (B, H, 1, F); dummy pointers
     else:
