@@ -44,6 +44,7 @@ class Kernel:
     name: str = ""
     priority: int = 0
     exact: bool = True  # computes the op itself; False for an approximation (the recall cache), never auto-chosen
+    step_chunk: int = STEP_CHUNK  # tokens :meth:`step` hands :meth:`step_tokens` at once
 
     def available(self, device: torch.device) -> bool:
         """Whether this kernel can run on ``device`` here (a GPU kernel checks the device and its library)."""
@@ -86,18 +87,27 @@ class Kernel:
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
         """Attend t >= 1 new tokens after ``state`` and advance it: ``(B, H, t, Dv)`` and the new state.
 
-        More than :data:`STEP_CHUNK` tokens (a prompt continued in chunks, a chat turn) are attended
-        :data:`STEP_CHUNK` at a time, each after the state the previous ones left: the same result, with memory
-        linear in t (one step attends its tokens over the window buffer and themselves at once, t x (span + t)
-        scores)."""
-        if q.shape[2] > STEP_CHUNK:
-            ys = []
-            for a in range(0, q.shape[2], STEP_CHUNK):
-                part = slice(a, a + STEP_CHUNK)
-                y, state = self.step(q[:, :, part], k[:, :, part], v[:, :, part], phi_q, phi_k, window_logits, window,
-                                     state, scale=scale, pads=pads, log_decay=log_decay)  # fmt: skip
-                ys.append(y)
-            return torch.cat(ys, dim=2), state
+        More than :attr:`step_chunk` tokens (a prompt continued in chunks, a chat turn) are attended
+        :attr:`step_chunk` at a time by :meth:`step_tokens`, each after the state the previous ones left: the same
+        result, with memory linear in t (one call attends its tokens over the window buffer and themselves at
+        once, t x (span + t) scores). A kernel overrides :meth:`step_tokens`, not this."""
+        if q.shape[2] <= self.step_chunk:
+            return self.step_tokens(q, k, v, phi_q, phi_k, window_logits, window, state, scale=scale, pads=pads,
+                                    log_decay=log_decay)  # fmt: skip
+        ys = []
+        for a in range(0, q.shape[2], self.step_chunk):
+            part = slice(a, a + self.step_chunk)
+            y, state = self.step_tokens(q[:, :, part], k[:, :, part], v[:, :, part], phi_q, phi_k, window_logits,
+                                        window, state, scale=scale, pads=pads, log_decay=log_decay)  # fmt: skip
+            ys.append(y)
+        return torch.cat(ys, dim=2), state
+
+    def step_tokens(
+        self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
+        window: Window, state: HybridState, *, scale: float | None = None, pads: Tensor | None = None,
+        log_decay: Tensor | None = None,
+    ) -> tuple[Tensor, HybridState]:  # fmt: skip
+        """:meth:`step` for at most :attr:`step_chunk` tokens at once (the shared recurrent and padded forms)."""
         if pads is None:
             return hybrid_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay)
         return padded_step(q, k, v, phi_q, phi_k, window_logits, window, state, pads, scale, log_decay=log_decay)

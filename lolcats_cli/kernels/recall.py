@@ -220,20 +220,9 @@ class RecallKernel(Kernel):
         F = phi_k(k[:, :1, :1].expand(-1, H, -1, -1)).shape[-1]
         state = HybridState.empty(B, H, k.shape[1], D, v.shape[-1], F, window.span, q.device, k.dtype, window.sinks)
         state.recall = RecallSlots.empty(k, v, self.slots)
-        return self._in_chunks(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay)
-
-    def _in_chunks(
-        self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
-        window: Window, state: HybridState, scale: float | None, log_decay: Tensor | None,
-    ) -> tuple[Tensor, HybridState]:  # fmt: skip
-        """:func:`recall_step` over the tokens :data:`CHUNK` at a time (memory linear in their number)."""
-        outs = [q.new_zeros(q.shape[0], q.shape[1], 0, v.shape[-1])]
-        for a in range(0, q.shape[2], CHUNK):
-            part = (q[:, :, a : a + CHUNK], k[:, :, a : a + CHUNK], v[:, :, a : a + CHUNK])
-            y, state = recall_step(*part, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay,
-                                   slots=self.slots, rescore=self.rescore)  # fmt: skip
-            outs.append(y)
-        return torch.cat(outs, dim=2), state
+        if q.shape[2] == 0:
+            return q.new_zeros(B, H, 0, v.shape[-1]), state
+        return self.step(q, k, v, phi_q, phi_k, window_logits, window, state, scale=scale, log_decay=log_decay)
 
     def sequence(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
@@ -248,14 +237,16 @@ class RecallKernel(Kernel):
         self._no_pads(pads)
         return self.sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay=log_decay)
 
-    def step(
+    step_chunk = CHUNK  # a long step and the prefill go CHUNK tokens at a time: the same cache decisions
+
+    def step_tokens(
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
         window: Window, state: HybridState, *, scale: float | None = None, pads: Tensor | None = None,
         log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
         self._no_pads(pads)
-        return self._in_chunks(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay)
-
+        return recall_step(q, k, v, phi_q, phi_k, window_logits, window, state, scale, log_decay=log_decay,
+                           slots=self.slots, rescore=self.rescore)  # fmt: skip
 
 __all__ = [
     "CHUNK", "DEFAULT_SLOTS", "RESCORE_ENV", "SLOTS_ENV", "RecallKernel", "RecallSlots", "recall_error", "recall_step",

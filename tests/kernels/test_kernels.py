@@ -68,12 +68,12 @@ def test_left_padded_rows_match_each_row_alone(name: str) -> None:
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_a_step_longer_than_step_chunk_goes_in_chunks_and_still_matches_naive(padded: bool, monkeypatch) -> None:
-    """A step of more than STEP_CHUNK tokens (a prompt continued in chunks, a chat turn) is attended STEP_CHUNK at a
+    """A step of more than step_chunk tokens (a prompt continued in chunks, a chat turn) is attended step_chunk at a
     time: set to 3 here, one step of 14 tokens runs 5 chunks and gives the naive reference's outputs."""
     from lolcats_cli.kernels import base
 
-    monkeypatch.setattr(base, "STEP_CHUNK", 3)
     kernel, window = KERNELS["chunked"], WINDOWS["terrace4-sinks2"]
+    monkeypatch.setattr(kernel, "step_chunk", 3)
     q, k, v, phi_q, phi_k, logits = _inputs(2)
     args = (phi_q, phi_k, logits, window)
     pads = torch.tensor([0, 2, 5]) if padded else None
