@@ -18,8 +18,9 @@ Per shape and sequence length N (batch = tokens // N: N=1024 B16, N=4096 B4, N=1
   (computed inside the timed call, as for the hybrid forms) in fla's ``(B, T, H, F)`` layout, v ``(B, T, H, D)``,
   bf16, with K and V repeated to the query heads (fla has no GQA).
 
-The hybrid forms run the recipes' layer: terrace window 64 with 4 sinks, a Hedgehog-like feature map with
-learnable fp32 weights (128 features) computed inside the timed call, gradients into q, k, v, both maps'
+The hybrid forms run the recipes' layer: terrace window 64 with 4 sinks, the built-in Hedgehog map with
+learnable fp32 weights (128 features; on CUDA its fused Triton form unless ``LOLCATS_TRITON_MAP=0``) computed
+inside the timed call, gradients into q, k, v, both maps'
 weights, the window logits (and the decay). Times are CUDA-event medians after warm-up; "peak GiB" is the
 peak allocated during the call above what was allocated before it (inputs excluded). Then, at full size, the
 triton kernel is checked against the chunked one in fp32 (tight) and in bf16 (vs the chunked form in fp32 on
@@ -45,12 +46,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lolcats_cli.api import WindowParams
+from lolcats_cli.builtins.feature_maps import Hedgehog, HedgehogParams
 from lolcats_cli.builtins.windows import Terrace
 from lolcats_cli.kernels import KERNELS
 from lolcats_cli.kernels.delta import DeltaKernel, DeltaKeys
+from profiling import print_kernels
 
 SHAPES = {  # name: (query heads, KV heads, head dim)
     "llama": (32, 8, 128),  # Llama-3-8B attention
@@ -64,16 +67,13 @@ GiB = 2**30
 DEVICE = "cuda"
 
 
-class HedgehogLike(nn.Module):
-    """``(B, H, T, D) -> (B, H, T, 128)``: ``[softmax(x W), softmax(-x W)]``, W ``(H, D, 64)`` fp32."""
-
-    def __init__(self, H: int, D: int, device: torch.device) -> None:
-        super().__init__()
-        self.W = nn.Parameter(torch.randn(H, D, F_HALF, device=device) * D**-0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.einsum("bhtd,hdf->bhtf", x.float(), self.W)
-        return torch.cat([h.softmax(dim=-1), (-h).softmax(dim=-1)], dim=-1)
+def hedgehog(H: int, D: int, device: torch.device) -> Hedgehog:
+    """The recipes' map, ``(B, H, T, D) -> (B, H, T, 128)`` (on CUDA the fused Triton map unless
+    ``LOLCATS_TRITON_MAP=0``), its fp32 weight ``(H, D, 64)`` random rather than the identity start."""
+    fm = Hedgehog(H, D, HedgehogParams(feature_dim=F_HALF)).to(device)
+    with torch.no_grad():
+        fm.weight.copy_(torch.randn(H, D, F_HALF, device=device) * D**-0.5)
+    return fm
 
 
 def make_inputs(shape: str, B: int, N: int, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -84,7 +84,7 @@ def make_inputs(shape: str, B: int, N: int, dtype: torch.dtype, seed: int = 0) -
     k = torch.randn(B, Hkv, N, D, device=dev).to(dtype)
     v = torch.randn(B, Hkv, N, D, device=dev).to(dtype)
     return {
-        "q": q, "k": k, "v": v, "phi_q": HedgehogLike(H, D, dev), "phi_k": HedgehogLike(H, D, dev),
+        "q": q, "k": k, "v": v, "phi_q": hedgehog(H, D, dev), "phi_k": hedgehog(H, D, dev),
         "window_logits": torch.full((H,), -2.1972, device=dev),  # sigmoid = 0.1, the paper's start
         "log_decay": -1.0 / torch.logspace(math.log10(64), math.log10(4096), H, device=dev),
         "beta_weight": torch.zeros(H, D, device=dev),  # the delta rule's write strength: sigmoid(k . w) = 0.5
@@ -109,7 +109,7 @@ def fla_inputs(x: dict) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = x["q"], x["k"], x["v"]
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    fq, fk = x["phi_q"](q), x["phi_k"](k)  # (B, H, T, F) fp32
+    fq, fk = x["phi_q"](q), x["phi_k"](k)  # (B, H, T, F) in q's dtype
     bf16 = torch.bfloat16
     return fq.transpose(1, 2).to(bf16), fk.transpose(1, 2).to(bf16), v.transpose(1, 2).to(bf16)
 
@@ -134,9 +134,9 @@ def leaves(x: dict, method: str) -> list[Tensor]:
     """The tensors that get gradients (as stage 1 trains them)."""
     out = [x["q"], x["k"], x["v"]]
     if method in FLA_METHODS:  # no window; fla's g_gamma takes no gradient
-        return out + [x["phi_q"].W, x["phi_k"].W]
+        return out + [x["phi_q"].weight, x["phi_k"].weight]
     if method != "sdpa":
-        out += [x["phi_q"].W, x["phi_k"].W, x["window_logits"]]
+        out += [x["phi_q"].weight, x["phi_k"].weight, x["window_logits"]]
     if method in ("triton+decay", "delta"):
         out.append(x["log_decay"])
     if method == "delta":
@@ -200,7 +200,7 @@ def measure(fn: Callable[[], None], reps: int, warmup: int) -> tuple[float, floa
     return times[len(times) // 2], peak
 
 
-def bench_one(method: str, shape: str, B: int, N: int, reps: int, warmup: int) -> dict:
+def bench_one(method: str, shape: str, B: int, N: int, reps: int, warmup: int, kernels: int = 0) -> dict:
     x = make_inputs(shape, B, N, torch.bfloat16)
     grads = leaves(x, method)
     for t in grads:
@@ -219,12 +219,17 @@ def bench_one(method: str, shape: str, B: int, N: int, reps: int, warmup: int) -
 
     fwd_ms, fwd_gib = measure(forward, reps, warmup)
     fb_ms, fb_gib = measure(forward_backward, reps, warmup)
-    return {"forward_ms": fwd_ms, "forward_peak_gib": fwd_gib, "fwd_bwd_ms": fb_ms, "fwd_bwd_peak_gib": fb_gib}
+    out = {"forward_ms": fwd_ms, "forward_peak_gib": fwd_gib, "fwd_bwd_ms": fb_ms, "fwd_bwd_peak_gib": fb_gib}
+    if kernels:  # where the forward + backward's time goes
+        from profiling import gpu_busy_ms
+
+        out["fwd_bwd_busy_ms"], out["top_kernels"] = gpu_busy_ms(forward_backward, 3, torch.device(DEVICE), kernels)
+    return out
 
 
 def values_and_grads(method: str, x: dict, dy: Tensor, decay: bool) -> dict[str, Tensor]:
-    names = ["q", "k", "v", "phi_q.W", "phi_k.W", "window_logits"] + (["log_decay"] if decay else [])
-    ts = [x["q"], x["k"], x["v"], x["phi_q"].W, x["phi_k"].W, x["window_logits"]] + ([x["log_decay"]] if decay else [])
+    names = ["q", "k", "v", "phi_q.weight", "phi_k.weight", "window_logits"] + (["log_decay"] if decay else [])
+    ts = [x["q"], x["k"], x["v"], x["phi_q"].weight, x["phi_k"].weight, x["window_logits"]] + ([x["log_decay"]] if decay else [])
     for t in ts:
         t.requires_grad_(True)
         t.grad = None
@@ -257,7 +262,8 @@ def run_cell(spec: dict) -> dict:
     """One section: ``{"kind": "time", shape, N, B, method, reps, warmup}`` or ``{"kind": "check", shape, N, B,
     dtype, decay}``."""
     if spec["kind"] == "time":
-        return bench_one(spec["method"], spec["shape"], spec["B"], spec["N"], spec["reps"], spec["warmup"])
+        return bench_one(spec["method"], spec["shape"], spec["B"], spec["N"], spec["reps"], spec["warmup"],
+                         spec.get("kernels", 0))
     return agreement(spec["shape"], spec["B"], spec["N"], getattr(torch, spec["dtype"]), spec["decay"])
 
 
@@ -281,6 +287,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="also profile each forward+backward and print its N most expensive kernels")
     parser.add_argument("--no-check", action="store_true", help="skip the triton vs chunked agreement check")
     parser.add_argument("--isolate", action="store_true",
                         help="run every section in its own process (after a CUDA crash; slower start-up)")
@@ -359,7 +367,7 @@ def main() -> None:
             base = None
             for method in args.methods:
                 spec = {"kind": "time", "shape": shape, "N": N, "B": B, "method": method, "reps": args.reps,
-                        "warmup": args.warmup}  # fmt: skip
+                        "warmup": args.warmup, "kernels": args.kernels}  # fmt: skip
                 r = guarded(f"{shape} N={N} {method}", spec)
                 if r is None:
                     continue
@@ -374,6 +382,9 @@ def main() -> None:
                 ratio_txt = (f" {ratios['fwd_vs_sdpa']:>8.2f}x {ratios['fwd_bwd_vs_sdpa']:>8.2f}x" if ratios else "")
                 print(f"{shape:<8} {N:>6} {B:>3} {method:<14} {r['forward_ms']:>8.2f} {r['forward_peak_gib']:>8.2f} "
                       f"{r['fwd_bwd_ms']:>8.2f} {r['fwd_bwd_peak_gib']:>8.2f}" + ratio_txt, flush=True)
+                if r.get("top_kernels"):
+                    print(f"      f+b GPU busy {r['fwd_bwd_busy_ms']:.2f} ms:")
+                    print_kernels(r["top_kernels"])
 
     if not args.no_check:
         print("\nagreement at full size: triton vs chunked in fp32 on the same inputs (max abs error / relative RMS)")

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from profiling import gpu_busy_ms
 
 # Model shapes for random-weight runs (no hub access needed): ``--preset NAME`` -> (model_type, config).
 # Speed and memory depend on the shapes only; RoPE scaling and the like are left out.
@@ -99,22 +100,6 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def gpu_busy_ms(step: Callable[[], Any], n: int, device: torch.device, top: int = 0) -> tuple[float, list]:
-    """Milliseconds of GPU kernel time per call of ``step`` (the profiler's sum over kernels), without the
-    host-side launch overhead that dominates a small model's wall time; and the ``top`` kernels by their time
-    per call, ``[[name, ms], ...]`` (where the step's time goes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        sync(device)
-    events = [(e.key, getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))
-              for e in prof.key_averages()]  # fmt: skip
-    kernels = sorted(((name[:90], us / n / 1000) for name, us in events if us > 0), key=lambda x: -x[1])
-    return sum(us for _, us in events) / n / 1000, [list(k) for k in kernels[:top]]
 
 
 @torch.no_grad()

@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="CUDA: also profile one step and print its N most expensive kernels and the GPU-busy time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,8 +146,17 @@ def main() -> None:
     }
     if device.type == "cuda":
         report["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if device.type == "cuda" and args.kernels:
+        from profiling import gpu_busy_ms
+
+        busy, top = gpu_busy_ms(step, 1, device, args.kernels)
+        report["gpu_busy_s_per_step"] = round(busy / 1000, 4)
+        report["top_kernels"] = top
     for k, v in report.items():
-        print(f"{k:>18}: {v}")
+        if k != "top_kernels":
+            print(f"{k:>18}: {v}")
+    for name, ms in report.get("top_kernels", []):
+        print(f"{ms:10.2f} ms  {name}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -12,6 +12,7 @@ here by name (``from conftest import build_tiny_model``, ``from tiny_recipes imp
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -55,7 +56,10 @@ BENCHMARKS = REPO / "benchmarks"
 
 
 def load_benchmark(name: str):
-    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package: their folder goes on
+    ``sys.path``, as when run as a script, for the modules they share)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import FeatureMap, FeatureMapParams
+from ..kernels.triton_featuremap import fused_hedgehog, fused_hedgehog_enabled
 
 
 def _identity_weight(num_heads: int, head_dim: int, feature_dim: int) -> nn.Parameter:
@@ -73,6 +74,12 @@ class Hedgehog(FeatureMap):
         return 2 * self.params.feature_dim
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_hedgehog_enabled(x, self.weight):  # CUDA: one Triton kernel per direction, the same function
+            return fused_hedgehog(x, self.weight, self.params.eps)
+        return self.reference(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The PyTorch form: the CPU path, and what the fused kernels (kernels/triton_featuremap.py) must match."""
         u = _project(x, self.weight)  # (B, H, T, f)
         phi = torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
         return phi.clamp(min=self.params.eps).to(x.dtype)
