@@ -8,15 +8,16 @@ Llama-3.1-8B shape most of stage 1's elementwise time. Here:
 
 * ``_hh_fwd`` (one program per block of ``BT`` rows of one (batch, head)): ``u = x W_h`` with fp32 accuracy
   (``tl.dot`` in ``tf32x3``: three tf32 tensor-core products, about fp32's rounding, as the reference's fp32
-  einsum), the two softmaxes over the features, the clamp, one store of the result in x's dtype. x may be strided (q and k after RoPE are usually
-  ``(B, T, H, D)`` in memory): only its last dim must be contiguous.
+  einsum), the two softmaxes over the features, the clamp, one store of the result in x's dtype. x may be
+  strided (q and k after RoPE are usually ``(B, T, H, D)`` in memory): only its last dim must be contiguous.
 * ``_hh_bwd`` (one program per ``BT * NB`` rows of one (batch, head) and ``BD`` head-dim columns): recomputes u
   and both softmaxes from x (nothing but x and W is kept for it), applies the clamp's mask (``p >= eps``, as
   ``torch.clamp``'s backward) and the softmax backward, writes its columns of ``dx = du W_h^T`` (only when x
   needs a gradient: in stage 1 q and k do not) and accumulates its rows of ``x^T du`` in registers; the
   per-program partials ``(B, H, n, D, f)`` fp32 are summed by one PyTorch reduction (deterministic, no atomics).
-  A head dim of 128 is two column programs, each recomputing u (cheap on tensor cores; it keeps the register
-  tiles small: one 128 x 64 fp32 tile per program spilled and ran 3x slower than the PyTorch form on an H200).
+  With dx, a head dim of 128 is two column programs, each recomputing u (it keeps the register tiles small: with
+  fp32 FMA products one 128 x 64 tile per program spilled and ran 3x slower than the PyTorch form on an H200);
+  without dx (stage 1) one program with 8 warps takes all of dW's columns, so u is computed once.
 
 All arithmetic is fp32; the output and dx are in x's dtype, dW in W's dtype. Used by ``Hedgehog.forward`` where
 :func:`fused_hedgehog_enabled` says so: CUDA tensors with triton installed unless ``LOLCATS_TRITON_MAP`` is 0 (then
@@ -100,9 +101,11 @@ class HedgehogFn(torch.autograd.Function):
         partial = torch.zeros(B, H, max(n, 1), D, f, device=x.device, dtype=torch.float32)
         if T > 0:
             DP = _pow2(D)
-            _hh_bwd[(n, B * H, DP // min(DP, BD))](
+            BC = min(DP, BD) if need_dx else DP  # columns per program: without dx one program takes all of dW's
+            _hh_bwd[(n, B * H, DP // BC)](
                 x, w, dphi, dx, partial, H, T, D, f, *x.stride()[:3], n, ctx.eps,
-                BT=BT, NB=NB, BD=min(DP, BD), DP=DP, FP=_pow2(f), NEED_DX=need_dx, num_warps=4,
+                BT=BT, NB=NB, BD=min(DP, BD), BC=BC, DP=DP, FP=_pow2(f), NEED_DX=need_dx,
+                num_warps=4 if need_dx else 8,
             )  # fmt: skip
         dw = partial.sum(dim=(0, 2)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return (dx if need_dx else None), dw, None
@@ -169,17 +172,18 @@ def build() -> bool:
 
     @triton.jit
     def _hh_bwd(X, W, DPHI, DX, PART, H, T, D, F, sb, sh, st, NPROG, EPS, BT: tl.constexpr, NB: tl.constexpr,
-                BD: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr, NEED_DX: tl.constexpr):  # fmt: skip
-        """Program (rows tp, (b, h), D chunk c): du of its rows (recomputed whole, every chunk does), then dx and
-        the partial dW of chunk c's BD columns of x."""
+                BD: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+                NEED_DX: tl.constexpr):  # fmt: skip
+        """Program (rows tp, (b, h), column chunk c): du of its rows (recomputed whole, every chunk does), then dx
+        and the partial dW of chunk c's BC columns of x."""
         tp, bh, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         h = bh % H
         x_row = X + (bh // H).to(tl.int64) * sb + h.to(tl.int64) * sh
-        rd = c * BD + tl.arange(0, BD)
+        rd = c * BC + tl.arange(0, BC)
         rf = tl.arange(0, FP)
         md, mf = rd < D, rf < F
         w_c = tl.load(W + (h * D + rd)[:, None] * F + rf[None, :], mask=md[:, None] & mf[None, :], other=0.0)
-        acc = tl.zeros([BD, FP], dtype=tl.float32)  # sum over this program's rows of x_c^T du
+        acc = tl.zeros([BC, FP], dtype=tl.float32)  # sum over this program's rows of x_c^T du
         for j in range(NB):
             rt = (tp * NB + j) * BT + tl.arange(0, BT)
             mt = rt < T

@@ -52,6 +52,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
         (torch.float32, 1, 2, 65, 32, 16, False, 1e-3, 4.0, True),  # the clamp is active for many features
         (torch.bfloat16, 2, 2, 130, 64, 32, True, 1e-12, 1.0, True),
         (torch.float32, 2, 2, 70, 64, 32, True, 1e-12, 1.0, False),  # stage 1: no gradient into x
+        (torch.bfloat16, 1, 2, 70, 128, 64, True, 1e-12, 1.0, False),  # ... with all of dW's columns in one program
     ],
 )
 def test_fused_hedgehog_matches_the_reference_in_values_and_gradients(dtype, B, H, T, D, f, strided, eps, spread,
