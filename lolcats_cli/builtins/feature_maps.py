@@ -3,7 +3,8 @@
 Every map holds its own per-head weights ``(H, D, F)`` (one instance for the queries, another for the keys),
 keeps them in whatever dtype the module is cast to, and computes in fp32: the input and the weights are
 upcast, the result is cast back to the input's dtype. So a bf16 model gets bf16 features computed with
-fp32 accuracy, and fp32 master weights work unchanged.
+fp32 accuracy, and fp32 master weights work unchanged. (Under CUDA autocast the PyTorch projection's einsum runs
+in the autocast dtype; hedgehog's fused CUDA form, ``kernels/triton_featuremap.py``, keeps fp32 accuracy there too.)
 """
 
 from __future__ import annotations

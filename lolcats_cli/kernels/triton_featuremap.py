@@ -28,14 +28,13 @@ feature_dim at most 128 (else the PyTorch form). ``triton`` is imported on first
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..switches import OFF, ON
+from ..switches import switch, triton_interpreting
+from .triton_import import import_triton, triton_available
 
 ENV = "LOLCATS_TRITON_MAP"  # "0": the PyTorch hedgehog map on CUDA too; "1": the fused one on any device
 MAX_DIM = 128  # head dim and feature_dim (the backward keeps a D x f accumulator in registers)
@@ -53,18 +52,14 @@ def fused_hedgehog_enabled(x: Tensor, weight: Tensor) -> bool:
     head dim and f at most ``MAX_DIM``, not inside ``torch.compile`` (which fuses the PyTorch form itself), and
     ``LOLCATS_TRITON_MAP`` not 0 on a CUDA tensor, or 1 on a CPU tensor under ``TRITON_INTERPRET=1`` (the tests).
     ValueError for a value that is not a switch."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value and value not in ON + OFF:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a switch: set it to 1 (on) or 0 (off), or unset it "
-                         "(on for CUDA tensors)")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if value in OFF or not (x.is_cuda or (value in ON and interpret)):
+    value = switch(ENV, "on for CUDA tensors")
+    if value is False or not (x.is_cuda or (value and triton_interpreting())):
         return False
     if x.shape[-1] > MAX_DIM or weight.shape[-1] > MAX_DIM or x.dim() != 4 or x.shape[1] != weight.shape[0]:
         return False
     if torch.compiler.is_compiling():
         return False
-    return importlib.util.find_spec("triton") is not None
+    return triton_available()
 
 
 class HedgehogFn(torch.autograd.Function):
@@ -130,11 +125,7 @@ _hh_softmaxes = _hh_fwd = _hh_bwd = None
 @functools.lru_cache(maxsize=None)
 def build() -> bool:
     global triton, tl, _hh_softmaxes, _hh_fwd, _hh_bwd
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError("the fused hedgehog map needs the triton package (pip install triton)") from e
+    triton, tl = import_triton("the fused hedgehog map")
 
     @triton.jit
     def _hh_softmaxes(X, W, x_row, h, rt, T, D, F, st, BD: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr):

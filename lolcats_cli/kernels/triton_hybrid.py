@@ -50,19 +50,19 @@ under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (the tests use 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from ..api import Window
+from ..switches import triton_interpreting
 from . import triton_tiles as tiles
 from .base import Kernel
 from .blocks import FeatureFn, check_inputs, expand_kv
 from .chunked import hybrid_attention_chunked
 from .padded import padded_prefill_state
 from .recurrent import HybridState
+from .triton_import import triton_available
 from .triton_tiles import BLOCK
 
 MAX_SINKS = 64
@@ -70,13 +70,9 @@ HEAD_DIMS = (64, 128)
 MAX_DIM = 256  # value and feature dims
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_interpret = triton_interpreting  # the name the kernels' modules use
 
 
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported here (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def window_kind(window: Window) -> int | None:

@@ -44,7 +44,6 @@ runs only under ``TRITON_INTERPRET=1`` (the CPU tests).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ from torch import Tensor
 
 from ..api import Window
 from ..builtins.feature_maps import Hedgehog
-from ..switches import OFF, ON
+from ..switches import switch
 from . import triton_tiles as tiles
 from .blocks import DEN_EPS, FeatureFn
 from .static import StaticState
@@ -66,13 +65,10 @@ def triton_step_enabled(device: torch.device | str | None = None) -> bool:
     """Whether the static decode path asks for the fused step on ``device``: where triton is installed, on CUDA
     unless ``LOLCATS_TRITON_STEP`` is 0/false/no/off, and on any device where it is 1/true/yes/on (whether it then
     runs a given layer is :func:`triton_step_problem`'s answer). ValueError for any other value."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value and value not in ON + OFF:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not a switch: set it to 1 (on) or 0 (off), or unset it "
-                         "(on for CUDA devices)")
-    if value in OFF or not triton_available():
+    value = switch(ENV, "on for CUDA devices")
+    if value is False or not triton_available():
         return False
-    return value in ON or (device is not None and torch.device(device).type == "cuda")
+    return bool(value) or (device is not None and torch.device(device).type == "cuda")
 
 
 def triton_step_problem(window: Window, state: StaticState, device: torch.device) -> str | None:

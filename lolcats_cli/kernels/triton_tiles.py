@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .triton_import import import_triton
+
 BLOCK = 64  # queries per block = keys per tile = positions per linear-state chunk
 
 # ---------------------------------------------------------------------------------------------------------
@@ -27,11 +29,8 @@ _state_fwd = _fwd = _bwd_dq = _state_bwd = _bwd_dkv = _bwd_prefix = None
 def build() -> bool:  # noqa: C901 (one definition site for all kernels)
     global triton, tl, _start, _kb_of, _tile, _put, _masks, _scaled_dy, _softmax_tile
     global _state_fwd, _fwd, _bwd_dq, _state_bwd, _bwd_dkv, _bwd_prefix
-    try:  # optional: only the CUDA path (or TRITON_INTERPRET=1) gets here; a bundled export stays importable
-        import triton
-        import triton.language as tl
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError("the triton attention kernel needs the triton package (pip install triton)") from e
+    # optional: only the CUDA path (or TRITON_INTERPRET=1) gets here; a bundled export stays importable
+    triton, tl = import_triton("the triton attention kernel")
 
     @triton.jit
     def _start(n, KIND: tl.constexpr, WSIZE):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ModelError
-from ...switches import OFF, ON
+from ...switches import OFF, ON, switch
 from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
@@ -79,11 +79,10 @@ def compile_backend() -> str | None:
 
 def static_decode_enabled(device: torch.device) -> bool:
     """Whether the static path is the default on ``device``: CUDA, unless ``LOLCATS_STATIC_DECODE=0``; any device
-    with ``LOLCATS_STATIC_DECODE=1`` (off CUDA the steps run eagerly, without a graph)."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in OFF:
-        return False
-    return value in ON or device.type == "cuda"
+    with ``LOLCATS_STATIC_DECODE=1`` (off CUDA the steps run eagerly, without a graph). ValueError for a value that is
+    not a switch."""
+    value = switch(ENV, "on for CUDA devices")
+    return value if value is not None else device.type == "cuda"
 
 
 def static_decode_problem(model: Any) -> str | None:

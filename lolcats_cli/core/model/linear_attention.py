@@ -39,6 +39,7 @@ from ...kernels.base import Kernel
 from ...kernels.blocks import DEN_EPS, decay_matrix, expand_kv, hybrid_weights
 from ...kernels.delta import DeltaKernel, DeltaKeys
 from ...kernels.registry import get_kernel, select_kernel
+from ...kernels.triton_mse import transfer_mse
 from ..decode.generation import hybrid_cache_layer, leading_pads, real_tokens
 
 MODES: tuple[str, ...] = ("teacher", "student", "transfer")
@@ -390,7 +391,7 @@ class LinearizedAttention(nn.Module):
         with torch.no_grad():
             teacher = softmax_attention(q, k, v, mask, self.scaling, self.sliding_window)
         student = self._hybrid(q, k, v)
-        self.transfer_loss = F.mse_loss(student.float(), teacher.float())
+        self.transfer_loss = transfer_mse(student, teacher)  # fp32; one fused kernel per direction on CUDA
         if self.attn_ce_queries > 0 and self.delta_rule:
             raise ConfigError(f"layer {self.layer_idx}: the attention cross-entropy is defined for the additive linear "
                               "branch, not the delta rule", hint="set transfer.attn_ce_weight: 0 with delta_rule")
