@@ -35,7 +35,7 @@ import functools
 import logging
 import os
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -259,11 +259,23 @@ class StaticDecoder:
         self.logits: Tensor | None = None
         self._graph: Any = None
         self.compiled = compile_backend() if compiler is None else compiler or None
-        self._run = self._forward
-        if self.compiled is not None:
-            self._run = torch.compile(self._forward, backend=self.compiled, dynamic=False)
+        self._run = self._forward if self.compiled is None else self._compiled(self.compiled)
         if self.graph_on:
             self._capture(warmup)
+
+    def _compiled(self, backend: str) -> Callable[[], Tensor]:
+        """The step through ``torch.compile``. The fused Triton step breaks the graph inside every layer's attention
+        (a graph break in the loop over layers): dynamo then compiles each decoder layer's frames once per layer, so
+        its recompile limit (8 by default) is raised for these calls to cover every layer; with the default, the
+        layers past the eighth ran eagerly."""
+        compiled = torch.compile(self._forward, backend=backend, dynamic=False)
+        limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.layers) + 8)
+
+        def run() -> Tensor:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return compiled()
+
+        return run
 
     @property
     def model(self) -> Any:

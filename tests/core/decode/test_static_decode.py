@@ -226,3 +226,42 @@ def test_plain_generate_replays_a_cuda_graph_by_default(tiny_model_dir, monkeypa
     got = _generate(install_static_generate(model), ids, mask, 48, **GREEDY)
     assert model in _DECODERS and _DECODERS[model]._graph is not None
     assert torch.equal(got, want)
+
+
+def test_a_compiled_step_with_a_graph_break_in_every_layer_compiles_every_layer(monkeypatch) -> None:
+    """On CUDA the fused Triton step breaks dynamo's graph inside each layer's attention, so dynamo compiles every
+    decoder layer's frames separately, once per layer; past its default recompile limit (8) the other layers ran
+    eagerly (measured on an H200: 'recompile_limit (8)' on layer 8 of 32). The decoder raises the limit for its
+    calls: with a graph break injected into each layer's attention step (as the Triton launch makes one), a
+    10-layer model compiles without reaching the limit and steps as the uncompiled decoder does."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    from lolcats_cli.core.decode import static_decode
+    from lolcats_cli.core.model.convert import convert_model
+
+    attend = static_decode.StaticHybridLayer.attend
+
+    def breaking(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(static_decode.StaticHybridLayer, "attend", breaking)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    convert_model(model, feature_map="hedgehog", feature_map_params={"feature_dim": 8}, window="terrace",
+                  window_params={"size": 4, "sinks": 2}, decay=True, mode="student")  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    plain = StaticDecoder(model, 2, graph=False, triton=False, compiler="")
+    compiled = StaticDecoder(model, 2, graph=False, triton=False, compiler="aot_eager")
+    with torch.inference_mode():
+        for token in (5, 9, 11, 2):
+            want = plain.step(torch.tensor([token, 7])).clone()
+            torch.testing.assert_close(compiled.step(torch.tensor([token, 7])), want, rtol=1e-5, atol=1e-5)
+    assert sum(counters["graph_break"].values()) >= 10  # the injected break was met in every layer
+    hit = [reason for reason in counters["unimplemented"] if "recompile limit" in reason.lower()]
+    assert not hit, hit[0].splitlines()[0]
