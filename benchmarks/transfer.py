@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--one-backward", action="store_true",
+                    help="one backward of the summed loss after the forward (holds every layer's graph), instead of "
+                         "each layer's backward during the forward")
     ap.add_argument("--kernels", type=int, default=0,
                     help="CUDA: also profile one step and print its N most expensive kernels and the GPU-busy time")
     args = ap.parse_args()
@@ -110,8 +113,11 @@ def main() -> None:
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = objective.loss(ids)
-        loss.backward()
+        if args.one_backward:
+            loss = objective.loss(ids)
+            loss.backward()
+        else:  # what lolcats transfer runs: each layer's backward as soon as its loss exists
+            loss = objective.backward(ids, None, 1.0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return loss.item()
@@ -135,6 +141,7 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "kernel": layers[0][1].kernel.name,
         "window": f"{args.window} {args.window_size} + {args.sinks} sinks, gate {args.gate}, decay {args.decay}",
+        "backward": "one, after the forward" if args.one_backward else "per layer, during the forward",
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "trainable_params": sum(p.numel() for p in params),

@@ -10,7 +10,7 @@ for m in ${MAPS:-1}; do
   timeout 150 python3 benchmarks/attention_gpu.py --shapes ${SHAPES:-llama smollm2} --lengths 4096 16384 \
     --methods sdpa triton triton+decay --kernels ${KERNELS:-10} --no-check --out $OUT/attention-map$m.json \
     2>&1 | tee $OUT/attention-map$m.txt | grep -v "^  *[0-9.]* ms " | tail -30
-  T="python3 benchmarks/transfer.py --random-weights --steps 4 --warmup 2"
+  T="python3 benchmarks/transfer.py --random-weights --steps 4 --warmup 2 ${TARGS:-}"  # TARGS=--one-backward: baseline
   for b in ${LLAMA_BATCHES:-8 16}; do
     timeout 100 $T --preset llama-3.1-8b --seq-len 1024 --batch-size $b --kernels 15 \
       --json $OUT/transfer-8b-b$b-map$m.json 2>&1 | tee $OUT/transfer-8b-b$b-map$m.txt | tail -24

@@ -236,6 +236,9 @@ class LinearizedAttention(nn.Module):
         self.attn_ce_queries: int = 0  # > 0: also store transfer_ce on that many sampled query rows
         self.transfer_loss: Tensor | None = None
         self.transfer_ce: Tensor | None = None
+        # (mse weight, ce weight): transfer mode runs this layer's backward as soon as its loss exists (then stores
+        # the losses detached), so the forward never holds more than one layer's graph; None: the caller's backward
+        self.eager_backward: tuple[float, float] | None = None
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window!r}, "
@@ -397,7 +400,20 @@ class LinearizedAttention(nn.Module):
                               "branch, not the delta rule", hint="set transfer.attn_ce_weight: 0 with delta_rule")
         if self.attn_ce_queries > 0:
             self.transfer_ce = self._attention_ce(q, k, mask)
+        if self.eager_backward is not None and self.transfer_loss.requires_grad:
+            self._backward_now(*self.eager_backward)
         return teacher
+
+    def _backward_now(self, w_mse: float, w_ce: float) -> None:
+        """``(w_mse * transfer_loss + w_ce * transfer_ce).backward()`` now (outside autocast), keeping the losses
+        detached: this layer's graph is freed before the next layer runs."""
+        total = w_mse * self.transfer_loss
+        if self.transfer_ce is not None:
+            total = total + w_ce * self.transfer_ce
+        with torch.autocast(self.transfer_loss.device.type, enabled=False):
+            total.backward()
+        self.transfer_loss = self.transfer_loss.detach()
+        self.transfer_ce = None if self.transfer_ce is None else self.transfer_ce.detach()
 
     # -------------------------------------------------------------------------- optional attention CE
 

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the C
 LossFn = Callable[[Tensor, "Tensor | None"], Tensor]
 # eval_fn() -> (held-out loss, details for the reporter and the history)
 EvalFn = Callable[[], "tuple[float, dict[str, Any]]"]
+# backward_fn(input_ids, labels, scale) -> the loss, detached, after the backward of scale x the loss has run
+BackwardFn = Callable[[Tensor, "Tensor | None", float], Tensor]
 
 
 class RowSource(Protocol):
@@ -220,17 +222,21 @@ class Trainer:
         title: str = "training",
         device: torch.device | str = "cpu",
         ranks: tuple[int, int] = (0, 1),
+        backward_fn: BackwardFn | None = None,
     ) -> None:
         """``ranks``: ``(rank, world)`` of a data-parallel run (torch.distributed initialised): every rank takes
         its share of each update's micro-batches, the trainables' gradients are summed over the ranks, and
-        only rank 0 writes checkpoints; every rank runs the evaluations (the model may be sharded)."""
+        only rank 0 writes checkpoints; every rank runs the evaluations (the model may be sharded).
+        ``backward_fn(ids, labels, scale)``: runs a micro-batch's forward and the backward of ``scale`` x its loss
+        itself and returns the loss (detached), instead of ``loss_fn`` and one backward here (stage 1 runs each
+        layer's backward as soon as that layer's loss exists)."""
         rows = TensorRows(input_ids) if isinstance(input_ids, Tensor) else input_ids
         if rows.num_rows == 0:
             raise TrainingError("no training sequences (the row source is empty)")
         self.params = dict(params)
         self.s = settings
         self.rows, self.labels = rows, labels
-        self.loss_fn, self.eval_fn = loss_fn, eval_fn
+        self.loss_fn, self.eval_fn, self.backward_fn = loss_fn, eval_fn, backward_fn
         self.ckpt_dir = Path(ckpt_dir)
         self.reporter = reporter or NullReporter()
         self.title = title
@@ -460,16 +466,21 @@ class Trainer:
         total, tokens = 0.0, 0
         for i in mine:
             ids, labels = self._micro_batch(micro[0] if i is None else i)
-            loss = self.loss_fn(ids, labels)
+            if self.backward_fn is not None:  # forward and backward in one call; then the same checks and sums
+                loss = self.backward_fn(ids, labels, 0.0 if i is None else 1.0 / len(micro))
+            else:
+                loss = self.loss_fn(ids, labels)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {step + 1}",
                     f"the last good checkpoint is kept in {self.ckpt_dir}; lower the learning rate and --resume",
                 )
             if i is None:
-                (loss * 0.0).backward()
+                if self.backward_fn is None:
+                    (loss * 0.0).backward()
                 continue
-            (loss / len(micro)).backward()
+            if self.backward_fn is None:
+                (loss / len(micro)).backward()
             total += loss.item() / len(micro)
             tokens += ids.shape[0] * self.rows.seq_len
         if self.world > 1:

@@ -394,3 +394,40 @@ def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused(pea
     with caplog.at_level("WARNING", logger="lolcats_cli"):  # --resume starts it from step 0
         assert run_transfer(None, again, resume=True, device="cpu").steps == 2
     assert "holds no checkpoint yet" in caplog.text
+
+
+@pytest.mark.parametrize("ce", [False, True], ids=["mse", "mse+attention-ce"])
+def test_the_per_layer_backward_gives_the_gradients_of_one_backward_and_keeps_no_graph(tiny_model_dir, ce):
+    """TransferObjective.backward runs each layer's backward during the forward (what stage 1's trainer calls):
+    the same loss and the same gradients as ``(scale * loss()).backward()``, and no layer keeps its graph."""
+    from lolcats_cli.core.model.convert import convert_model, freeze_for_transfer, linearized_layers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    convert_model(model, mode="transfer", decay=True)
+    params = freeze_for_transfer(model)
+    layers = linearized_layers(model)
+    assert len(layers) >= 2
+    for _, layer in layers:
+        layer.attn_ce_queries = 8 if ce else 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    objective = TransferObjective(model, ids, torch.device("cpu"), mse_weight=1.0 if ce else 1000.0,
+                                  ce_weight=1.0 if ce else 0.0)  # both terms matter to the gradients
+    runs = []
+    for per_layer in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the attention CE samples its query rows
+        if per_layer:
+            loss = objective.backward(ids, None, 0.25)
+            assert not loss.requires_grad
+            assert all(m.transfer_loss.grad_fn is None and m.eager_backward is None for _, m in layers)
+        else:
+            loss = objective.loss(ids)
+            (0.25 * loss).backward()
+        runs.append((loss.item(), [p.grad.clone() for p in params]))
+    (joint, g_joint), (eager, g_eager) = runs
+    assert eager == pytest.approx(joint, rel=1e-6)
+    largest = max(float(g.abs().max()) for g in g_joint)  # small here (maps at their identity start): relative
+    assert largest > 0
+    for a, b in zip(g_eager, g_joint):
+        assert (a - b).abs().max() <= 1e-5 * max(float(b.abs().max()), 1e-3 * largest)

@@ -102,6 +102,19 @@ class TransferObjective:
             loss = loss + self.ce_weight * torch.stack([ce for _, _, ce in per_layer]).mean()
         return loss
 
+    def backward(self, ids: torch.Tensor, labels: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """:meth:`loss` with the backward of ``scale`` x the loss run layer by layer during the forward (each
+        layer's loss depends on that layer's trainables only, so the gradients are those of one backward of the
+        sum): peak memory holds one layer's graph instead of every layer's. Returns the loss, detached."""
+        n = len(self.layers)
+        for _, m in self.layers:
+            m.eager_backward = (scale * self.mse_weight / n, scale * self.ce_weight / n)
+        try:
+            return self.loss(ids, labels)
+        finally:
+            for _, m in self.layers:
+                m.eager_backward = None
+
     def _eval_row(self, row: int) -> torch.Tensor:
         if isinstance(self.eval_ids, torch.Tensor):
             return self.eval_ids[row : row + 1]
@@ -155,14 +168,16 @@ class Fitted:
 
 def fit_layers(job: TransferJob, objective: TransferObjective, params: dict[str, torch.nn.Parameter],
                rows: torch.Tensor | RowSource, ckpt_dir: Path, title: str, *, resume: bool,
-               ranks: tuple[int, int] = (0, 1)) -> Fitted:
+               ranks: tuple[int, int] = (0, 1), per_layer_backward: bool = True) -> Fitted:
     """Train ``params`` on ``rows`` with ``objective`` (with ``resume``, from the newest checkpoint in
     ``ckpt_dir``), keep the best, and evaluate it once more for the final per-layer table. ``ranks``: see
-    :class:`~lolcats_cli.core.train.trainer.Trainer` (data-parallel over torchrun ranks)."""
+    :class:`~lolcats_cli.core.train.trainer.Trainer` (data-parallel over torchrun ranks). ``per_layer_backward``:
+    each layer's backward runs as soon as its loss exists (:meth:`TransferObjective.backward`); off for a sharded
+    model, whose backward hooks expect one backward per forward."""
     params = {**params, **attention_buffers(objective.model)}  # buffers never train, but checkpoints keep them
     trainer = Trainer(params, job.recipe.transfer, rows, objective.loss,
                       objective.evaluate, ckpt_dir, reporter=job.reporter, title=title, device=job.device,
-                      ranks=ranks)
+                      ranks=ranks, backward_fn=objective.backward if per_layer_backward else None)
     if resume:  # the "before" numbers come from the first evaluation of this set of layers
         objective.before.update(first_eval(ckpt_dir))
     fit = trainer.fit(resume=resume)

@@ -44,7 +44,7 @@ def run_fsdp(job: TransferJob) -> TransferResult:
     shard_model(model, job.device, dist.world)
     title = f"attention transfer (FSDP over {dist.world} processes)"
     done = fit_layers(job, objective, attention_parameters(model), train_ids, job.run_dir / CHECKPOINTS, title,
-                      resume=job.resume, ranks=(dist.rank, dist.world))
+                      resume=job.resume, ranks=(dist.rank, dist.world), per_layer_backward=False)
     if dist.is_main:
         save_attention(model, job.run_dir / ATTENTION_WEIGHTS)
         write_metrics(job.run_dir, joint_metrics("fsdp", done, train_ids, job.device, world_size=dist.world))
