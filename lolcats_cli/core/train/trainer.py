@@ -25,7 +25,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ...errors import TrainingError
 from ..progress import EvalInfo, NullReporter, Reporter, StepInfo, phase
 from ..recipe.recipe import TrainConfig
-from .checkpoint import load_json, load_tensors, save_json, save_tensors
+from .checkpoint import error_text, find_checkpoint, latest_checkpoint, load_tensors, save_json, save_tensors
 
 log = logging.getLogger(__name__)  # damaged checkpoints and fresh starts; the CLI prints these on stderr
 
@@ -107,17 +107,6 @@ class TensorRows:
         return self.data[rows]
 
 
-CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.safetensors")
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    folder: Path
-    state: dict[str, Any]
-    trainable: dict[str, Tensor] | None = None  # None when read without tensors
-    moments: dict[str, Tensor] | None = None
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :meth:`Trainer.fit`: ``step`` updates of ``total_steps`` were done; ``checkpoint`` is the
     newest complete checkpoint folder (None if none was written) and ``checkpoint_step`` its step."""
@@ -128,70 +117,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"{title} interrupted at step {step}/{total_steps}; {where}")
         self.title, self.step, self.total_steps = title, step, total_steps
         self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
-
-
-def _why(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".replace("\n", " ")
-
-
-def _candidates(ckpt_dir: Path, warn: bool) -> Iterator[Path]:
-    """Step folders to try, best first: the one ``latest.json`` names, then every other complete folder
-    (``state.json`` is written last), newest first. An unreadable ``latest.json`` is warned about."""
-    pointer, named = ckpt_dir / "latest.json", None
-    if pointer.exists():
-        try:
-            named = ckpt_dir / str(load_json(pointer)["folder"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            if warn:
-                log.warning(f"{pointer} is unreadable ({_why(e)}); looking for the newest complete checkpoint")
-    if named is not None:
-        yield named
-    folders = sorted((f for f in ckpt_dir.glob("step-*") if f.is_dir()), key=lambda f: f.name, reverse=True)
-    yield from (f for f in folders if f != named and (f / "state.json").exists())
-
-
-def find_checkpoint(ckpt_dir: Path, *, tensors: bool = True, warn: bool = True) -> Checkpoint | None:
-    """The newest checkpoint in ``ckpt_dir`` whose files all read back, or None if it holds no checkpoint.
-
-    A damaged file (truncated, say) is warned about by name and the previous checkpoint is used instead;
-    if every checkpoint there is damaged, TrainingError names the files.
-    """
-    ckpt_dir, bad = Path(ckpt_dir), []
-    for folder in _candidates(ckpt_dir, warn):
-        names = CHECKPOINT_FILES if tensors else CHECKPOINT_FILES[:1]
-        try:
-            loaded = {}
-            for name in names:
-                path = folder / name
-                loaded[name] = load_json(path) if name.endswith(".json") else load_tensors(path)
-                if name == "state.json":
-                    int(loaded[name]["step"])  # a state that parses but is not ours counts as damaged
-        except Exception as e:  # noqa: BLE001 -- whatever a damaged file raises, the next checkpoint is tried
-            bad.append(f"{path} ({_why(e)})")
-            if warn:
-                log.warning(f"checkpoint file {path} is unreadable ({_why(e)}); "
-                            "falling back to the previous checkpoint")
-            continue
-        if bad and warn:
-            log.warning(f"using the checkpoint of step {loaded['state.json']['step']} in {folder} instead")
-        return Checkpoint(folder, loaded["state.json"], loaded.get("trainable.safetensors"),
-                          loaded.get("optimizer.safetensors"))
-    if bad:
-        raise TrainingError(
-            f"no readable checkpoint in {ckpt_dir}: " + "; ".join(bad),
-            "restore the folder from a backup, or start the run again with --overwrite (its progress is lost)",
-        )
-    return None
-
-
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """``(step folder, state)`` of the newest checkpoint in ``ckpt_dir`` whose state reads back, or None
-    (quietly: :meth:`Trainer.fit` is the one that warns about damaged files)."""
-    try:
-        found = find_checkpoint(ckpt_dir, tensors=False, warn=False)
-    except TrainingError:
-        return None
-    return None if found is None else (found.folder, found.state)
 
 
 @dataclasses.dataclass
@@ -368,7 +293,7 @@ class Trainer:
             best = load_tensors(path)
         except Exception as e:  # noqa: BLE001 -- a damaged file, whatever the library raises
             raise TrainingError(
-                f"{path} (the best trainables so far) is unreadable ({_why(e)})",
+                f"{path} (the best trainables so far) is unreadable ({error_text(e)})",
                 "restore it from a backup, or delete it and run again with --resume to keep the last "
                 "evaluated trainables instead",
             ) from e

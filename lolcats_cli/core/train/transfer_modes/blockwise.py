@@ -28,7 +28,8 @@ from ...runs.rundir import ATTENTION_WEIGHTS, BLOCKS, CHECKPOINTS, METRICS
 from ...runs.workspace import load_converted_model, record_run
 from ..checkpoint import load_json, load_tensors, save_json, save_tensors
 from ..precision import autocast_for
-from ..trainer import latest_checkpoint, rows_read
+from ..checkpoint import latest_checkpoint
+from ..trainer import rows_read
 from .block_cache import Block, BlockCache, check_disk, plan_blocks
 from .common import (
     TransferJob,

@@ -28,7 +28,8 @@ from ...runs.rundir import CHECKPOINTS, METRICS
 from ..checkpoint import save_json, save_tensors
 from ..precision import autocast_for
 from ..train_window import random_window
-from ..trainer import FitResult, RowSource, Trainer, latest_checkpoint
+from ..checkpoint import latest_checkpoint
+from ..trainer import FitResult, RowSource, Trainer
 from .distributed import Dist
 
 @dataclasses.dataclass
