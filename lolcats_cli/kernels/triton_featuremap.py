@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..switches import switch, triton_interpreting
-from .triton_import import import_triton, triton_available
+from .triton_import import fused_wanted, import_triton
 
 ENV = "LOLCATS_TRITON_MAP"  # "0": the PyTorch hedgehog map on CUDA too; "1": the fused one on any device
 MAX_DIM = 128  # head dim and feature_dim (the backward keeps a D x f accumulator in registers)
@@ -52,14 +51,9 @@ def fused_hedgehog_enabled(x: Tensor, weight: Tensor) -> bool:
     head dim and f at most ``MAX_DIM``, not inside ``torch.compile`` (which fuses the PyTorch form itself), and
     ``LOLCATS_TRITON_MAP`` not 0 on a CUDA tensor, or 1 on a CPU tensor under ``TRITON_INTERPRET=1`` (the tests).
     ValueError for a value that is not a switch."""
-    value = switch(ENV, "on for CUDA tensors")
-    if value is False or not (x.is_cuda or (value and triton_interpreting())):
+    if not fused_wanted(ENV, x):
         return False
-    if x.shape[-1] > MAX_DIM or weight.shape[-1] > MAX_DIM or x.dim() != 4 or x.shape[1] != weight.shape[0]:
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return triton_available()
+    return x.dim() == 4 and x.shape[-1] <= MAX_DIM and weight.shape[-1] <= MAX_DIM and x.shape[1] == weight.shape[0]
 
 
 class HedgehogFn(torch.autograd.Function):

@@ -50,7 +50,6 @@ under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (the tests use 
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -68,11 +67,6 @@ from .triton_tiles import BLOCK
 MAX_SINKS = 64
 HEAD_DIMS = (64, 128)
 MAX_DIM = 256  # value and feature dims
-
-
-_interpret = triton_interpreting  # the name the kernels' modules use
-
-
 
 
 def window_kind(window: Window) -> int | None:
@@ -95,7 +89,7 @@ def unsupported(q: Tensor, k: Tensor, v: Tensor, window: Window, feature_dim: in
         return f"value dim {v.shape[-1]} / feature dim {feature_dim} above {MAX_DIM}"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype}"
-    if not (q.is_cuda or _interpret()):
+    if not (q.is_cuda or triton_interpreting()):
         return f"device {q.device.type} (CUDA only, or TRITON_INTERPRET=1)"
     return None
 
@@ -342,4 +336,4 @@ class TritonKernel(Kernel):
         no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return y, padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=features[1], log_decay=log_decay)
 
-__all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_available", "triton_hybrid_attention", "unsupported"]
+__all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_hybrid_attention", "unsupported"]

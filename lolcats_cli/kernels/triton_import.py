@@ -1,10 +1,16 @@
 """Triton, imported lazily by the fused kernels' ``build()`` functions (a CPU install without it imports lolcats
-fine, and ``TRITON_INTERPRET`` is read when the kernels are defined): whether it is installed, and the import."""
+fine, and ``TRITON_INTERPRET`` is read when the kernels are defined): whether it is installed, the import, and
+whether a fused replacement of a PyTorch computation runs on a tensor."""
 
 from __future__ import annotations
 
 import importlib.util
 from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..switches import switch, triton_interpreting
 
 
 def triton_available() -> bool:
@@ -22,4 +28,14 @@ def import_triton(what: str) -> tuple[ModuleType, ModuleType]:
     return triton, tl
 
 
-__all__ = ["import_triton", "triton_available"]
+def fused_wanted(env: str, x: Tensor) -> bool:
+    """Whether a fused Triton form of a PyTorch computation runs on ``x``: the switch ``env`` not 0 on a CUDA
+    tensor, or 1 on a CPU tensor under ``TRITON_INTERPRET=1`` (the tests); not inside ``torch.compile`` (which
+    fuses the PyTorch form itself); triton installed. ValueError for a value of ``env`` that is not a switch."""
+    value = switch(env, "on for CUDA tensors")
+    if value is False or not (x.is_cuda or (value and triton_interpreting())):
+        return False
+    return not torch.compiler.is_compiling() and triton_available()
+
+
+__all__ = ["fused_wanted", "import_triton", "triton_available"]

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..switches import switch, triton_interpreting
-from .triton_import import import_triton, triton_available
+from .triton_import import fused_wanted, import_triton
 
 ENV = "LOLCATS_TRITON_MSE"  # "0": the PyTorch loss on CUDA too; "1": the fused one on CPU under the interpreter
 BLOCK = 4096  # elements per program
@@ -38,12 +37,9 @@ def fused_mse_enabled(student: Tensor, teacher: Tensor) -> bool:
     """Whether :func:`transfer_mse` runs the fused kernels: 4-D tensors of one shape on one device, triton
     installed, not inside ``torch.compile``, and ``LOLCATS_TRITON_MSE`` not 0 on CUDA, or 1 on CPU under
     ``TRITON_INTERPRET=1``. ValueError for a value that is not a switch."""
-    value = switch(ENV, "on for CUDA tensors")
-    if value is False or not (student.is_cuda or (value and triton_interpreting())):
+    if not fused_wanted(ENV, student):
         return False
-    if student.shape != teacher.shape or student.dim() != 4 or student.device != teacher.device:
-        return False
-    return not torch.compiler.is_compiling() and triton_available()
+    return student.shape == teacher.shape and student.dim() == 4 and student.device == teacher.device
 
 
 def transfer_mse(student: Tensor, teacher: Tensor) -> Tensor:

@@ -51,11 +51,12 @@ from torch import Tensor
 
 from ..api import Window
 from ..builtins.feature_maps import Hedgehog
-from ..switches import switch
+from ..switches import switch, triton_interpreting
 from . import triton_tiles as tiles
 from .blocks import DEN_EPS, FeatureFn
 from .static import StaticState
-from .triton_hybrid import MAX_DIM, MAX_SINKS, _interpret, _pow2, triton_available, window_kind
+from .triton_hybrid import MAX_DIM, MAX_SINKS, _pow2, window_kind
+from .triton_import import triton_available
 
 ENV = "LOLCATS_TRITON_STEP"  # "0" turns the fused decode step off on CUDA; "1" asks for it on any device
 BV = 32  # value columns per S tile
@@ -89,7 +90,7 @@ def triton_step_problem(window: Window, state: StaticState, device: torch.device
         return "a state buffer is not contiguous"
     if state.S.dtype not in (torch.float32, torch.bfloat16, torch.float16) or state.z.dtype != torch.float32:
         return "S must be fp32, bf16 or fp16 and z fp32"
-    if not (torch.device(device).type == "cuda" or _interpret()):
+    if not (torch.device(device).type == "cuda" or triton_interpreting()):
         return f"device {torch.device(device).type} (CUDA only, or TRITON_INTERPRET=1)"
     return None
 

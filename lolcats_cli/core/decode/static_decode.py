@@ -45,7 +45,7 @@ from ...switches import OFF, ON, switch
 from ...hf_compat import CACHE_ARGS, OUTPUT_CACHE_FIELDS, cache_kwarg, last_logits_kwargs
 from ...kernels.recurrent import HybridState
 from ...kernels.static import StaticState, fold_width, static_step, static_supported
-from ...kernels.triton_hybrid import triton_available
+from ...kernels.triton_import import triton_available
 from ...kernels.triton_step import fused_query_map, triton_step, triton_step_enabled, triton_step_problem
 from ..model.linear_attention import linearized_layers
 from .cache import LinearAttentionCache

@@ -92,7 +92,6 @@ class Checkpoint:
     moments: dict[str, Tensor] | None = None
 
 
-
 def error_text(err: BaseException) -> str:
     """``"Type: message"`` on one line (for warnings and errors that name a damaged file)."""
     return f"{type(err).__name__}: {err}".replace("\n", " ")

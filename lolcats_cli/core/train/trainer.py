@@ -391,21 +391,15 @@ class Trainer:
         total, tokens = 0.0, 0
         for i in mine:
             ids, labels = self._micro_batch(micro[0] if i is None else i)
-            if self.backward_fn is not None:  # forward and backward in one call; then the same checks and sums
+            if self.backward_fn is not None:  # forward and backward in one call
                 loss = self.backward_fn(ids, labels, 0.0 if i is None else 1.0 / len(micro))
+                self._check_finite(loss, step)
             else:
                 loss = self.loss_fn(ids, labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {step + 1}",
-                    f"the last good checkpoint is kept in {self.ckpt_dir}; lower the learning rate and --resume",
-                )
+                self._check_finite(loss, step)
+                (loss * 0.0 if i is None else loss / len(micro)).backward()
             if i is None:
-                if self.backward_fn is None:
-                    (loss * 0.0).backward()
                 continue
-            if self.backward_fn is None:
-                (loss / len(micro)).backward()
             total += loss.item() / len(micro)
             tokens += ids.shape[0] * self.rows.seq_len
         if self.world > 1:
@@ -420,6 +414,13 @@ class Trainer:
         self.opt.step()
         self._last_loss = total
         return tokens
+
+    def _check_finite(self, loss: Tensor, step: int) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {step + 1}",
+                f"the last good checkpoint is kept in {self.ckpt_dir}; lower the learning rate and --resume",
+            )
 
     def _sum_over_ranks(self, total: float, tokens: int) -> tuple[float, int]:
         """Sum the trainables' gradients, the loss and the tokens over the ranks (in the same order on each)."""

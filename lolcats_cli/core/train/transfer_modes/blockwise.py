@@ -26,9 +26,8 @@ from ...model.models import load_tokenizer, read_base_config
 from ...progress import NullReporter
 from ...runs.rundir import ATTENTION_WEIGHTS, BLOCKS, CHECKPOINTS, METRICS
 from ...runs.workspace import load_converted_model, record_run
-from ..checkpoint import load_json, load_tensors, save_json, save_tensors
+from ..checkpoint import latest_checkpoint, load_json, load_tensors, save_json, save_tensors
 from ..precision import autocast_for
-from ..checkpoint import latest_checkpoint
 from ..trainer import rows_read
 from .block_cache import Block, BlockCache, check_disk, plan_blocks
 from .common import (

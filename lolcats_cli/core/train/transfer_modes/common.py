@@ -25,10 +25,9 @@ from ...model.convert import (
 from ...progress import Reporter
 from ...recipe.recipe import Recipe
 from ...runs.rundir import CHECKPOINTS, METRICS
-from ..checkpoint import save_json, save_tensors
+from ..checkpoint import latest_checkpoint, save_json, save_tensors
 from ..precision import autocast_for
 from ..train_window import random_window
-from ..checkpoint import latest_checkpoint
 from ..trainer import FitResult, RowSource, Trainer
 from .distributed import Dist
 
