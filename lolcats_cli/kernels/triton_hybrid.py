@@ -57,10 +57,10 @@ from ..api import Window
 from ..switches import triton_interpreting
 from . import triton_tiles as tiles
 from .base import Kernel
-from .blocks import FeatureFn, check_inputs, expand_kv
+from .blocks import FeatureFn, check_inputs, decay_state, decay_weights, expand_kv, kv_state, not_sinks
 from .chunked import hybrid_attention_chunked
 from .padded import padded_prefill_state
-from .recurrent import HybridState
+from .recurrent import HybridState, folded_before, last_positions
 from .triton_import import triton_available
 from .triton_tiles import BLOCK
 
@@ -250,6 +250,25 @@ class HybridFn(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _prepared(q, k, v, fq, fk, window_logits, window, scale, log_decay) -> tuple[list, float]:
+    """The checked inputs of the fused op, cast to the compute dtype and contiguous, and the scale."""
+    check_inputs(q, k, v, window_logits)
+    why = unsupported(q, k, v, window, fq.shape[-1])
+    if why is not None:
+        raise ValueError(f"the triton hybrid kernel does not support {why}")
+    B, H, T, D = q.shape
+    if fq.shape != (B, H, T, fq.shape[-1]) or fk.shape != fq.shape:
+        raise ValueError(f"fq and fk must have shape (B, H, T, F); got {tuple(fq.shape)} and {tuple(fk.shape)}")
+    if log_decay is not None and tuple(log_decay.shape) != (H,):
+        raise ValueError(f"log_decay must have shape (H,) = ({H},); got {tuple(log_decay.shape)}")
+    dt = q.dtype  # the compute dtype of the products: q's, or the autocast dtype under CUDA autocast
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    args = [x.to(dt).contiguous() for x in (q, k, v, fq, fk)]
+    ld = None if log_decay is None else log_decay.float().contiguous()
+    return [*args, window_logits.float().contiguous(), ld], D**-0.5 if scale is None else float(scale)
+
+
 def triton_hybrid_attention(
     q: Tensor,
     k: Tensor,
@@ -266,25 +285,42 @@ def triton_hybrid_attention(
     dtype), accumulating in fp32. Returns ``(B, H, T, Dv)`` in q's dtype; differentiable in every tensor
     argument. Raises ``ValueError`` for inputs the kernel does not support (see :func:`unsupported`).
     """
-    check_inputs(q, k, v, window_logits)
-    why = unsupported(q, k, v, window, fq.shape[-1])
-    if why is not None:
-        raise ValueError(f"the triton hybrid kernel does not support {why}")
-    B, H, T, D = q.shape
-    if fq.shape != (B, H, T, fq.shape[-1]) or fk.shape != fq.shape:
-        raise ValueError(f"fq and fk must have shape (B, H, T, F); got {tuple(fq.shape)} and {tuple(fk.shape)}")
-    if log_decay is not None and tuple(log_decay.shape) != (H,):
-        raise ValueError(f"log_decay must have shape (H,) = ({H},); got {tuple(log_decay.shape)}")
-    if T == 0:
-        return q.new_zeros(B, H, 0, v.shape[-1])
-    scale = D**-0.5 if scale is None else float(scale)
-    dt = q.dtype  # the compute dtype of the products: q's, or the autocast dtype under CUDA autocast
-    if q.is_cuda and torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
-    args = [x.to(dt).contiguous() for x in (q, k, v, fq, fk)]
-    ld = None if log_decay is None else log_decay.float().contiguous()
-    y = HybridFn.apply(*args, window_logits.float().contiguous(), ld, window, scale)
-    return y.to(q.dtype)
+    args, scale = _prepared(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+    if q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    return HybridFn.apply(*args, window, scale).to(q.dtype)
+
+
+def triton_hybrid_prefill(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window_logits: Tensor, window: Window,
+    scale: float | None = None, log_decay: Tensor | None = None,
+) -> tuple[Tensor, HybridState]:  # fmt: skip
+    """The fused forward over an unpadded prompt (T >= 1, no autograd) and the decode state after it.
+
+    The state comes from the forward's own chunk states: S and z at the last block start ``64 c`` at or
+    before the fold point ``f(T)``, plus the fewer than 64 keys from there to ``f(T)``, decayed to T. So the
+    prompt's keys are not read a second time in fp32 (the chunked form's :func:`padded_prefill_state` does).
+    """
+    if q.shape[2] == 0:
+        raise ValueError("triton_hybrid_prefill needs a prompt of at least one token (Kernel.prefill takes empty ones)")
+    args, scale = _prepared(q, k, v, fq, fk, window_logits, window, scale, log_decay)
+    y, sbuf, zbuf, *_ = _forward(*args, window, scale)
+    B, H, T, F = fk.shape
+    ld = args[6]
+    fold = folded_before(window, T)
+    c = min(fold // BLOCK, sbuf.shape[1] - 1)  # sbuf[:, c] holds the keys before 64 c, decayed to 64 c
+    lo = c * BLOCK
+    S, z = sbuf.view(B, H, -1, F, sbuf.shape[-1])[:, :, c], zbuf.view(B, H, -1, F)[:, :, c]
+    pos = torch.arange(lo, fold, device=q.device)
+    tail = not_sinks(fk[:, :, lo:fold].float(), pos, window.sinks)
+    if ld is not None:
+        tail = tail * decay_weights(ld, (T - pos)[None])
+    dS, dz = kv_state(tail, v[:, :, lo:fold].float())
+    S, z = decay_state(S, ld, T - lo) + dS, decay_state(z, ld, T - lo) + dz
+    n = window.sinks
+    sinks = [torch.nn.functional.pad(x[:, :, :n], (0, 0, 0, n - min(n, T))) if n else None for x in (k, v)]
+    state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S, z, T, *sinks)
+    return y.to(q.dtype), state
 
 
 def _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_decay):
@@ -295,8 +331,9 @@ def _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_d
 
 class TritonKernel(Kernel):
     """The fused Triton kernel on CUDA; inputs it does not support (a plugin window, more than 64 sinks,
-    another head dim) go through the chunked form. An unpadded prefill runs the fused kernel and builds the state
-    from the same key features (phi_k runs once); padded prefill and decoding use the shared forms."""
+    another head dim) go through the chunked form. An unpadded prefill without autograd is one fused forward whose
+    chunk states give the decode state (:func:`triton_hybrid_prefill`); with autograd the state is built from the
+    same key features (phi_k runs once); padded prefill and decoding use the shared forms."""
 
     name = "triton"
     priority = 10
@@ -332,8 +369,11 @@ class TritonKernel(Kernel):
             return super().prefill(
                 q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay
             )
-        y = triton_hybrid_attention(q, k, v, *features, window_logits, window, scale, log_decay)
-        no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return y, padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=features[1], log_decay=log_decay)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *features, window_logits)):
+            y = triton_hybrid_attention(q, k, v, *features, window_logits, window, scale, log_decay)
+            no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+            state = padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=features[1], log_decay=log_decay)
+            return y, state
+        return triton_hybrid_prefill(q, k, v, *features, window_logits, window, scale, log_decay)
 
-__all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_hybrid_attention", "unsupported"]
+__all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_hybrid_attention", "triton_hybrid_prefill", "unsupported"]

@@ -202,14 +202,15 @@ def test_kernel_is_registered_above_chunked_and_falls_back() -> None:
 
 @pytest.fixture
 def fused_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A list that gets a 1 each time the kernel seam calls the fused op (which still runs)."""
+    """A list that gets a 1 each time the fused forward is launched (it still runs)."""
     ran: list[int] = []
+    launch = triton_hybrid._forward
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         ran.append(1)
-        return triton_hybrid_attention(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_hybrid, "triton_hybrid_attention", spy)
+    monkeypatch.setattr(triton_hybrid, "_forward", spy)
     return ran
 
 
@@ -223,21 +224,31 @@ def test_kernel_seam_runs_the_fused_kernel(fused_runs: list[int]) -> None:
     assert rel_rms(got, reference(x, window, ld)) < TOL
 
 
-def test_the_fused_prefill_gives_the_chunked_prefills_output_and_state(fused_runs: list[int]) -> None:
-    """TritonKernel.prefill (unpadded): the fused op over the prompt, the state built from the same key features;
-    output and every state buffer equal the chunked kernel's prefill, and decoding on from it matches too."""
-    window, ld = WINDOWS["sliding64-sinks4"], make_log_decay()
-    x = make_inputs(2, 140, 64, seed=5)
-    head = {**x, **{n: x[n][:, :, :130] for n in ("q", "k", "v")}}
+PREFILLS = [  # (window, prompt length, decay): the fold point inside a block, on a block start, before the sinks end
+    ("sliding64-sinks4", 130, True), ("sliding64", 129, False), ("terrace64-sinks4", 128, True),
+    ("terrace32-sinks3", 70, False), ("none-sinks4", 67, True), ("sliding64-sinks4", 3, True),
+]
+
+
+@pytest.mark.parametrize("window_name,T,decay", PREFILLS)
+def test_the_fused_prefill_gives_the_chunked_prefills_output_and_state(
+    fused_runs: list[int], window_name: str, T: int, decay: bool
+) -> None:
+    """TritonKernel.prefill (unpadded, no autograd): one fused forward, the state from its chunk states and the
+    keys up to the fold point; output and every state buffer equal the chunked kernel's prefill, and decoding on
+    from it matches too."""
+    window, ld = {**WINDOWS, **EXTRA}[window_name], make_log_decay() if decay else None
+    x = make_inputs(2, T + 10, 64, seed=5)
+    head = {**x, **{n: x[n][:, :, :T] for n in ("q", "k", "v")}}
     with torch.no_grad():
         got_y, got = KERNELS["triton"].prefill(**head, window=window, log_decay=ld)
         want_y, want = KERNELS["chunked"].prefill(**head, window=window, log_decay=ld)
-        tail = [x[n][:, :, 130:] for n in ("q", "k", "v")]
+        tail = [x[n][:, :, T:] for n in ("q", "k", "v")]
         rest = (x["phi_q"], x["phi_k"], x["window_logits"], window)
         got_next, _ = KERNELS["triton"].step(*tail, *rest, got, log_decay=ld)
         want_next, _ = KERNELS["chunked"].step(*tail, *rest, want, log_decay=ld)
     assert fused_runs == [1]
     assert rel_rms(got_y, want_y) < TOL and rel_rms(got_next, want_next) < TOL
-    assert got.length == want.length == 130
+    assert got.length == want.length == T
     for name in ("k_buf", "v_buf", "S", "z", "k_sink", "v_sink"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=TOL, rtol=TOL, msg=name)
