@@ -73,6 +73,8 @@ VARIANTS: dict[str, list[str]] = {
     # the shipped GPU recipe trained through the chunked PyTorch kernel (issue 12: the fused kernel's quality goal)
     "sinks_gate_decay_4k_8m_chunked": [*SINKS_GATE, "attention.decay=true", *K4, "transfer.max_tokens=4500000",
                                        "finetune.max_tokens=3500000", "attention.kernel=chunked"],
+    # sinks_gate_decay_4k through the chunked kernel: the fused kernel's quality goal at 3.5M tokens (issue 12)
+    "sinks_gate_decay_4k_chunked": [*SINKS_GATE, "attention.decay=true", *K4, "attention.kernel=chunked"],
     "sinks_gate_decay_4k_kl": [*SINKS_GATE, "attention.decay=true", *K4, "finetune.objective=kl"],
     "window_lora_4k": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4],
     "window_lora_4k_8m": [*SINKS_GATE, "attention.decay=false", *NO_TRAINING, *K4, "finetune.max_tokens=3500000"],
