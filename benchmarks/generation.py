@@ -464,6 +464,11 @@ def main() -> None:
         print(f"stopped after --budget-s {args.budget_s:g}: rows not started are missing")
     Console(width=160).print(rich_table(rows, title))
     print(f"results: {path}")
+    # On the H200 a process whose compiled decoder had been replaced by a later engine's ended with
+    # std::bad_array_new_length or a segfault at exit; collecting before exit avoided it.
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ set -o pipefail
 mkdir -p /root/smol && cp .smol/smol.part.aa /root/smol/ 2>/dev/null &
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 for m in typer rich questionary safetensors gguf fla; do python3 -c "import $m" 2>/dev/null || echo "MISSING $m"; done
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_step.py tests/kernels/test_triton_mse.py \
-  tests/kernels/test_triton_featuremap.py tests/core/decode/test_static_decode.py "tests/kernels/test_triton_hybrid.py::test_the_fused_prefill_gives_the_chunked_prefills_output_and_state" 2>&1 | tee $OUT/tests.txt | tail -3
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_step.py \
+  tests/kernels/test_triton_mse.py tests/kernels/test_triton_featuremap.py tests/core/decode/test_static_decode.py \
+  "tests/kernels/test_triton_hybrid.py::test_the_fused_prefill_gives_the_chunked_prefills_output_and_state" \
+  2>&1 | tee $OUT/tests.txt | tail -3
 G="python3 benchmarks/generation.py --preset llama-3.1-8b --random-weights --decay"
 timeout 100 $G --contexts 4096 --prefill synthetic --batch-sizes 1 256 --engines hybrid-static --kernels 12 \
   --json $OUT/gen-static.json 2>&1 | tee $OUT/gen-static.txt | grep -v "^\s*$" | tail -30
