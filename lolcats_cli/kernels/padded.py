@@ -34,14 +34,14 @@ from .recurrent import HybridState, last_positions
 SequenceFn = Callable[..., Tensor]
 
 
-def _shift_rows(x: Tensor, shift: Tensor) -> Tensor:
+def shift_rows(x: Tensor, shift: Tensor) -> Tensor:
     """``(B, h, T, X)``: row b rotated left by ``shift[b]`` along time, ``out[b, :, i] = x[b, :, (i + s_b) % T]``."""
     B, h, T, X = x.shape
     idx = (torch.arange(T, device=x.device)[None] + shift[:, None]) % T  # (B, T)
     return x.gather(2, idx[:, None, :, None].expand(B, h, T, X))
 
 
-def _keep(x: Tensor, real: Tensor) -> Tensor:
+def keep_real(x: Tensor, real: Tensor) -> Tensor:
     """``(B, h, T, X)`` with the positions where ``real`` ``(B, T)`` is False set to 0 (NaN-safe, unlike ``*``)."""
     return torch.where(real[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -63,12 +63,12 @@ def padded_attention(
     """
     T = q.shape[2]
     real = torch.arange(T, device=q.device)[None] >= pads[:, None]  # (B, T)
-    q, k, v = _keep(q, real), _keep(k, real), _keep(v, real)
+    q, k, v = keep_real(q, real), keep_real(k, real), keep_real(v, real)
     y = sequence(
-        _shift_rows(q, pads), _shift_rows(k, pads), _shift_rows(v, pads), phi_q, phi_k, window_logits, window, scale,
+        shift_rows(q, pads), shift_rows(k, pads), shift_rows(v, pads), phi_q, phi_k, window_logits, window, scale,
         log_decay=log_decay,
     )  # fmt: skip
-    return _keep(_shift_rows(y, (T - pads) % T), real)
+    return keep_real(shift_rows(y, (T - pads) % T), real)
 
 
 def padded_prefill_state(
@@ -86,20 +86,20 @@ def padded_prefill_state(
     T = k.shape[2]
     rel = torch.arange(T, device=k.device)[None] - pads[:, None]  # (B, T) position within the row
     real = rel >= 0
-    k, v = _keep(k, real), _keep(v, real)
+    k, v = keep_real(k, real), keep_real(v, real)
     fold = real & (rel < folded_before_rows(window, T - pads)[:, None])  # (B, T)
     if fk is None:
         fk = phi_k(expand_kv(k, num_heads))
-    fk = _keep(not_sinks(fk.float(), rel, window.sinks), fold)
+    fk = keep_real(not_sinks(fk.float(), rel, window.sinks), fold)
     if log_decay is not None:
         fk = fk * decay_weights(log_decay, (T - torch.arange(T, device=k.device))[None])
     S, z = kv_state(fk, v.float())
     span = window.span
-    k_sink, v_sink = _row_sinks(k, pads, window.sinks), _row_sinks(v, pads, window.sinks)
+    k_sink, v_sink = row_sinks(k, pads, window.sinks), row_sinks(v, pads, window.sinks)
     return HybridState(last_positions(k, span), last_positions(v, span), S, z, T, k_sink, v_sink)
 
 
-def _row_sinks(x: Tensor, pads: Tensor, sinks: int) -> Tensor | None:
+def row_sinks(x: Tensor, pads: Tensor, sinks: int) -> Tensor | None:
     """``(B, h, sinks, X)``: each row's first ``sinks`` real positions of ``x`` ``(B, h, T, X)`` (zeros past
     the row's end), or None without sinks."""
     if not sinks:
@@ -109,7 +109,7 @@ def _row_sinks(x: Tensor, pads: Tensor, sinks: int) -> Tensor | None:
         return x.new_zeros(x.shape[0], x.shape[1], sinks, x.shape[3])
     idx = pads[:, None] + torch.arange(sinks, device=x.device)[None]  # (B, sinks) padded positions
     got = x.gather(2, idx.clamp_max(T - 1)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
-    return _keep(got, idx < T)
+    return keep_real(got, idx < T)
 
 
 def padded_step(
@@ -130,7 +130,7 @@ def padded_step(
     rel_k = torch.arange(L - P, L + t, device=q.device)[None] - pads[:, None]  # (B, P + t)
     rel_q = rel_k[:, P:]  # (B, t)
     real_k = rel_k >= 0
-    k_all, v_all, q = _keep(k_all, real_k), _keep(v_all, real_k), _keep(q, rel_q >= 0)
+    k_all, v_all, q = keep_real(k_all, real_k), keep_real(v_all, real_k), keep_real(q, rel_q >= 0)
     lo = folded_before_rows(window, (L - pads).clamp_min(0))  # (B,) keys before lo are already in S, z
     hi = folded_before_rows(window, (L + t - pads).clamp_min(0))
     fresh = (real_k & (rel_k >= lo[:, None]))[:, None, :]  # (B, 1, P + t)
@@ -158,7 +158,7 @@ def padded_step(
     ).squeeze(2)  # fmt: skip
 
     leaving = real_k & (rel_k >= lo[:, None]) & (rel_k < hi[:, None])  # (B, P + t): keys that leave the window
-    fk_in = _keep(fk, leaving)
+    fk_in = keep_real(fk, leaving)
     if log_decay is not None:  # keys enter decayed to the new length
         fk_in = fk_in * decay_weights(log_decay, (L + t - pos)[None])
     dS, dz = kv_state(fk_in, v_all.float())
@@ -177,4 +177,7 @@ def _fill_sinks(buf: Tensor, x: Tensor, rel: Tensor) -> Tensor:
     return torch.where(slot.any(dim=-1)[:, None, :, None], new, buf)
 
 
-__all__ = ["folded_before_rows", "padded_attention", "padded_prefill_state", "padded_step"]
+__all__ = [
+    "folded_before_rows", "keep_real", "padded_attention", "padded_prefill_state", "padded_step", "row_sinks",
+    "shift_rows",
+]

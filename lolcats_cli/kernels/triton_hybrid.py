@@ -57,10 +57,10 @@ from ..api import Window
 from ..switches import triton_interpreting
 from . import triton_tiles as tiles
 from .base import Kernel
-from .blocks import FeatureFn, check_inputs, decay_state, decay_weights, expand_kv, kv_state, not_sinks
+from .blocks import FeatureFn, check_inputs, decay_weights, expand_kv, kv_state, not_sinks
 from .chunked import hybrid_attention_chunked
-from .padded import padded_prefill_state
-from .recurrent import HybridState, folded_before, last_positions
+from .padded import folded_before_rows, keep_real, padded_prefill_state, row_sinks, shift_rows
+from .recurrent import HybridState, last_positions
 from .triton_import import triton_available
 from .triton_tiles import BLOCK
 
@@ -293,33 +293,48 @@ def triton_hybrid_attention(
 
 def triton_hybrid_prefill(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window_logits: Tensor, window: Window,
-    scale: float | None = None, log_decay: Tensor | None = None,
+    scale: float | None = None, log_decay: Tensor | None = None, pads: Tensor | None = None,
 ) -> tuple[Tensor, HybridState]:  # fmt: skip
-    """The fused forward over an unpadded prompt (T >= 1, no autograd) and the decode state after it.
+    """The fused forward over prompts (T >= 1, no autograd) and the decode state after them; ``pads`` ``(B,)``:
+    leading pad tokens per row (left padding, as :func:`~.padded.padded_prefill_state` takes them).
 
-    The state comes from the forward's own chunk states: S and z at the last block start ``64 c`` at or
-    before the fold point ``f(T)``, plus the fewer than 64 keys from there to ``f(T)``, decayed to T. So the
-    prompt's keys are not read a second time in fp32 (the chunked form's :func:`padded_prefill_state` does).
+    Padded rows are rotated so their real tokens start at position 0 (as :func:`~.padded.padded_attention` does)
+    for the forward, and the output is rotated back (pad rows 0). The state comes from the forward's own chunk
+    states: per row, S and z at the last block start ``64 c`` at or before the row's fold point ``f(n)``, plus the
+    fewer than 64 keys from there to ``f(n)``, decayed to the row's length n. So the prompt's keys are not read a
+    second time in fp32 (:func:`~.padded.padded_prefill_state` does).
     """
     if q.shape[2] == 0:
         raise ValueError("triton_hybrid_prefill needs a prompt of at least one token (Kernel.prefill takes empty ones)")
     args, scale = _prepared(q, k, v, fq, fk, window_logits, window, scale, log_decay)
-    y, sbuf, zbuf, *_ = _forward(*args, window, scale)
     B, H, T, F = fk.shape
-    ld = args[6]
-    fold = folded_before(window, T)
-    c = min(fold // BLOCK, sbuf.shape[1] - 1)  # sbuf[:, c] holds the keys before 64 c, decayed to 64 c
+    rows = torch.zeros(B, dtype=torch.long, device=q.device) if pads is None else pads.to(q.device)
+    real = torch.arange(T, device=q.device)[None] >= rows[:, None]  # (B, T)
+    if pads is not None:  # real tokens first; the pads (zeroed) go to the end, where causal attention hides them
+        args[:5] = [shift_rows(keep_real(x, real), rows).contiguous() for x in args[:5]]
+    y, sbuf, zbuf, *_ = _forward(*args, window, scale)
+    if pads is not None:
+        y = keep_real(shift_rows(y, (T - rows) % T), real)
+    v_rot, fk_rot, ld = args[2], args[4], args[6]
+    n = T - rows  # (B,) real tokens per row
+    fold = folded_before_rows(window, n)
+    c = (fold // BLOCK).clamp_max(sbuf.shape[1] - 1)  # sbuf[:, c] holds the keys before 64 c, decayed to 64 c
     lo = c * BLOCK
-    S, z = sbuf.view(B, H, -1, F, sbuf.shape[-1])[:, :, c], zbuf.view(B, H, -1, F)[:, :, c]
-    pos = torch.arange(lo, fold, device=q.device)
-    tail = not_sinks(fk[:, :, lo:fold].float(), pos, window.sinks)
+    every = torch.arange(B, device=q.device)
+    S, z = sbuf.view(B, H, -1, F, sbuf.shape[-1])[every, :, c], zbuf.view(B, H, -1, F)[every, :, c]
+    pos = lo[:, None] + torch.arange(BLOCK, device=q.device)[None]  # (B, 64): the keys from 64 c on
+    take = pos.clamp_max(T - 1)[:, None, :, None]
+    tail = fk_rot.gather(2, take.expand(B, H, BLOCK, F)).float()
+    tail = keep_real(not_sinks(tail, pos, window.sinks), pos < fold[:, None])
     if ld is not None:
-        tail = tail * decay_weights(ld, (T - pos)[None])
-    dS, dz = kv_state(tail, v[:, :, lo:fold].float())
-    S, z = decay_state(S, ld, T - lo) + dS, decay_state(z, ld, T - lo) + dz
-    n = window.sinks
-    sinks = [torch.nn.functional.pad(x[:, :, :n], (0, 0, 0, n - min(n, T))) if n else None for x in (k, v)]
-    state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S, z, T, *sinks)
+        tail = tail * decay_weights(ld, n[:, None] - pos)
+    dS, dz = kv_state(tail, v_rot.gather(2, take.expand(B, k.shape[1], BLOCK, v.shape[-1])).float())
+    if ld is not None:  # the states at 64 c, decayed on to each row's length
+        moved = decay_weights(ld, (n - lo)[:, None])[:, :, 0]  # (B, H, 1)
+        S, z = S * moved[..., None], z * moved
+    k, v = keep_real(k, real), keep_real(v, real)
+    sinks = [row_sinks(x, rows, window.sinks) for x in (k, v)]
+    state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S + dS, z + dz, T, *sinks)
     return y.to(q.dtype), state
 
 
@@ -331,9 +346,10 @@ def _chunked_sequence(q, k, v, phi_q, phi_k, window_logits, window, scale, log_d
 
 class TritonKernel(Kernel):
     """The fused Triton kernel on CUDA; inputs it does not support (a plugin window, more than 64 sinks,
-    another head dim) go through the chunked form. An unpadded prefill without autograd is one fused forward whose
-    chunk states give the decode state (:func:`triton_hybrid_prefill`); with autograd the state is built from the
-    same key features (phi_k runs once); padded prefill and decoding use the shared forms."""
+    another head dim) go through the chunked form. A prefill without autograd, left-padded or not, is one fused
+    forward whose chunk states give the decode state (:func:`triton_hybrid_prefill`); with autograd the state is
+    built from the same key features (phi_k runs once; padded rows take the shared form); decoding uses the shared
+    forms."""
 
     name = "triton"
     priority = 10
@@ -364,16 +380,20 @@ class TritonKernel(Kernel):
         self, q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureFn, phi_k: FeatureFn, window_logits: Tensor,
         window: Window, *, scale: float | None = None, pads: Tensor | None = None, log_decay: Tensor | None = None,
     ) -> tuple[Tensor, HybridState]:  # fmt: skip
-        features = None if pads is not None or q.shape[2] == 0 else self._features(q, k, v, phi_q, phi_k, window)
-        if features is None:
+        features = None if q.shape[2] == 0 else self._features(q, k, v, phi_q, phi_k, window)
+        grad = features is not None and torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v, window_logits, *features)
+        )  # fmt: skip
+        if features is None or (grad and pads is not None):
             return super().prefill(
                 q, k, v, phi_q, phi_k, window_logits, window, scale=scale, pads=pads, log_decay=log_decay
             )
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *features, window_logits)):
+        if grad:  # the autograd Function, and the state from the same key features
             y = triton_hybrid_attention(q, k, v, *features, window_logits, window, scale, log_decay)
             no_pads = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
             state = padded_prefill_state(k, v, phi_k, window, no_pads, q.shape[1], fk=features[1], log_decay=log_decay)
             return y, state
-        return triton_hybrid_prefill(q, k, v, *features, window_logits, window, scale, log_decay)
+        return triton_hybrid_prefill(q, k, v, *features, window_logits, window, scale, log_decay, pads)
+
 
 __all__ = ["BLOCK", "HybridFn", "TritonKernel", "triton_hybrid_attention", "triton_hybrid_prefill", "unsupported"]

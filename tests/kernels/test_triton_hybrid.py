@@ -224,29 +224,33 @@ def test_kernel_seam_runs_the_fused_kernel(fused_runs: list[int]) -> None:
     assert rel_rms(got, reference(x, window, ld)) < TOL
 
 
-PREFILLS = [  # (window, prompt length, decay): the fold point inside a block, on a block start, before the sinks end
-    ("sliding64-sinks4", 130, True), ("sliding64", 129, False), ("terrace64-sinks4", 128, True),
-    ("terrace32-sinks3", 70, False), ("none-sinks4", 67, True), ("sliding64-sinks4", 3, True),
+PREFILLS = [  # (window, prompt length, decay, pads): the fold point inside a block, on a block start, before the sinks
+    # end; left-padded rows whose lengths put their fold points in different blocks
+    ("sliding64-sinks4", 130, True, None), ("sliding64", 129, False, None), ("terrace64-sinks4", 128, True, None),
+    ("terrace32-sinks3", 70, False, None), ("none-sinks4", 67, True, None), ("sliding64-sinks4", 3, True, None),
+    ("sliding64-sinks4", 130, True, (0, 70)), ("terrace64-sinks4", 128, False, (5, 126)),
+    ("none-sinks4", 67, True, (2, 0)),
 ]
 
 
-@pytest.mark.parametrize("window_name,T,decay", PREFILLS)
+@pytest.mark.parametrize("window_name,T,decay,pads", PREFILLS)
 def test_the_fused_prefill_gives_the_chunked_prefills_output_and_state(
-    fused_runs: list[int], window_name: str, T: int, decay: bool
+    fused_runs: list[int], window_name: str, T: int, decay: bool, pads: tuple[int, int] | None
 ) -> None:
-    """TritonKernel.prefill (unpadded, no autograd): one fused forward, the state from its chunk states and the
-    keys up to the fold point; output and every state buffer equal the chunked kernel's prefill, and decoding on
-    from it matches too."""
+    """TritonKernel.prefill (no autograd, left-padded rows too): one fused forward, the state from its chunk states
+    and the keys up to each row's fold point; output and every state buffer equal the chunked kernel's prefill, and
+    decoding on from it matches too."""
     window, ld = {**WINDOWS, **EXTRA}[window_name], make_log_decay() if decay else None
     x = make_inputs(2, T + 10, 64, seed=5)
     head = {**x, **{n: x[n][:, :, :T] for n in ("q", "k", "v")}}
+    rows = None if pads is None else torch.tensor(pads, device=DEVICE)
     with torch.no_grad():
-        got_y, got = KERNELS["triton"].prefill(**head, window=window, log_decay=ld)
-        want_y, want = KERNELS["chunked"].prefill(**head, window=window, log_decay=ld)
+        got_y, got = KERNELS["triton"].prefill(**head, window=window, log_decay=ld, pads=rows)
+        want_y, want = KERNELS["chunked"].prefill(**head, window=window, log_decay=ld, pads=rows)
         tail = [x[n][:, :, T:] for n in ("q", "k", "v")]
         rest = (x["phi_q"], x["phi_k"], x["window_logits"], window)
-        got_next, _ = KERNELS["triton"].step(*tail, *rest, got, log_decay=ld)
-        want_next, _ = KERNELS["chunked"].step(*tail, *rest, want, log_decay=ld)
+        got_next, _ = KERNELS["triton"].step(*tail, *rest, got, log_decay=ld, pads=rows)
+        want_next, _ = KERNELS["chunked"].step(*tail, *rest, want, log_decay=ld, pads=rows)
     assert fused_runs == [1]
     assert rel_rms(got_y, want_y) < TOL and rel_rms(got_next, want_next) < TOL
     assert got.length == want.length == T
