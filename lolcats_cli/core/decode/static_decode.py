@@ -68,6 +68,24 @@ def state_dtype() -> torch.dtype:
     return _STATE_DTYPES[value]
 
 
+@functools.lru_cache(maxsize=None)
+def _collect_before_exit() -> None:
+    """Once per process, after the first compiled decoder's CUDA graph: collect garbage and synchronize at exit,
+    before the interpreter tears torch down. On one H200 a process whose compiled decoder had been replaced (a new
+    batch size, another engine) aborted at exit (``std::bad_array_new_length``) or segfaulted after its work was
+    done; a collection and a synchronize at the end of the script avoided it (this exit hook is the same two calls;
+    not yet run on a GPU in this form)."""
+    import atexit
+    import gc
+
+    def collect() -> None:
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    atexit.register(collect)
+
+
 def compile_backend() -> str | None:
     """The ``torch.compile`` backend the static decoder compiles its step with: ``LOLCATS_COMPILE_DECODE`` (1 or
     inductor, or any backend name such as aot_eager), None when unset or 0 (the default: on one H200 compiling the
@@ -263,6 +281,8 @@ class StaticDecoder:
         self._run = self._forward if self.compiled is None else self._compiled(self.compiled)
         if self.graph_on:
             self._capture(warmup)
+            if self.compiled:
+                _collect_before_exit()
 
     def _compiled(self, backend: str) -> Callable[[], Tensor]:
         """The step through ``torch.compile``. The fused Triton step breaks the graph inside every layer's attention
