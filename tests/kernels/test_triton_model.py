@@ -52,12 +52,12 @@ def _prefill_and_decode(model, kernel, ids, mask, steps: int = 3) -> torch.Tenso
 
     for _, layer in linearized_layers(model):
         layer.kernel = kernel
-    cache = DynamicCache()
-    out = [model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]]
+    kwargs = {cache_kwarg(model): DynamicCache(), "use_cache": True}
+    out = [model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -1]]
     for t in range(steps):
         nxt = (ids[:, -1:] + t + 1) % model.config.vocab_size
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out.append(model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1])
+        out.append(model(input_ids=nxt, attention_mask=mask, **kwargs).logits[:, -1])
     return torch.stack(out, dim=1)
 
 
