@@ -20,7 +20,9 @@ sequence, peak memory and, for the static engines, which decode step ran (``step
 The cache is filled (``--prefill``) by a ``real`` prefill of random tokens (chunks of ``--prefill-chunk``, the last
 position's logits only) or a ``synthetic`` one: random state / KV tensors of the right shapes and length, which
 decode exactly as fast (no step reads the values to decide anything) and cost no prefill time; ``auto`` (the
-default) prefills for real up to ``--real-prefill-max`` tokens (batch x context) and synthesises above. Every
+default) prefills for real up to ``--real-prefill-max`` tokens (batch x context) and synthesises above;
+``--pad-fraction F`` left-pads the real prompts to different lengths (row b by ``F x context x b / (batch - 1)``
+tokens, so prefill goes through the padded forms). Every
 (context, batch, engine) runs on its own: an error or out-of-memory is reported in its row and the rest goes on.
 Rows print as they finish and go to a JSON file (``--json``, default ``benchmarks/results/generation-*.json``)
 rewritten after each; a Rich table closes the run. ``--search-max`` keeps doubling the batch of
@@ -103,17 +105,33 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Feed ``ids`` ``(B, T)`` into ``cache`` in chunks of ``chunk`` tokens; the logits of the last position
-    ``(B, 1, vocab)`` (every call computes the last position's logits only, not ``T x vocab``)."""
+    ``(B, 1, vocab)`` (every call computes the last position's logits only, not ``T x vocab``). ``mask`` ``(B, T)``:
+    the attention mask of left-padded rows (0 on the pads), passed as far as each chunk reaches."""
     from lolcats_cli.hf_compat import cache_kwarg, last_logits_kwargs
 
     if chunk < 1:
         raise SystemExit(f"--prefill-chunk {chunk}: must be at least 1")
     kwargs = {cache_kwarg(model): cache, "use_cache": True, **last_logits_kwargs(model)}
     for a in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, a : a + chunk], **kwargs).logits
+        extra = {} if mask is None else {"attention_mask": mask[:, : a + chunk]}
+        logits = model(ids[:, a : a + chunk], **kwargs, **extra).logits
     return logits[:, -1:]
+
+
+def left_padded(ids: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts of different lengths: row b of ``ids`` ``(B, T)`` left-padded (token 0, mask 0) by
+    ``round(fraction * T * b / (B - 1))`` tokens, so the last row keeps ``(1 - fraction) T`` tokens. The ids and
+    the mask (None for ``fraction`` 0)."""
+    if not 0 <= fraction < 1:
+        raise SystemExit(f"--pad-fraction {fraction}: must be at least 0 and below 1")
+    if fraction == 0:
+        return ids, None
+    B, T = ids.shape
+    pads = torch.round(fraction * T * torch.arange(B, device=ids.device) / max(B - 1, 1)).long()
+    mask = (torch.arange(T, device=ids.device)[None] >= pads[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 
@@ -254,12 +272,13 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
             fill_kv(cache, model, batch, context, device, dtype)
         nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     else:
-        ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+        ids, mask = left_padded(torch.randint(1, model.config.vocab_size, (batch, context), device=device),
+                                args.pad_fraction)  # fmt: skip
         if args.prefill_warmup:  # one untimed prefill of the same shapes: kernel compilation is not prefill time
-            prefill(model, new_cache(model, engine, batch, context, args), ids, args.prefill_chunk)
+            prefill(model, new_cache(model, engine, batch, context, args), ids, args.prefill_chunk, mask)
             sync(device)
             t = time.perf_counter()
-        nxt = prefill(model, cache, ids, args.prefill_chunk)[:, -1:].argmax(dim=-1)
+        nxt = prefill(model, cache, ids, args.prefill_chunk, mask)[:, -1:].argmax(dim=-1)
     sync(device)
     prefill_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -291,6 +310,7 @@ def run_engine(model: Any, engine: str, batch: int, context: int, args: argparse
         "state_mib_per_seq": state_bytes() / batch / 2**20,
         "step": step_name(),
         "prefill": "synthetic" if synthetic else "real",
+        "pad_fraction": 0.0 if synthetic else args.pad_fraction,
         "prefill_s": prefill_s,
         "prefill_tok_s": float("nan") if synthetic else batch * context / prefill_s,
         "setup_s": setup_s,
@@ -381,6 +401,9 @@ def main() -> None:
     ap.add_argument("--real-prefill-max", type=int, default=262144,
                     help="--prefill auto: real prefill up to this many tokens (batch x context), synthetic above")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill call")
+    ap.add_argument("--pad-fraction", type=float, default=0.0,
+                    help="real prefill: left-pad row b by fraction x context x b / (batch - 1) tokens (prompts of "
+                         "different lengths; the softmax engines' decode steps then ignore the pads: speed only)")
     ap.add_argument("--prefill-warmup", action="store_true",
                     help="a real prefill runs once untimed first (its kernels compiled), then again timed")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler's GPU kernel time")

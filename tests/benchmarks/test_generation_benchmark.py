@@ -89,3 +89,33 @@ def test_one_failing_engine_loses_no_other_row(tmp_path) -> None:
 
 def bench_engines() -> tuple[str, ...]:
     return load_benchmark("generation").ENGINES
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_a_left_padded_prefill_gives_each_rows_own_last_logits(bench, tiny_model_dir, chunk) -> None:
+    """--pad-fraction: row b loses round(0.5 T b / (B - 1)) leading tokens to padding; the prefill (in chunks, the
+    mask passed as far as each reaches) gives each row the last logits of its real tokens prefilled alone."""
+    from transformers import AutoModelForCausalLM
+
+    from lolcats_cli.core.decode.cache import make_cache
+    from lolcats_cli.core.model.convert import convert_model
+
+    model = convert_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), window_params={"size": 8}).eval()
+    ids = torch.randint(1, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    padded, mask = bench.left_padded(ids, 0.5)
+    assert mask.sum(dim=1).tolist() == [40, 30, 20]
+    assert (padded[mask == 0] == 0).all() and torch.equal(padded[mask == 1], ids[mask == 1])
+    got = bench.prefill(model, make_cache(model), padded, chunk, mask)
+    for b, n in enumerate((40, 30, 20)):
+        alone = bench.prefill(model, make_cache(model), ids[b : b + 1, 40 - n :], chunk)
+        torch.testing.assert_close(got[b : b + 1], alone, atol=2e-4, rtol=2e-4)
+    assert bench.left_padded(ids, 0.0) == (ids, None)
+    with pytest.raises(SystemExit, match="--pad-fraction 1.0: must be at least 0 and below 1"):
+        bench.left_padded(ids, 1.0)
+
+
+def test_the_benchmark_times_left_padded_prompts(tmp_path) -> None:
+    _, rows = _run(tmp_path, "--batch-sizes", "2", "--prefill", "real", "--pad-fraction", "0.5",
+                   "--engines", "hybrid-static", "hybrid-eager", "softmax-eager")  # fmt: skip
+    assert [r["engine"] for r in rows] == ["hybrid-static", "hybrid-eager", "softmax-eager"]
+    assert all(r["status"] == "ok" and r["pad_fraction"] == 0.5 and r["prefill_tok_s"] > 0 for r in rows), rows
