@@ -332,7 +332,8 @@ def triton_hybrid_prefill(
     if ld is not None:  # the states at 64 c, decayed on to each row's length
         moved = decay_weights(ld, (n - lo)[:, None])[:, :, 0]  # (B, H, 1)
         S, z = S * moved[..., None], z * moved
-    k, v = keep_real(k, real), keep_real(v, real)
+    if pads is not None:  # pad keys and values never reach the buffers (an unpadded prompt needs no copy)
+        k, v = keep_real(k, real), keep_real(v, real)
     sinks = [row_sinks(x, rows, window.sinks) for x in (k, v)]
     state = HybridState(last_positions(k, window.span), last_positions(v, window.span), S + dS, z + dz, T, *sinks)
     return y.to(q.dtype), state
