@@ -1,6 +1,6 @@
 """How far a half-precision linear state S drifts from fp32 over a long decode, with and without the decay.
 
-One hybrid attention layer (random inputs; 4 query / 2 KV heads, head dim 64, a hedgehog-like map of 32 features,
+One hybrid attention layer (random inputs; 4 query / 2 KV heads, head dim 64, the hedgehog map, 32 features,
 terrace window 64 + 4 sinks, the linear branch weighted by a gate of sigmoid(-1)) decodes ``--steps`` tokens through
 the static step (:func:`~lolcats_cli.kernels.static.static_step`, PyTorch) twice from the same inputs: S in fp32 and
 S in ``--dtype``. Prints the relative RMS of the outputs' difference per range of positions. Without a decay S sums
@@ -18,19 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 B, H, HKV, D, F_HALF = 2, 4, 2, 64, 16
 
 
-class TwoSoftmax(nn.Module):
-    def __init__(self, gen: torch.Generator) -> None:
-        super().__init__()
-        self.W = nn.Parameter(torch.randn(H, D, F_HALF, generator=gen) * 0.3)
+def _hedgehog(gen: torch.Generator):
+    """The built-in hedgehog map with random weights (its identity initialisation would make every head alike)."""
+    from lolcats_cli.builtins.feature_maps import Hedgehog, HedgehogParams
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.einsum("bhtd,hdf->bhtf", x.float(), self.W)
-        return torch.cat([h.softmax(-1), (-h).softmax(-1)], dim=-1)
+    phi = Hedgehog(H, D, HedgehogParams(feature_dim=F_HALF))
+    with torch.no_grad():
+        phi.weight.copy_(torch.randn(H, D, F_HALF, generator=gen) * 0.3)
+    return phi
 
 
 def decode(steps: int, bias: float, decay: bool, s_dtype: torch.dtype, seed: int = 7) -> Tensor:
@@ -43,7 +43,7 @@ def decode(steps: int, bias: float, decay: bool, s_dtype: torch.dtype, seed: int
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(B, H, steps, D, generator=gen), torch.randn(B, HKV, steps, D, generator=gen)
     v = torch.randn(B, HKV, steps, D, generator=gen) + bias
-    phi_q, phi_k = TwoSoftmax(gen), TwoSoftmax(gen)
+    phi_q, phi_k = _hedgehog(gen), _hedgehog(gen)
     window = Terrace(WindowParams(size=64, sinks=4))
     logits = torch.full((H,), -1.0)
     log_decay = -1.0 / torch.tensor([64.0, 256.0, 1024.0, 4096.0]) if decay else None
